@@ -1,0 +1,55 @@
+"""Layer-wise sparsity allocation: from per-block statistics (or none) to one sparsity per prunable linear.
+
+Budget convention: the target is the PARAMETER-WEIGHTED mean sparsity over all prunable linears (the fraction of pruned
+weights; the plain block mean when blocks are equally sized). Every allocator meets it to 1e-9 and keeps every ratio
+in [lo, hi] (default [0, 0.99]), rebalancing what clipping removes. See base.py.
+
+    alloc = get_allocator("dlp", alpha=0.15, stat="median")
+    if alloc.needs_scores: ctx.block_stats = [alloc.block_statistic(scores_of_block(b)) for b in blocks]
+    allocation = alloc.allocate(0.7, ctx)          # allocation.layer_sparsity[(block, name)]
+
+Registry names: uniform, owl, dlp, ipr-log, ipr-log-dec, ipr-lin, ipr-lin-dec, atp, er, erk, global, lamp,
+user ("user:0.4,0.5,..." / "user:file.json" or sparsities=...).
+"""
+from __future__ import annotations
+
+import inspect
+
+from layerprune.allocation.atp import ATP
+from layerprune.allocation.base import (Allocation, AllocationContext, Allocator, LayerInfo, block_median, block_mean,
+                                        minmax_recentre, rebalance, solve_clipped)
+from layerprune.allocation.classic import ER, ERK, LAMP, Global
+from layerprune.allocation.dlp import DLP
+from layerprune.allocation.ipr import IPR, IPRLin, IPRLinDec, IPRLogDec, ipr_schedule
+from layerprune.allocation.owl import OWL, nm_per_block, outlier_ratio
+from layerprune.allocation.uniform import Uniform
+from layerprune.allocation.user import User
+from layerprune.errors import UserError
+
+ALLOCATORS = {cls.name: cls for cls in (Uniform, OWL, DLP, IPR, IPRLogDec, IPRLin, IPRLinDec, ATP, ER, ERK, Global,
+                                        LAMP, User)}
+
+
+def get_allocator(spec: str, **hparams) -> Allocator:
+    """Build an allocator by registry name. Hyperparameters whose value is None are ignored (so a CLI may pass all of
+    its options); any other name the allocator does not take is an error. "user:<list or file>" passes sparsities."""
+    name, _, arg = str(spec).strip().partition(":")
+    name = name.lower()
+    if name not in ALLOCATORS:
+        raise UserError(f"unknown allocation {spec!r}; known: {', '.join(ALLOCATORS)}")
+    if arg:
+        if name != "user":
+            raise UserError(f"only 'user' takes an argument after ':', got {spec!r}")
+        hparams["sparsities"] = arg
+    cls = ALLOCATORS[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    hparams = {k: v for k, v in hparams.items() if v is not None}
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise UserError(f"allocation '{name}' does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}")
+    return cls(**hparams)
+
+
+__all__ = ["ALLOCATORS", "Allocation", "AllocationContext", "Allocator", "LayerInfo", "get_allocator", "rebalance",
+           "minmax_recentre", "solve_clipped", "block_median", "block_mean", "outlier_ratio", "nm_per_block",
+           "ipr_schedule"]

@@ -1,0 +1,157 @@
+"""Flower ServerApp / ClientApp for FedLP (Message API).
+
+``make_server_app`` / ``make_client_app`` build apps around in-memory objects (used by
+``run.run_federated`` with the simulation engine). The module-level ``server_app`` / ``client_app``
+read everything from the Flower run config instead, so the same code runs on the deployment engine
+(SuperLink + SuperNodes): see docs/federated.md.
+
+Client round (``client_round``): load the received tensors into a (cached) model of the assigned depth,
+train ``local_steps`` AdamW steps on random windows of the client's shard (fixed masks re-applied after
+every step), then reply with the shared tensors: all of them (fedavg, hetero) or each unit with
+probability ``keep-prob`` (homo). A shallow hetero client keeps its exit (final norm, untied head) in
+``context.state`` across rounds; it never leaves the client.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from .depth import layout_of, prefix_model, shared_state
+
+_MODELS: dict[tuple, torch.nn.Module] = {}  # per process: one skeleton per (config, depth)
+
+
+def _skeleton(model_config, depth: int) -> torch.nn.Module:
+    key = (model_config.to_json_string(), depth)
+    if key not in _MODELS:
+        _MODELS[key] = prefix_model(model_config, depth)
+    return _MODELS[key]
+
+
+def local_train(model, ids: torch.Tensor, steps: int, batch_size: int, seqlen: int, lr: float, seed: int,
+                masks: dict[str, torch.Tensor] | None = None) -> float:
+    """``steps`` AdamW steps of next-token loss on random windows of ``ids``; mean loss.
+
+    ``masks`` (name -> bool, True = zeroed) are re-applied after every step, so pruned weights stay zero.
+    """
+    ids = ids.reshape(-1)
+    seqlen = min(seqlen, ids.numel() - 1)
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, ids.numel() - seqlen, (batch_size,), generator=g)
+        x = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if masks:
+            with torch.no_grad():
+                for name, m in masks.items():
+                    params[name].masked_fill_(m, 0.0)
+        losses.append(loss.item())
+    model.eval()
+    return sum(losses) / max(1, len(losses))
+
+
+def client_round(content: RecordDict, state: RecordDict, model_config, ids: torch.Tensor, train: dict,
+                 partition: int) -> RecordDict:
+    """One client's training round: returns the reply content (arrays + metrics)."""
+    cfg = content["config"]
+    depth, rnd = int(cfg["depth"]), int(cfg["server-round"])
+    personal = bool(cfg.get("personal-exit", False))
+    model = _skeleton(model_config, depth)
+    layout = layout_of(model)
+    sd = content["arrays"].to_torch_state_dict()
+    if personal and "personal" in state.array_records and not cfg.get("exit-init", False):
+        sd.update(state["personal"].to_torch_state_dict())
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    held = shared_state(model)
+    lost = [k for k in missing if k in held]
+    if unexpected or lost:
+        raise ValueError(f"received tensors do not fit a depth-{depth} model: unexpected {unexpected[:3]}, "
+                         f"missing {lost[:3]}")
+    masks = None
+    if cfg.get("masks", False):
+        masks = {k: v == 0 for k, v in held.items() if layout.unit(k).startswith("block.") and v.dim() == 2}
+    seed = int(train.get("seed", 0)) * 1_000_003 + rnd * 1009 + partition
+    loss = local_train(model, ids, int(train["local_steps"]), int(train["batch_size"]), int(train["seqlen"]),
+                       float(train["lr"]), seed, masks)
+    out = shared_state(model)
+    if personal:
+        state["personal"] = ArrayRecord({k: v.clone() for k, v in out.items() if layout.unit(k) == "exit"})
+    units = [u for u in layout.units() if not (personal and u == "exit")]
+    if cfg["scheme"] == "homo":
+        rng = np.random.default_rng(seed)
+        units = [u for u in units if rng.random() < float(cfg["keep-prob"])]
+    send = {k: v for k, v in out.items() if layout.unit(k) in set(units)}
+    metrics = MetricRecord({"num-examples": int(ids.numel()), "train-loss": loss if math.isfinite(loss) else -1.0,
+                            "units-sent": len(units), "depth": depth})
+    return RecordDict({"arrays": ArrayRecord(send), "metrics": metrics})
+
+
+def make_client_app(model_config, shards: list[torch.Tensor], train: dict, fail: tuple[int, ...] = ()) -> ClientApp:
+    """ClientApp over in-memory token shards; partitions listed in ``fail`` raise (robustness tests)."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(int(train.get("threads", 1)))
+        pid = int(context.node_config["partition-id"])
+        if pid in fail:
+            raise RuntimeError(f"injected failure on partition {pid}")
+        return Message(content=client_round(msg.content, context.state, model_config, shards[pid], train, pid),
+                       reply_to=msg)
+
+    return app
+
+
+def make_server_app(strategy, initial: ArrayRecord, rounds: int, evaluate_fn=None, timeout: float = 3600.0,
+                    out: dict | None = None) -> ServerApp:
+    """ServerApp that runs ``strategy`` for ``rounds`` rounds; the flwr Result lands in ``out['result']``."""
+    app = ServerApp()
+    out = {} if out is None else out
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            out["result"] = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, timeout=timeout,
+                                           evaluate_fn=evaluate_fn)
+        except BaseException as e:  # the simulation runs this in a thread: hand the error to the caller
+            out["error"] = e
+            raise
+
+    return app
+
+
+# --- deployment engine: everything comes from the run config ---------------------------------------
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+@server_app.main()
+def _deployed_server(grid: Grid, context: Context) -> None:
+    from .run import FedConfig, serve
+
+    serve(FedConfig.from_run_config(context.run_config), grid)
+
+
+@client_app.train()
+def _deployed_client(msg: Message, context: Context) -> Message:
+    from .run import FedConfig, client_setup
+
+    cfg = FedConfig.from_run_config(context.run_config)
+    torch.set_num_threads(cfg.threads)
+    pid = int(context.node_config["partition-id"])
+    n = int(context.node_config["num-partitions"])
+    model_config, ids = client_setup(cfg, pid, n)
+    return Message(content=client_round(msg.content, context.state, model_config, ids, cfg.train_dict(), pid),
+                   reply_to=msg)

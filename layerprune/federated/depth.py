@@ -1,0 +1,118 @@
+"""Model layout for FedLP: which state-dict key belongs to which unit, and depth-prefix models.
+
+Units (the granularity FedLP drops or truncates at):
+- ``block.i``: every tensor of decoder block i;
+- ``exit``: the final norm, plus the lm_head when it is *not* tied to the embeddings;
+- ``embed``: the token (and position) embeddings and anything else outside the blocks. A tied lm_head
+  is the embedding matrix, so it travels (once) with ``embed``.
+
+Heterogeneous FedLP: client k holds the first c_k blocks and exits through the final norm and head
+(an early exit). ``embed`` and blocks ``< c_k`` are shared with the server; a client with c_k < L keeps
+its exit (norm, untied head) personal, a full-depth client shares it. The paper's depth law (Zhuzzq/FedLP
+``init_cplx_dict``): P(c = flag) = 0.6 and the rest shared equally over the other levels, or uniform.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+P_FLAG = 0.6
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Module-name prefixes of one model family (from the project adapter, else LLaMA paths)."""
+
+    blocks: str
+    exit: tuple[str, ...]
+    n_blocks: int
+
+    def unit(self, key: str) -> str:
+        if key.startswith(self.blocks + "."):
+            return "block." + key[len(self.blocks) + 1:].split(".")[0]
+        if any(key == p or key.startswith(p + ".") for p in self.exit):
+            return "exit"
+        return "embed"
+
+    def units(self) -> list[str]:
+        return ["embed"] + [f"block.{i}" for i in range(self.n_blocks)] + ["exit"]
+
+    def shared_units(self, depth: int) -> list[str]:
+        """Units client of depth ``depth`` exchanges with the server (hetero FedLP)."""
+        return ["embed"] + [f"block.{i}" for i in range(depth)] + (["exit"] if depth >= self.n_blocks else [])
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """The model's layout; uses ``layerprune.models.adapters`` and falls back to LLaMA attribute paths."""
+    try:
+        from ..models.adapters import get_adapter
+
+        ad = get_adapter(model)
+        blocks, norm, head = ad.blocks_path, ad.final_norm_path, ad.lm_head_path
+        if ad.final_norm(model) is None:
+            norm = None
+    except (ImportError, UserError):
+        if not hasattr(getattr(model, "model", None), "layers"):
+            raise UserError("FedLP needs a LLaMA-like model (model.model.layers) or a family known to "
+                            "layerprune.models.adapters") from None
+        blocks, norm, head = "model.layers", "model.norm", "lm_head"
+    exit_ = [norm] if norm else []
+    if not tied_head(model):
+        exit_.append(head)
+    return Layout(blocks, tuple(exit_), len(model.get_submodule(blocks)))
+
+
+def tied_head(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without aliases (a tied lm_head.weight is dropped: it is the embedding)."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        out[k] = v.detach()
+    return out
+
+
+def prefix_model(config, depth: int) -> nn.Module:
+    """A freshly built model of the same family with only the first ``depth`` blocks (early exit)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = depth
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:depth]
+    return AutoModelForCausalLM.from_config(cfg).float()
+
+
+def depth_levels(n_blocks: int, n_levels: int = 5) -> list[int]:
+    """``n_levels`` depths spread evenly up to the full depth (the paper's 5 complexities)."""
+    levels = sorted({max(1, round(n_blocks * i / n_levels)) for i in range(1, n_levels + 1)})
+    return levels
+
+
+def depth_probs(n_levels: int, flag: int | None) -> list[float]:
+    """P(level) : ``flag`` (1-based) gets 0.6 and the others share 0.4; ``None`` = uniform."""
+    if flag is None or n_levels == 1:
+        return [1.0 / n_levels] * n_levels
+    if not 1 <= flag <= n_levels:
+        raise UserError(f"--depth-flag {flag} is outside 1..{n_levels}: pick a level or 'u' for uniform")
+    rest = (1.0 - P_FLAG) / (n_levels - 1)
+    return [P_FLAG if i == flag - 1 else rest for i in range(n_levels)]
+
+
+def draw_depths(n_clients: int, levels: list[int], flag: int | None, seed: int) -> list[int]:
+    """One depth per client, drawn i.i.d. from ``depth_probs`` (seeded)."""
+    rng = np.random.default_rng(seed)
+    return [int(levels[i]) for i in rng.choice(len(levels), size=n_clients, p=depth_probs(len(levels), flag))]

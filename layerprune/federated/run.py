@@ -1,0 +1,344 @@
+"""``run_federated(config) -> dict``: build the model and client shards, run FedLP on Flower's
+simulation engine, evaluate the global model after every round, write JSON + a PNG plot.
+
+The global model is evaluated on the server (PPL on WikiText-2 test and the C4 evaluation documents,
+``eval_windows`` non-overlapping windows of ``eval_seqlen`` tokens). Communication is the measured
+serialized size of every ArrayRecord sent and received (see ``accounting.record_bytes``), per client
+per round, next to what FedAvg would have moved for the same clients (full download + full upload).
+Tensors travel as float32 (numpy has no bfloat16), so the model is converted to float32 first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from ..errors import UserError
+from .accounting import unit_params
+from .apps import make_client_app, make_server_app
+from .depth import depth_levels, depth_probs, draw_depths, layout_of, shared_state
+from .partition import dirichlet_shards, iid_shards
+from .strategy import SCHEMES, FedLPStrategy, fixed_masks, masked_sparsity
+
+
+@dataclass
+class FedConfig:
+    model: str = "smollm2"          # spec for layerprune.models.loading.load_model
+    scheme: str = "homo"            # fedavg | homo | hetero
+    keep_prob: float = 0.5          # homo: layer-preserving rate p
+    clients: int = 8
+    fraction: float = 1.0           # fraction of clients sampled per round
+    rounds: int = 10
+    local_steps: int = 4            # AdamW steps per client per round
+    batch_size: int = 2
+    seqlen: int = 128
+    lr: float = 1e-4
+    weighted: bool = True           # False: the paper's unweighted per-layer mean
+    depth_flag: int | None = None   # hetero: level with P = 0.6 (1-based); None = uniform
+    n_levels: int = 5               # hetero: number of depth levels
+    partition: str = "iid"          # iid (C4 pool) | dirichlet (C4 / WikiText-2 valid / PTB valid)
+    alpha: float = 1.0
+    docs_per_client: int = 50
+    max_client_tokens: int = 20_000
+    eval_seqlen: int = 256
+    eval_windows: int | None = 8
+    eval_sets: tuple[str, ...] = ("wikitext2", "c4")
+    data_dir: str | None = None
+    masks: str = "auto"             # auto (fixed masks when block weights are >= 1% zero) | on | off
+    num_blocks: int | None = None   # keep only the first N blocks of the loaded model
+    fail_clients: tuple[int, ...] = ()  # partitions whose ClientApp raises (robustness demo / CI)
+    round_timeout: float = 3600.0
+    seed: int = 0
+    threads: int = 1                # torch threads per client
+    client_cpus: float = 1.0        # Ray resources per client (simulation)
+    out_dir: str | None = None
+    name: str | None = None         # output file stem (default fed_<scheme>)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise UserError(f"unknown --scheme {self.scheme!r}: use one of {', '.join(SCHEMES)}")
+        if self.partition not in ("iid", "dirichlet"):
+            raise UserError(f"unknown --partition {self.partition!r}: use iid or dirichlet")
+        if self.clients < 1 or self.rounds < 1:
+            raise UserError("--clients and --rounds must be at least 1")
+        if self.masks not in ("auto", "on", "off"):
+            raise UserError(f"--masks {self.masks!r}: use auto, on or off")
+        self.eval_sets = tuple(self.eval_sets)
+        self.fail_clients = tuple(int(x) for x in self.fail_clients)
+
+    def train_dict(self) -> dict:
+        return {"local_steps": self.local_steps, "batch_size": self.batch_size, "seqlen": self.seqlen,
+                "lr": self.lr, "seed": self.seed, "threads": self.threads}
+
+    @classmethod
+    def from_run_config(cls, rc) -> FedConfig:
+        """From a Flower run config (``[tool.flwr.app.config]``, keys with dashes)."""
+        kw = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in rc:
+                continue
+            v = rc[key]
+            if f.name in ("eval_sets", "fail_clients"):
+                v = tuple(x for x in str(v).split(",") if x.strip())
+            elif f.name in ("depth_flag", "num_blocks", "eval_windows", "data_dir", "out_dir", "name"):
+                v = None if str(v) in ("", "u", "none", "None") else v
+                v = int(v) if v is not None and f.name not in ("data_dir", "out_dir", "name") else v
+            kw[f.name] = v
+        return cls(**kw)
+
+
+# --- model and data ----------------------------------------------------------------------------------
+def truncate_blocks(model, n: int):
+    """Keep the first ``n`` decoder blocks (a smaller model initialised from the first blocks)."""
+    layout = layout_of(model)
+    if not 1 <= n <= layout.n_blocks:
+        raise UserError(f"--num-blocks {n} is outside 1..{layout.n_blocks}")
+    parent, name = layout.blocks.rsplit(".", 1)
+    setattr(model.get_submodule(parent), name, torch.nn.ModuleList(list(model.get_submodule(layout.blocks))[:n]))
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = list(model.config.layer_types)[:n]
+    return model
+
+
+def load(cfg: FedConfig):
+    from ..models.loading import load_model
+
+    model, tokenizer = load_model(cfg.model, dtype="float32")
+    if cfg.num_blocks:
+        truncate_blocks(model, cfg.num_blocks)
+    return model.float().eval(), tokenizer
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text))
+
+
+def default_domains(data_dir) -> dict[str, list[str]]:
+    """C4 calibration-pool documents, WikiText-2 valid paragraphs, PTB valid (20 sentences a document)."""
+    from ..data.corpora import C4_POOL_DOCS, c4_documents, corpus_rows, resolve_data_dir
+
+    d = resolve_data_dir(data_dir)
+    docs = c4_documents(d)
+    wiki = [r for r in corpus_rows("wikitext2-valid", d)[0] if r.strip() and not r.strip().startswith("=")]
+    ptb = corpus_rows("ptb-valid", d)[0]
+    return {"c4": [docs[i] for i in C4_POOL_DOCS], "wikitext2": wiki,
+            "ptb": [" ".join(ptb[i:i + 20]) for i in range(0, len(ptb), 20)]}
+
+
+def client_texts(cfg: FedConfig, domains: dict[str, list[str]], n_clients: int) -> tuple[list[list[str]], list]:
+    if cfg.partition == "iid":
+        return iid_shards(domains["c4"] if "c4" in domains else sum(domains.values(), []), n_clients, cfg.seed), []
+    return dirichlet_shards(domains, n_clients, cfg.alpha, cfg.docs_per_client, cfg.seed)
+
+
+def shard_ids(tokenizer, docs: list[str], max_tokens: int, seqlen: int) -> torch.Tensor:
+    ids: list[int] = []
+    for doc in docs:
+        ids += encode(tokenizer, doc + "\n\n")
+        if len(ids) >= max_tokens:
+            break
+    if len(ids) < seqlen + 2:
+        raise UserError(f"a client shard has only {len(ids)} tokens (< --seqlen {seqlen} + 2): "
+                        "use fewer --clients, more --docs-per-client or a shorter --seqlen")
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def eval_ids(cfg: FedConfig, tokenizer, eval_texts: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    if eval_texts is None:
+        from ..data.corpora import load_text, resolve_data_dir
+
+        d = resolve_data_dir(cfg.data_dir)
+        eval_texts = {name: load_text(name, d) for name in cfg.eval_sets}
+    out = {}
+    for name, text in eval_texts.items():
+        if cfg.eval_windows:  # only the first windows are scored: tokenize a generous prefix
+            text = text[: cfg.eval_windows * cfg.eval_seqlen * 12]
+        out[name] = torch.tensor(encode(tokenizer, text), dtype=torch.long)
+    return out
+
+
+_CLIENT_CACHE: dict[tuple, tuple] = {}
+
+
+def client_setup(cfg: FedConfig, pid: int, n: int):
+    """Deployment client: model config + this partition's token ids (cached per process)."""
+    key = (json.dumps(asdict(cfg), sort_keys=True, default=str), pid, n)
+    if key not in _CLIENT_CACHE:
+        model, tok = load(cfg)
+        texts, _ = client_texts(cfg, default_domains(cfg.data_dir), n)
+        _CLIENT_CACHE[key] = (model.config, shard_ids(tok, texts[pid], cfg.max_client_tokens, cfg.seqlen))
+    return _CLIENT_CACHE[key]
+
+
+# --- the experiment ------------------------------------------------------------------------------------
+def _ppl(model, ids: torch.Tensor, seqlen: int, windows: int | None) -> float:
+    from ..evaluation.perplexity import perplexity
+
+    return perplexity(model, ids, seqlen, max_windows=windows, progress=False).ppl
+
+
+def prepare(cfg: FedConfig, model=None, tokenizer=None, domains=None, eval_texts=None, with_shards=True):
+    """Model, strategy, initial arrays, server-side evaluation and (optionally) client shards."""
+    if model is None:
+        model, tokenizer = load(cfg)
+    model = model.float().eval()
+    layout = layout_of(model)
+    state = shared_state(model)
+    masks = None if cfg.masks == "off" else fixed_masks(state, layout, 0.0 if cfg.masks == "on" else 0.01)
+    levels = depth_levels(layout.n_blocks, cfg.n_levels)
+    depths = draw_depths(cfg.clients, levels, cfg.depth_flag, cfg.seed) if cfg.scheme == "hetero" else None
+    strategy = FedLPStrategy(layout, cfg.scheme, cfg.keep_prob if cfg.scheme == "homo" else 1.0, depths, cfg.weighted,
+                             masks, fraction_train=cfg.fraction, min_train_nodes=max(1, round(cfg.fraction * cfg.clients)),
+                             min_available_nodes=cfg.clients, seed=cfg.seed)
+    ev = eval_ids(cfg, tokenizer, eval_texts)
+    sizes: dict[str, int] = {}
+    for k, v in state.items():
+        sizes[layout.unit(k)] = sizes.get(layout.unit(k), 0) + v.numel()
+    prep = SimpleNamespace(cfg=cfg, model=model, tokenizer=tokenizer, layout=layout, strategy=strategy, masks=masks,
+                           initial=ArrayRecord.from_torch_state_dict(state), evals=[], levels=levels, depths=depths,
+                           unit_sizes=sizes, shards=None, partition_counts=[], t0=time.time())
+
+    def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        ppl = {name: _ppl(model, ids, cfg.eval_seqlen, cfg.eval_windows) for name, ids in ev.items()}
+        prep.evals.append({"round": rnd, "ppl": ppl, "elapsed_s": time.time() - prep.t0})
+        if cfg.progress:
+            h = strategy.history[-1] if rnd and strategy.history else None
+            comm = ""
+            if h:
+                moved = sum(c.get("down_bytes", 0) + c.get("up_bytes", 0) for c in h["clients"])
+                comm = (f" | {h['accepted']}/{len(h['clients'])} clients ok | moved {moved / 2**20:.2f} MiB "
+                        f"(fedavg {sum(c.get('fedavg_bytes', 0) for c in h['clients']) / 2**20:.2f}) | {h['seconds']:.1f}s")
+            print(f"[fed {cfg.scheme}] round {rnd}/{cfg.rounds} " + " ".join(f"{k} ppl {v:.2f}" for k, v in ppl.items())
+                  + comm, file=sys.stderr, flush=True)
+        return MetricRecord({f"ppl-{k}": v for k, v in ppl.items()})
+
+    prep.evaluate = evaluate
+    if with_shards:
+        domains = default_domains(cfg.data_dir) if domains is None else domains
+        texts, prep.partition_counts = client_texts(cfg, domains, cfg.clients)
+        prep.shards = [shard_ids(tokenizer, t, cfg.max_client_tokens, cfg.seqlen) for t in texts]
+    return prep
+
+
+def summarize(prep) -> dict:
+    """Rows per round (PPL, measured bytes per client, FedAvg-equivalent, cumulative) + summary."""
+    cfg, strategy = prep.cfg, prep.strategy
+    rows, cum, cum_fedavg = [], 0, 0
+    for ev in prep.evals:
+        row = {"round": ev["round"], "ppl": ev["ppl"], "elapsed_s": round(ev["elapsed_s"], 2)}
+        if ev["round"] > 0 and ev["round"] <= len(strategy.history):
+            h = strategy.history[ev["round"] - 1]
+            cl = h["clients"]
+            down = sum(c.get("down_bytes", 0) for c in cl)
+            up = sum(c.get("up_bytes", 0) for c in cl)
+            fed = sum(c.get("fedavg_bytes", 0) for c in cl)
+            cum += down + up
+            cum_fedavg += fed
+            row.update(clients=cl, accepted=h["accepted"], down_bytes=down, up_bytes=up, fedavg_bytes=fed,
+                       per_client_bytes=(down + up) / max(1, len(cl)), kept_previous_units=h["kept_previous_units"],
+                       masked_sparsity=h["masked_sparsity"], round_seconds=round(h["seconds"], 2))
+        row.update(cum_bytes=cum, cum_fedavg_bytes=cum_fedavg)
+        rows.append(row)
+    n_params = sum(prep.unit_sizes.values())
+    probs = depth_probs(len(prep.levels), cfg.depth_flag)
+    predicted = unit_params(prep.unit_sizes, cfg.scheme, cfg.keep_prob, prep.levels, probs)
+    measured = [r["per_client_bytes"] for r in rows if "per_client_bytes" in r]
+    final = rows[-1]["ppl"] if rows else {}
+    return {
+        "config": asdict(cfg),
+        "model": {"params": n_params, "blocks": prep.layout.n_blocks, "unit_params": prep.unit_sizes,
+                  "masked_sparsity_init": masked_sparsity({k: v.numpy() for k, v in prep.initial.items()
+                                                           if k in prep.masks}, prep.masks) if prep.masks else None},
+        "depth_levels": prep.levels, "client_depths": prep.depths, "partition_counts": prep.partition_counts,
+        "rounds": rows,
+        "summary": {"final_ppl": final, "initial_ppl": rows[0]["ppl"] if rows else {},
+                    "total_bytes": cum, "fedavg_equivalent_bytes": cum_fedavg,
+                    "bytes_ratio_vs_fedavg": cum / cum_fedavg if cum_fedavg else None,
+                    "mean_bytes_per_client_round": sum(measured) / len(measured) if measured else None,
+                    "predicted_params_per_client_round": predicted,
+                    "predicted_fp32_bytes_per_client_round": 4 * predicted,
+                    "fedavg_params_per_client_round": 2 * n_params,
+                    "wall_s": round(time.time() - prep.t0, 2)},
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """PPL vs cumulative communication (MiB), one line per run and evaluation set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({k for r in results for row in r["rounds"] for k in row["ppl"]})
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        for r in results:
+            c = r["config"]
+            label = c["scheme"] + (f"(p={c['keep_prob']})" if c["scheme"] == "homo" else "")
+            label += f"(flag={c['depth_flag'] or 'u'})" if c["scheme"] == "hetero" else ""
+            xs = [row["cum_bytes"] / 2**20 for row in r["rounds"]]
+            ax.plot(xs, [row["ppl"][name] for row in r["rounds"]], marker="o", label=label)
+        ax.set_xlabel("cumulative communication (MiB, measured)")
+        ax.set_ylabel(f"{name} perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict, cfg: FedConfig) -> dict:
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = cfg.name or f"fed_{cfg.scheme}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+        plot([result], out / f"{stem}.png")
+        result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.png")]
+    return result
+
+
+def run_federated(config: FedConfig | dict, model=None, tokenizer=None, domains: dict[str, list[str]] | None = None,
+                  eval_texts: dict[str, str] | None = None) -> dict:
+    """Run one FedLP experiment on Flower's simulation engine (Ray) and return its record.
+
+    ``model``/``tokenizer`` (any object with ``encode(text) -> ids``) replace loading ``config.model``;
+    ``domains`` (name -> documents) and ``eval_texts`` (name -> text) replace the local corpora.
+    """
+    from flwr.simulation import run_simulation
+
+    cfg = config if isinstance(config, FedConfig) else FedConfig(**config)
+    prep = prepare(cfg, model, tokenizer, domains, eval_texts)
+    out: dict = {}
+    server = make_server_app(prep.strategy, prep.initial, cfg.rounds, prep.evaluate, cfg.round_timeout, out)
+    client = make_client_app(prep.model.config, prep.shards, cfg.train_dict(), cfg.fail_clients)
+    cpus = max(1, os.cpu_count() or 1)
+    run_simulation(server, client, num_supernodes=cfg.clients,
+                   backend_config={"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": cpus, "logging_level": "error", "log_to_driver": True}})
+    if "error" in out:
+        raise out["error"]
+    if "result" not in out:
+        raise RuntimeError("the Flower simulation ended without a result (see the log above)")
+    res = summarize(prep)
+    return write(res, cfg)
+
+
+def serve(cfg: FedConfig, grid) -> dict:
+    """Deployment engine ServerApp body: same experiment, clients on remote SuperNodes."""
+    prep = prepare(cfg, with_shards=False)
+    prep.strategy.start(grid=grid, initial_arrays=prep.initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout,
+                        evaluate_fn=prep.evaluate)
+    return write(summarize(prep), cfg)

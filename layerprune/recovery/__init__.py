@@ -1,0 +1,4 @@
+"""Recovery after pruning: LoRA finetuning with the sparsity mask kept fixed."""
+from layerprune.recovery.lora import apply_masks, finetune_lora, masks_of
+
+__all__ = ["apply_masks", "finetune_lora", "masks_of"]

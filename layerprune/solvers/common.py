@@ -1,0 +1,87 @@
+"""Exact-count mask selection shared by the solvers, input checks, and the reconstruction error report.
+
+Every selector returns a bool mask (True = prune) with an exact number of True entries. Scores are ordered with a
+stable sort, so ties are broken by position: ties never change the counts and equal inputs give equal masks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from layerprune.errors import UserError
+from layerprune.stats import LayerStats
+
+
+def check_weight(weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"expected a 2-D float weight [out, in], got {tuple(weight.shape)} {weight.dtype}")
+
+
+def check_sparsity(sparsity: float) -> float:
+    s = float(sparsity)
+    if not (math.isfinite(s) and 0.0 <= s <= 1.0):
+        raise UserError(f"sparsity must be a fraction in [0, 1], got {sparsity}; pass e.g. 0.5 for 50%")
+    return s
+
+
+def check_options(solver: str, options: dict, known: tuple[str, ...]) -> None:
+    if options:
+        raise UserError(f"{solver}: unknown option(s) {sorted(options)}; known options: {', '.join(known) or 'none'}")
+
+
+def prune_count(sparsity: float, numel: int) -> int:
+    """Number of weights to prune: round(sparsity * numel)."""
+    return int(round(sparsity * numel))
+
+
+def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k lowest entries of `score` (any shape), compared over the whole tensor."""
+    order = torch.sort(score.flatten(), stable=True).indices[:k]
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    mask[order] = True
+    return mask.view_as(score)
+
+
+def matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """One comparison group for the whole matrix: prune the round(s*numel) lowest scores."""
+    return lowest_k(score, prune_count(sparsity, score.numel()))
+
+
+def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Each row is a comparison group, and the matrix total is exactly round(s*numel).
+
+    Every row prunes base = k // rows (= floor(s*in)) lowest scores. The remaining k - rows*base prunes go one each to
+    the rows whose next candidate (their (base+1)-th lowest score) is lowest across the matrix.
+    """
+    rows, cols = score.shape
+    k = prune_count(sparsity, score.numel())
+    base, extra = divmod(k, rows)
+    order = torch.sort(score, dim=1, stable=True).indices
+    counts = torch.full((rows,), base, dtype=torch.long, device=score.device)
+    if extra:
+        nxt = score.gather(1, order[:, base:base + 1]).squeeze(1)
+        counts[torch.sort(nxt, stable=True).indices[:extra]] += 1
+    pruned_rank = torch.arange(cols, device=score.device)[None, :] < counts[:, None]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, pruned_rank)
+
+
+def relative_error(weight_dense: torch.Tensor, weight_pruned: torch.Tensor, stats: LayerStats) -> float:
+    """||(W - W')X||^2 / ||W X||^2 over the calibration inputs.
+
+    With the Hessian H = (2/n) X^T X this is tr(dW H dW^T) / tr(W H W^T) (the 2/n cancels); otherwise it is computed
+    from the stored input sample [k, in]. Returns 0.0 when both are zero and inf when only the dense output is zero.
+    """
+    W = weight_dense.float()
+    dW = W - weight_pruned.to(W.device).float()
+    if stats.hessian is not None:
+        H = stats.hessian.to(device=W.device, dtype=torch.float32)
+        num, den = ((dW @ H) * dW).sum().item(), ((W @ H) * W).sum().item()
+    elif stats.sample is not None:
+        X = stats.sample.to(device=W.device, dtype=torch.float32)
+        num, den = (X @ dW.T).square().sum().item(), (X @ W.T).square().sum().item()
+    else:
+        raise ValueError("relative_error needs stats.hessian or stats.sample")
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return num / den

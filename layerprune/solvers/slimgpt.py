@@ -1,0 +1,298 @@
+"""SlimGPT structured pruning: the tensor math only (Ling et al., NeurIPS 2024).
+
+Layer-wise objective  min ||W X - Ŵ X||²  over an input-column mask, with H = (2/n) X Xᵀ of the layer input.
+Attention heads are groups of `head_dim` input columns of o_proj; FFN channels are single input columns of down_proj.
+
+Column OBS (all rows share H): removing a set Q of columns jointly costs
+    ΔE = tr(W_Q ([H⁻¹]_QQ)⁻¹ W_Qᵀ)      and the optimal compensation is    δW = -W_Q ([H⁻¹]_QQ)⁻¹ [H⁻¹]_{Q,:}.
+SlimGPT realises this with the upper Cholesky factor U of the permuted H⁻¹ (Q first): the column-by-column local
+update inside Q (Err[:, i] = W_Q[:, i] / U_ii ; W_Q[:, i:] -= Err[:, i] ⊗ U[i, i:]) is exactly the triangular solve
+Err = W_Q U_QQ⁻¹, and the rest gets one global update W_R -= Err U_QR. We use the solve (same numbers, no Python loop).
+
+Batched Greedy Pruning: remove one head (or one FFN group) per iteration, then mask H (pruned rows/cols -> 0, their
+diagonal -> 1), recompute H⁻¹ and re-score, so every choice sees the compensation already applied.
+  * heads: grouped Cholesky score, d = diag(cholesky([H⁻¹]_hh))² per head block h, err_col = Σ_rows W² / d,
+    head error = Σ of err_col over the head's columns. d_i is the OBS pivot of column i after columns < i of the same
+    head are removed (a Schur complement), so intra-head correlation enters the score; the columns of W are not
+    updated inside the score, so it is an estimate of the joint error, not the joint error itself (score="exact" gives
+    the joint error ||W_Q U_QQ⁻¹||²; not in the paper).
+  * FFN channels: err_col = Σ_rows W² / [H⁻¹]_jj; remove the `cnt` lowest columns at once, `cnt` from the Dynamic
+    Group Size schedule (dgs_schedule).
+All math is fp32; the returned weight has the input dtype/device and the removed columns exactly zero.
+"""
+import warnings
+
+import torch
+from torch import Tensor
+
+from layerprune.errors import UserError
+
+SCORES = ("obs", "magnitude", "exact")
+
+
+# ----------------------------------------------------------------------------- numerics
+
+def _cholesky(A: Tensor, upper: bool = False, damp: float = 1e-2) -> Tensor:
+    """Cholesky of a (batch of) symmetric matrix. If it fails, add 10·damp·mean(diag)·I to A *in place* (×10 per
+    retry, with a warning) so the damping sticks for later iterations; damp=0 starts at 1e-6."""
+    L, info = torch.linalg.cholesky_ex(A, upper=upper)
+    if not bool(info.any()):
+        return L
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    scale = A.diagonal(dim1=-2, dim2=-1).abs().mean(-1)[..., None, None].clamp_min(1e-12)
+    extra = 10 * damp if damp > 0 else 1e-6
+    for _ in range(12):
+        warnings.warn(f"slimgpt: Cholesky failed (matrix not positive definite), adding damping {extra:g} x mean(diag)")
+        A += extra * scale * eye * (info > 0)[..., None, None]     # only the failing matrices of a batch
+        L, info = torch.linalg.cholesky_ex(A, upper=upper)
+        if not bool(info.any()):
+            return L
+        extra *= 10
+    raise UserError("slimgpt: Hessian is not positive definite even after heavy damping; check the calibration "
+                    "activations for NaN/inf or raise percdamp")
+
+
+def _inverse(H: Tensor, percdamp: float) -> Tensor:
+    """H⁻¹ via Cholesky; a non-PD H gets extra damping in place (see _cholesky)."""
+    return torch.cholesky_inverse(_cholesky(H, damp=percdamp))
+
+
+def _prepare(weight: Tensor, hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
+    """fp32 copies; dead inputs (diag H = 0) get diag 1 and a zero weight column; H += percdamp·mean(diag H)·I."""
+    if weight.dim() != 2:
+        raise UserError(f"slimgpt: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    cols = weight.shape[1]
+    if tuple(hessian.shape) != (cols, cols):
+        raise UserError(f"slimgpt: hessian must be [{cols}, {cols}] for a weight with {cols} input columns, "
+                        f"got {tuple(hessian.shape)}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise UserError("slimgpt: hessian contains NaN/inf; check the calibration activations")
+    if percdamp < 0:
+        raise UserError(f"slimgpt: percdamp must be >= 0, got {percdamp}")
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    H = (H + H.T) / 2
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype, device=H.device)
+    return W, H
+
+
+def _mask(H: Tensor, cols: Tensor) -> None:
+    """Remove `cols` from the problem: H[cols, :] = H[:, cols] = 0, H[cols, cols] = 1 (in place)."""
+    H[cols, :] = 0.0
+    H[:, cols] = 0.0
+    H[cols, cols] = 1.0
+
+
+def _obs_remove(W: Tensor, Hinv: Tensor, Q: Tensor, alive: Tensor, compensate: bool, percdamp: float) -> None:
+    """Zero columns Q of W (in place); with `compensate`, first apply the joint OBS update to the alive columns.
+
+    U = upper Cholesky of [H⁻¹]_QQ, i.e. the first |Q| rows of the upper Cholesky of H⁻¹ permuted with Q first.
+    Local: Err = W_Q U⁻¹ (= the column-by-column loop). Global: W_R -= Err · U_QR with U_QR = U⁻ᵀ [H⁻¹]_QR.
+    """
+    if compensate:
+        R = alive.clone()
+        R[Q] = False
+        R = R.nonzero().flatten()
+        U = _cholesky(Hinv[Q][:, Q], upper=True, damp=percdamp)                 # fresh copy: damping stays local
+        Err = torch.linalg.solve_triangular(U, W[:, Q], upper=True, left=False)
+        if R.numel():
+            U_QR = torch.linalg.solve_triangular(U.T, Hinv[Q][:, R], upper=False)
+            W[:, R] -= Err @ U_QR
+    W[:, Q] = 0.0
+
+
+# ----------------------------------------------------------------------------- scores
+
+def _head_scores(W: Tensor, Hinv: Tensor, head_dim: int, grouped_cholesky: bool, percdamp: float) -> Tensor:
+    """Per-head OBS error estimate Σ_{cols of head} Σ_rows W² / d  (d: grouped-Cholesky pivots or raw diag H⁻¹)."""
+    nh = W.shape[1] // head_dim
+    if grouped_cholesky:
+        idx = torch.arange(nh, device=W.device)
+        blocks = Hinv.view(nh, head_dim, nh, head_dim)[idx, :, idx, :]          # [nh, hd, hd] diagonal blocks
+        d = _cholesky(blocks, damp=percdamp).diagonal(dim1=-2, dim2=-1).reshape(-1) ** 2
+    else:
+        d = torch.diag(Hinv)
+    return (W ** 2 / d).sum(0).view(nh, head_dim).sum(1)
+
+
+def _joint_errors(W: Tensor, Hinv: Tensor, units: Tensor, percdamp: float) -> Tensor:
+    """Exact joint OBS error tr(W_Q ([H⁻¹]_QQ)⁻¹ W_Qᵀ) = ||W_Q U_QQ⁻¹||² for each row of column sets `units` [k, m]."""
+    blocks = Hinv[units[:, :, None], units[:, None, :]]                          # [k, m, m]
+    U = _cholesky(blocks, upper=True, damp=percdamp)
+    Wq = W[:, units].permute(1, 0, 2)                                            # [k, out, m]
+    return torch.linalg.solve_triangular(U, Wq, upper=True, left=False).pow(2).sum((1, 2))
+
+
+def _head_columns(heads: list[int] | Tensor, head_dim: int, device) -> Tensor:
+    heads = torch.as_tensor(heads, dtype=torch.long, device=device)
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)
+
+
+def _check_score(score: str) -> None:
+    if score not in SCORES:
+        raise UserError(f"slimgpt: unknown score {score!r}; use one of {', '.join(SCORES)}")
+
+
+def _check_heads(weight: Tensor, head_dim: int) -> int:
+    if head_dim <= 0 or weight.dim() != 2 or weight.shape[1] % head_dim:
+        raise UserError(f"slimgpt: weight with shape {tuple(weight.shape)} does not split into heads of {head_dim} "
+                        "columns; pass the o_proj weight and the model's head_dim")
+    return weight.shape[1] // head_dim
+
+
+def _check_groups(groups: list[list[int]], n_heads: int) -> None:
+    flat = sorted(h for g in groups for h in g)
+    if not groups or any(len(g) == 0 for g in groups) or flat != list(range(n_heads)):
+        raise UserError(f"slimgpt: groups must split the {n_heads} query heads into non-empty KV groups, each head "
+                        "in exactly one group")
+
+
+# ----------------------------------------------------------------------------- greedy driver
+
+def _greedy(weight: Tensor, hessian: Tensor, head_dim: int, units: list[list[int]], n_units: int, quota, *,
+            compensate: bool, grouped_cholesky: bool, percdamp: float, score: str) -> tuple[Tensor, list[int]]:
+    """Remove `n_units` units (lists of heads), one per iteration. quota(unit, removed) -> may this unit go now?"""
+    W, H = _prepare(weight, hessian, percdamp)
+    nh = W.shape[1] // head_dim
+    dev = W.device
+    unit_heads = torch.as_tensor(units, dtype=torch.long, device=dev)               # [k, m] (equal sizes)
+    unit_cols = _head_columns(unit_heads.reshape(-1), head_dim, dev).view(len(units), -1)
+    if score == "magnitude":
+        compensate = False
+    alive = torch.ones(W.shape[1], dtype=torch.bool, device=dev)
+    removed: list[int] = []
+    for _ in range(n_units):
+        if score == "magnitude":
+            err = (W ** 2).sum(0).view(nh, head_dim).sum(1)[unit_heads].sum(1)
+        else:
+            Hinv = _inverse(H, percdamp)
+            if score == "exact":
+                err = _joint_errors(W, Hinv, unit_cols, percdamp)
+            else:
+                err = _head_scores(W, Hinv, head_dim, grouped_cholesky, percdamp)[unit_heads].sum(1)
+        allowed = torch.tensor([u not in removed and quota(u, removed) for u in range(len(units))], device=dev)
+        err = torch.where(allowed, err, torch.full_like(err, float("inf")))
+        best = int(torch.argmin(err))
+        Q = unit_cols[best]
+        if score == "magnitude":
+            W[:, Q] = 0.0
+        else:
+            _obs_remove(W, Hinv, Q, alive, compensate, percdamp)
+            _mask(H, Q)
+        alive[Q] = False
+        removed.append(best)
+    return W.to(weight.dtype), sorted(removed)
+
+
+def prune_heads(weight: Tensor, hessian: Tensor, head_dim: int, n_remove: int, *,
+                groups: list[list[int]] | None = None, compensate: bool = True, grouped_cholesky: bool = True,
+                percdamp: float = 0.01, score: str = "obs") -> tuple[Tensor, list[int]]:
+    """Remove `n_remove` attention heads from o_proj [out, n_heads*head_dim] by Batched Greedy Pruning.
+
+    hessian: [in, in] = (2/n) Σ x xᵀ of the o_proj input. One head per iteration: score every remaining head
+    (score="obs": grouped-Cholesky estimate, or raw diag(H⁻¹) with grouped_cholesky=False; "exact": joint OBS error;
+    "magnitude": squared L2 norm of the head's columns, never compensated), remove the lowest with the joint OBS
+    update (compensate=False: only zero it), mask H and recompute H⁻¹.
+    groups (GQA): KV groups as lists of query-head indices; n_remove/len(groups) heads are removed from every group
+    (the greedy pick is restricted to groups that still owe removals).
+    Returns (weight with the removed heads' columns exactly zero, sorted removed head indices).
+    """
+    _check_score(score)
+    nh = _check_heads(weight, head_dim)
+    if not 0 <= n_remove <= nh:
+        raise UserError(f"slimgpt: cannot remove {n_remove} of {nh} heads; ask for 0..{nh}")
+    head_group = [0] * nh
+    per_group = n_remove
+    if groups is not None:
+        _check_groups(groups, nh)
+        if n_remove % len(groups):
+            raise UserError(f"slimgpt: {n_remove} heads cannot be removed evenly from {len(groups)} KV groups; "
+                            f"use a multiple of {len(groups)}")
+        per_group = n_remove // len(groups)
+        smallest = min(len(g) for g in groups)
+        if per_group > smallest:
+            raise UserError(f"slimgpt: cannot remove {per_group} heads from a KV group of {smallest}; ask for fewer")
+        for gi, g in enumerate(groups):
+            for h in g:
+                head_group[h] = gi
+
+    def quota(u, removed):
+        return sum(head_group[r] == head_group[u] for r in removed) < per_group
+
+    return _greedy(weight, hessian, head_dim, [[h] for h in range(nh)], n_remove, quota, compensate=compensate,
+                   grouped_cholesky=grouped_cholesky, percdamp=percdamp, score=score)
+
+
+def prune_kv_groups(weight: Tensor, hessian: Tensor, head_dim: int, n_remove: int, groups: list[list[int]], *,
+                    compensate: bool = True, grouped_cholesky: bool = True, percdamp: float = 0.01,
+                    score: str = "obs") -> tuple[Tensor, list[int]]:
+    """Remove `n_remove` whole KV groups (all their query heads at once) from o_proj, one group per iteration.
+
+    Group error = sum of its heads' scores (score="exact": joint OBS error over the union of the group's columns);
+    the OBS update is joint over that union. All groups must have the same number of heads.
+    Returns (weight with the removed groups' columns exactly zero, sorted removed group indices).
+    """
+    _check_score(score)
+    nh = _check_heads(weight, head_dim)
+    _check_groups(groups, nh)
+    if len({len(g) for g in groups}) != 1:
+        raise UserError("slimgpt: KV groups must all have the same number of query heads")
+    if not 0 <= n_remove <= len(groups):
+        raise UserError(f"slimgpt: cannot remove {n_remove} of {len(groups)} KV groups; ask for 0..{len(groups)}")
+    return _greedy(weight, hessian, head_dim, [list(g) for g in groups], n_remove, lambda u, removed: True,
+                   compensate=compensate, grouped_cholesky=grouped_cholesky, percdamp=percdamp, score=score)
+
+
+# ----------------------------------------------------------------------------- FFN channels
+
+def dgs_schedule(target: int, *, dynamic_group_size: bool = True, fixed_group: int = 64) -> list[int]:
+    """Group sizes used to remove `target` columns.
+
+    Dynamic Group Size: b = (target - 512)//2; repeat cnt = min(remaining, max(b, 64), 1024), b = (b - 512)//2.
+    Fixed (ablation): cnt = min(remaining, fixed_group).
+    """
+    if target < 0:
+        raise UserError(f"slimgpt: cannot remove a negative number of channels ({target})")
+    if not dynamic_group_size and fixed_group <= 0:
+        raise UserError(f"slimgpt: fixed_group must be positive, got {fixed_group}")
+    sizes, left, b = [], target, (target - 512) // 2
+    while left > 0:
+        cnt = min(left, max(b, 64), 1024) if dynamic_group_size else min(left, fixed_group)
+        sizes.append(cnt)
+        left -= cnt
+        b = (b - 512) // 2
+    return sizes
+
+
+def prune_channels(weight: Tensor, hessian: Tensor, n_remove: int, *, dynamic_group_size: bool = True,
+                   fixed_group: int = 64, compensate: bool = True, percdamp: float = 0.01,
+                   score: str = "obs") -> tuple[Tensor, list[int]]:
+    """Remove `n_remove` FFN channels (input columns of down_proj [out, intermediate]) group by group.
+
+    Per group: err_col = Σ_rows W² / [H⁻¹]_jj, drop the cnt lowest alive columns with the joint OBS update, mask H,
+    recompute H⁻¹. cnt follows dgs_schedule. score="magnitude": the n_remove columns with the smallest L2 norm,
+    no compensation. Returns (weight with removed columns exactly zero, sorted removed channel indices).
+    """
+    if score not in ("obs", "magnitude"):
+        raise UserError(f"slimgpt: unknown channel score {score!r}; use obs or magnitude")
+    if weight.dim() != 2 or not 0 <= n_remove <= weight.shape[1]:
+        raise UserError(f"slimgpt: cannot remove {n_remove} channels from a weight of shape {tuple(weight.shape)}")
+    sizes = dgs_schedule(n_remove, dynamic_group_size=dynamic_group_size, fixed_group=fixed_group)
+    W, H = _prepare(weight, hessian, percdamp)
+    if score == "magnitude":
+        Q = torch.topk(W.norm(dim=0), n_remove, largest=False).indices
+        W[:, Q] = 0.0
+        return W.to(weight.dtype), sorted(Q.tolist())
+    alive = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
+    for cnt in sizes:
+        Hinv = _inverse(H, percdamp)
+        err = (W ** 2 / torch.diag(Hinv)).sum(0)
+        err[~alive] = float("inf")
+        Q = torch.topk(err, cnt, largest=False).indices           # ascending error, like the permuted order
+        _obs_remove(W, Hinv, Q, alive, compensate, percdamp)
+        _mask(H, Q)
+        alive[Q] = False
+    return W.to(weight.dtype), sorted((~alive).nonzero().flatten().tolist())
