@@ -99,6 +99,97 @@ def cmd_eval(args) -> int:
     return 0
 
 
+ALLOC_OPTIONS = {  # CLI flag dest -> allocator hyperparameter name
+    "alpha": "alpha", "dlp_stat": "stat", "owl_m": "owl_m", "lam": "lam", "beta": "beta", "r0": "r0",
+    "r_end": "r_end", "min_sparsity": "lo", "max_sparsity": "hi",
+}
+
+
+def _solver_options(args) -> dict:
+    if args.method == "sparsegpt":
+        return {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
+    if args.method == "magnitude":
+        return {"scope": args.magnitude_scope}
+    return {}
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    cells = [[h for h, _ in cols]] + [[_fmt(r.get(k)) for _, k in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+def _eval_all(model, tok, datasets, seqlen, data_dir, max_windows, batch_size) -> dict:
+    from .evaluation.perplexity import evaluate_ppl
+
+    return {ds: evaluate_ppl(model, tok, ds, seqlen, data_dir, max_windows, batch_size).to_dict() for ds in datasets}
+
+
+def cmd_prune(args) -> int:
+    from . import api
+    from .data.corpora import resolve_data_dir
+    from .engine import PruneConfig
+    from .evaluation.perplexity import check_seqlen
+    from .models.info import measure_sparsity
+    from .record import prepare_out_dir, save_run
+    from .solvers.nm import parse_nm
+
+    # validate everything that needs no model before loading it or touching --out
+    nm = parse_nm(args.nm) if args.nm else None
+    alloc_opts = {dst: getattr(args, src) for src, dst in ALLOC_OPTIONS.items() if getattr(args, src) is not None}
+    from .allocation import get_allocator
+
+    get_allocator(args.allocation, **alloc_opts)
+    cfg = PruneConfig(method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
+                      allocation_options=alloc_opts, offload=args.offload, compute_dtype=args.compute_dtype,
+                      batch_size=args.batch_size)
+    cfg.validate()
+    data_dir = resolve_data_dir(args.data_dir)
+    datasets = [d.strip() for d in args.eval.split(",") if d.strip()] if args.eval else []
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not (args.force or args.resume):
+        raise UserError(f"output directory {out} already exists: choose another --out, "
+                        "pass --resume to continue an interrupted run, or --force to overwrite it")
+    model, tok = _load(args)
+    device = next(model.parameters()).device
+    seqlen = check_seqlen(model, args.seqlen)
+    eval_seqlen = check_seqlen(model, args.eval_seqlen or seqlen)
+    calib = api.calibration_set(tok, args.calib, args.nsamples, seqlen, args.seed, data_dir)
+    prepare_out_dir(out, args.force, args.resume)
+
+    before = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size) \
+        if datasets and not args.no_dense_eval else {}
+    dense_sparsity = measure_sparsity(model)["overall"]
+    record = api.prune(model, tok, method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
+                       allocation_options=alloc_opts, solver_options=_solver_options(args), calibration=calib,
+                       calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
+                       true_sequential=args.true_sequential, batch_size=args.batch_size,
+                       skip=tuple(s for s in (args.skip or "").split(",") if s), out_dir=out, resume=args.resume)
+    after = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size)
+    record["model"] = args.model
+    record["eval"] = {"before": before, "after": after, "seqlen": eval_seqlen, "max_windows": args.max_windows}
+    save_run(model, tok, out, record)
+
+    rows = [{"model": "dense", "sparsity": dense_sparsity, **{ds: r["ppl"] for ds, r in before.items()}},
+            {"model": f"{args.method} {args.allocation}" + (f" {args.nm}" if args.nm else ""),
+             "sparsity": record["measured_sparsity"], **{ds: r["ppl"] for ds, r in after.items()}}]
+    print(_table(rows, [("model", "model"), ("sparsity", "sparsity")] + [(f"{ds} ppl", ds) for ds in datasets]))
+    t = record["timings"]
+    print(f"pruned in {t['total']:.1f}s ("
+          + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total") + f"); saved to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="layerprune", description="Layer-wise pruning of causal LMs, with honest numbers.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -122,6 +213,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     _common_model_args(s)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("prune", help="prune a model block by block and save it with a run record")
+    s.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub id")
+    s.add_argument("--method", default="wanda", help="magnitude, wanda or sparsegpt")
+    s.add_argument("--sparsity", type=float, default=0.5, help="global target sparsity in [0, 1)")
+    s.add_argument("--nm", default=None, help="N:M semi-structured pattern, N pruned of every M (e.g. 2:4)")
+    s.add_argument("--allocation", default="uniform",
+                   help="uniform, owl, dlp, dsa[:FUNC], ipr-log, ipr-log-dec, ipr-lin, ipr-lin-dec, atp, er, erk, "
+                        "global, lamp, user:LIST|FILE")
+    s.add_argument("--alpha", type=float, default=None, help="DLP alpha (spread 2*alpha)")
+    s.add_argument("--dlp-stat", default=None, choices=["median", "mean"], help="DLP block statistic")
+    s.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M")
+    s.add_argument("--lam", type=float, default=None, help="OWL/DSA lambda (spread 2*lambda)")
+    s.add_argument("--beta", type=float, default=None, help="ATP step")
+    s.add_argument("--r0", type=float, default=None, help="IPR first-block ratio (with --r-end)")
+    s.add_argument("--r-end", type=float, default=None, help="IPR last-block ratio (with --r0)")
+    s.add_argument("--min-sparsity", type=float, default=None, help="lowest per-layer sparsity allowed (default 0)")
+    s.add_argument("--max-sparsity", type=float, default=None, help="highest per-layer sparsity allowed (default 0.99)")
+    s.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    s.add_argument("--seqlen", type=int, default=None, help="calibration window length (default 2048, capped)")
+    s.add_argument("--calib", default="c4", help="c4 (pool: docs 1000-1999), wikitext2-valid, ptb-valid or a file")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="run directory to write (weights + layerprune.json)")
+    s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--eval", default="wikitext2", help="comma list of datasets to evaluate before/after ('' for none)")
+    s.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
+    s.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    s.add_argument("--no-dense-eval", action="store_true", help="skip evaluating the dense model first")
+    s.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    s.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                   help="where activations (and idle blocks with disk) live")
+    s.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the forward passes (statistics and solves stay fp32)")
+    s.add_argument("--true-sequential", action="store_true", help="prune q/k/v, o, gate/up, down in turn")
+    s.add_argument("--skip", default=None, help="comma list of linear names left dense, e.g. mlp.down_proj")
+    s.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size (default 128)")
+    s.add_argument("--percdamp", type=float, default=None, help="SparseGPT damping, fraction of mean diag (0.01)")
+    s.add_argument("--magnitude-scope", default="matrix", choices=["matrix", "row"],
+                   help="magnitude comparison group")
+    s.add_argument("--data-dir", default=None)
+    _common_model_args(s)
+    s.set_defaults(func=cmd_prune)
     return p
 
 
@@ -134,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()  # ours (blocks, windows) stay; loading/saving bars go
         return args.func(args)
     except UserError as e:
         print(f"layerprune: error: {e}", file=sys.stderr)

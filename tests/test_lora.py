@@ -1,4 +1,6 @@
 """LoRA recovery keeps the pruning mask: masked weights exactly zero after merge, 2:4 kept, loss goes down."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -75,9 +77,10 @@ def test_target_subset_and_apply_masks():
     prune_2_4(model)
     masks = masks_of(model)
     down = {n: model.get_submodule(n).weight.detach().clone() for n in masks if n.endswith("down_proj")}
-    out = finetune_lora(model, None, windows(), steps=3, lr=1e-2, rank=2, alpha=4, target_modules=("q_proj",),
+    calib = SimpleNamespace(ids=windows(n=3, seqlen=20))  # like data.calibration.CalibrationSet
+    out = finetune_lora(model, None, calib, steps=3, lr=1e-2, rank=2, alpha=4, target_modules=("q_proj",),
                         seqlen=16, progress=False)
-    assert out["trainable_params"] == 2 * 2 * (32 + 32)
+    assert out["trainable_params"] == 2 * 2 * (32 + 32) and out["windows"] == 3 and out["seqlen"] == 16
     for n, w in down.items():
         assert torch.equal(model.get_submodule(n).weight, w)  # no adapter there: untouched
     w = model.model.layers[0].mlp.up_proj.weight

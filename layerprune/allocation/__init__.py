@@ -8,7 +8,7 @@ in [lo, hi] (default [0, 0.99]), rebalancing what clipping removes. See base.py.
     if alloc.needs_scores: ctx.block_stats = [alloc.block_statistic(scores_of_block(b)) for b in blocks]
     allocation = alloc.allocate(0.7, ctx)          # allocation.layer_sparsity[(block, name)]
 
-Registry names: uniform, owl, dlp, ipr-log, ipr-log-dec, ipr-lin, ipr-lin-dec, atp, er, erk, global, lamp,
+Registry names: uniform, owl, dlp, dsa ("dsa:<function or preset>"), ipr-log, ipr-log-dec, ipr-lin, ipr-lin-dec, atp, er, erk, global, lamp,
 user ("user:0.4,0.5,..." / "user:file.json" or sparsities=...).
 """
 from __future__ import annotations
@@ -20,13 +20,14 @@ from layerprune.allocation.base import (Allocation, AllocationContext, Allocator
                                         minmax_recentre, rebalance, solve_clipped)
 from layerprune.allocation.classic import ER, ERK, LAMP, Global
 from layerprune.allocation.dlp import DLP
+from layerprune.allocation.dsa import DSA
 from layerprune.allocation.ipr import IPR, IPRLin, IPRLinDec, IPRLogDec, ipr_schedule
 from layerprune.allocation.owl import OWL, nm_per_block, outlier_ratio
 from layerprune.allocation.uniform import Uniform
 from layerprune.allocation.user import User
 from layerprune.errors import UserError
 
-ALLOCATORS = {cls.name: cls for cls in (Uniform, OWL, DLP, IPR, IPRLogDec, IPRLin, IPRLinDec, ATP, ER, ERK, Global,
+ALLOCATORS = {cls.name: cls for cls in (Uniform, OWL, DLP, DSA, IPR, IPRLogDec, IPRLin, IPRLinDec, ATP, ER, ERK, Global,
                                         LAMP, User)}
 
 
@@ -38,9 +39,9 @@ def get_allocator(spec: str, **hparams) -> Allocator:
     if name not in ALLOCATORS:
         raise UserError(f"unknown allocation {spec!r}; known: {', '.join(ALLOCATORS)}")
     if arg:
-        if name != "user":
-            raise UserError(f"only 'user' takes an argument after ':', got {spec!r}")
-        hparams["sparsities"] = arg
+        if name not in ("user", "dsa"):
+            raise UserError(f"only 'user' and 'dsa' take an argument after ':', got {spec!r}")
+        hparams["sparsities" if name == "user" else "function"] = arg
     cls = ALLOCATORS[name]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     hparams = {k: v for k, v in hparams.items() if v is not None}

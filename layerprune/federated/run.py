@@ -30,7 +30,7 @@ from .strategy import SCHEMES, FedLPStrategy, fixed_masks, masked_sparsity
 
 @dataclass
 class FedConfig:
-    model: str = "smollm2"          # spec for layerprune.models.loading.load_model
+    model: str = "smollm2-135m"       # spec for layerprune.models.loading.load_model
     scheme: str = "homo"            # fedavg | homo | hetero
     keep_prob: float = 0.5          # homo: layer-preserving rate p
     clients: int = 8

@@ -139,10 +139,11 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, use_cache: bool = 
     return model, tok
 
 
-def load_pretrained(source, dtype: torch.dtype):
+def load_pretrained(source, dtype: torch.dtype, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(source)
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    tok = AutoTokenizer.from_pretrained(source, **kw)
     return model, tok
 
 
@@ -176,7 +177,30 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", use_cache: bool 
     return model, tok
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hub_or_dir(source: str, dtype: torch.dtype):
+    if not Path(source).is_dir():  # a hub id: fail fast when it is neither cached nor reachable
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str) and not _hub_reachable():
+            raise UserError(f"model {source!r} is not in the local Hugging Face cache and the hub is unreachable "
+                                "(offline?): download it where you have internet, pass a local directory, "
+                                "or use the built-in `smollm2-135m`")
     try:
         return load_pretrained(source, dtype)
     except OSError as e:

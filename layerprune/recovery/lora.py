@@ -42,7 +42,8 @@ def apply_masks(model, masks):
 
 def _windows(tokenizer, data, seqlen):
     """Token windows (n, seqlen): a LongTensor / list of tensors is used as given (cut to seqlen); texts are joined
-    with "\\n\\n", tokenized once, and cut into non-overlapping windows (tail dropped)."""
+    with "\\n\\n", tokenized once, and cut into non-overlapping windows (tail dropped). A CalibrationSet gives its .ids."""
+    data = getattr(data, "ids", data)
     if isinstance(data, torch.Tensor) or (data and isinstance(data[0], torch.Tensor)):
         ids = data if isinstance(data, torch.Tensor) else torch.cat([d.reshape(-1, d.shape[-1]) for d in data])
         return ids[:, :seqlen].long()
@@ -57,7 +58,7 @@ def finetune_lora(model, tokenizer, texts_or_windows, steps, lr=1e-4, rank=8, al
                   seqlen=512, batch_size=1, seed=0, progress=True):
     """Train LoRA adapters on the pruned model with frozen base weights, merge them, re-apply the masks.
 
-    texts_or_windows: list of strings, or token windows (LongTensor (n, L) or list of (1, L) tensors).
+    texts_or_windows: list of strings, or token windows (LongTensor (n, L), list of (1, L) tensors, CalibrationSet).
     target_modules: peft target names (e.g. ("q_proj", "v_proj")); None = every prunable linear.
     Windows are visited in a seeded random order, batch_size per step, cycling when exhausted. AdamW, constant lr.
     The model is changed in place: peft's merge_and_unload puts the original Linear modules back with merged weights.

@@ -1,0 +1,62 @@
+"""Forward hooks that collect calibration statistics of linear-layer inputs (all hooks live here).
+
+One collector per *input group* (linears reading the same tensor, e.g. q/k/v or gate/up), so a
+Hessian is accumulated once and shared by the group.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .stats import LayerStats
+
+
+class InputCollector:
+    """Accumulates ``sq_norm`` (sum of x_j^2), ``X^T X`` and a small fixed sample of input rows."""
+
+    def __init__(self, want: set[str], sample_rows: int = 256):
+        self.want = want
+        self.sample_rows = sample_rows
+        self.ntokens = 0
+        self.sq_norm: torch.Tensor | None = None
+        self.xtx: torch.Tensor | None = None
+        self.sample: torch.Tensor | None = None
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.sample is None and self.sample_rows:
+            step = max(1, x.shape[0] // self.sample_rows)
+            self.sample = x[::step][: self.sample_rows].clone()
+        if "sq_norm" in self.want:
+            s = x.pow(2).sum(0)
+            self.sq_norm = s if self.sq_norm is None else self.sq_norm.add_(s)
+        if "hessian" in self.want:
+            self.xtx = x.t() @ x if self.xtx is None else self.xtx.addmm_(x.t(), x)
+        self.ntokens += x.shape[0]
+
+    def stats(self) -> LayerStats:
+        h = None if self.xtx is None else self.xtx * (2.0 / max(self.ntokens, 1))
+        return LayerStats(self.ntokens, self.sq_norm, h, self.sample)
+
+    def free(self) -> None:
+        self.sq_norm = self.xtx = self.sample = None
+
+
+class HookSet:
+    """Attach collectors to modules for the duration of a ``with`` block."""
+
+    def __init__(self, modules: dict[str, nn.Module], want: set[str], sample_rows: int = 256):
+        self.modules = modules
+        self.collectors = {name: InputCollector(want, sample_rows) for name in modules}
+        self._handles: list = []
+
+    def __enter__(self) -> HookSet:
+        for name, mod in self.modules.items():
+            col = self.collectors[name]
+            self._handles.append(mod.register_forward_hook(lambda m, args, out, c=col: c.add_batch(args[0])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

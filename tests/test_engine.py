@@ -1,0 +1,262 @@
+"""The layer-wise engine on tiny random models of every family: capture, propagation, exactness, N:M,
+allocation plumbing, resume after SIGKILL, the saved run directory, CLI errors."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model, tiny_tokenizer
+
+from layerprune import prune
+from layerprune.cli import main
+from layerprune.engine import _block_out, capture_inputs
+from layerprune.errors import UserError
+from layerprune.models.adapters import get_adapter
+from layerprune.models.info import measure_sparsity
+
+
+def calib(n=6, seqlen=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, seqlen), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_captured_inputs_reproduce_the_model(family):
+    """Running the blocks one by one on the captured inputs and call arguments gives the model's own hidden states."""
+    model = tiny_model(family, layers=3)
+    a = get_adapter(model)
+    x = calib(4, 16)
+    hidden, kwargs = capture_inputs(model, a, x, torch.device("cpu"), torch.float32, batch_size=3)
+    ref = model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states
+    assert torch.allclose(hidden, ref[0], atol=1e-6)
+    h = hidden
+    for i, block in enumerate(a.blocks(model)[:-1]):
+        args, kw = kwargs[i]
+        h = _block_out(block(h, *args, **kw))
+        assert torch.allclose(h, ref[i + 1], atol=1e-5), f"block {i}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_every_family_every_solver_exact(family, method):
+    model = tiny_model(family)
+    rec = prune(model, calibration=calib(), method=method, sparsity=0.5, progress=False)
+    for layer in rec["layers"]:
+        assert layer["achieved"] == pytest.approx(layer["target"], abs=1e-4)
+        assert layer["rel_error"] >= 0
+    assert measure_sparsity(model)["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert torch.isfinite(model(calib(1, 8)).logits).all()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_nm_every_group_exact(method):
+    model = tiny_model("llama")
+    prune(model, calibration=calib(), method=method, nm="2:4", progress=False)
+    a = get_adapter(model)
+    for block in a.blocks(model):
+        for mod in a.linears(block).values():
+            zeros = (a.get_weight(mod) == 0).view(-1, 4).sum(1)
+            assert torch.all(zeros == 2)
+
+
+def test_sparsegpt_has_lowest_reconstruction_error():
+    errs = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = tiny_model("llama")
+        rec = prune(model, calibration=calib(8, 32), method=method, sparsity=0.6, progress=False)
+        errs[method] = sum(r["rel_error"] for r in rec["layers"] if r["block"] == 0)
+    assert errs["sparsegpt"] < min(errs["wanda"], errs["magnitude"])  # OBS compensation helps
+
+
+@torch.no_grad()
+def test_propagation_uses_pruned_outputs():
+    """Block 1 is pruned with statistics of block 0's *pruned* outputs (recomputed here by hand)."""
+    from layerprune.hooks import HookSet
+    from layerprune.solvers import get_solver
+
+    x = calib()
+    pruned = tiny_model("llama")
+    prune(pruned, calibration=x, method="wanda", sparsity=0.7, progress=False)
+    dense = tiny_model("llama")
+    a = get_adapter(dense)
+    hidden, kwargs = capture_inputs(dense, a, x, torch.device("cpu"), torch.float32, 8)
+    args, kw = kwargs[0]
+    h1 = _block_out(a.blocks(pruned)[0](hidden, *args, **kw))
+    blk = a.blocks(dense)[1]
+    with HookSet({"mlp.up_proj": blk.mlp.up_proj}, {"sq_norm"}) as hs:
+        blk(h1, *kwargs[1][0], **kwargs[1][1])
+    want = get_solver("wanda").prune(blk.mlp.up_proj.weight, hs.collectors["mlp.up_proj"].stats(), 0.7)
+    got = a.blocks(pruned)[1].mlp.up_proj.weight
+    assert torch.equal(want == 0, got == 0)
+    # and it differs from what dense inputs would give
+    h1_dense = _block_out(a.blocks(dense)[0](hidden, *args, **kw))
+    with HookSet({"mlp.up_proj": blk.mlp.up_proj}, {"sq_norm"}) as hs:
+        blk(h1_dense, *kwargs[1][0], **kwargs[1][1])
+    other = get_solver("wanda").prune(blk.mlp.up_proj.weight, hs.collectors["mlp.up_proj"].stats(), 0.7)
+    assert not torch.equal(other == 0, got == 0)
+
+
+def test_allocation_flows_into_layers_and_record():
+    model = tiny_model("llama", layers=4)
+    rec = prune(model, calibration=calib(), method="wanda", sparsity=0.6, allocation="dlp", progress=False)
+    alloc = rec["allocation"]
+    assert len(alloc["block"]) == 4 and abs(sum(alloc["block"]) / 4 - 0.6) < 1e-9
+    assert max(alloc["block"]) - min(alloc["block"]) == pytest.approx(0.3, abs=1e-6)
+    for layer in rec["layers"]:
+        assert layer["target"] == pytest.approx(alloc["block"][layer["block"]], abs=1e-9)
+    assert len(alloc["stats"]["values"]) == 4
+
+
+def test_mixed_nm_with_allocation():
+    model = tiny_model("llama", layers=4)
+    rec = prune(model, calibration=calib(), method="wanda", nm="4:8", allocation="owl",
+                allocation_options={"lam": 0.2}, progress=False)
+    ns = [n for n, m in rec["allocation"]["block_nm"]]
+    assert sum(ns) == 4 * 4 and all(1 <= n <= 7 for n in ns)
+    a = get_adapter(model)
+    for i, block in enumerate(a.blocks(model)):
+        for mod in a.linears(block).values():
+            assert torch.all((a.get_weight(mod) == 0).view(-1, 8).sum(1) == ns[i])
+
+
+def test_true_sequential_and_bf16_compute():
+    x = calib()
+    base = tiny_model("llama")
+    m_seq = copy.deepcopy(base)
+    prune(m_seq, calibration=x, method="sparsegpt", sparsity=0.5, true_sequential=True, progress=False)
+    m_bf = copy.deepcopy(base)
+    rec = prune(m_bf, calibration=x, method="sparsegpt", sparsity=0.5, compute_dtype="bfloat16", progress=False)
+    assert next(m_bf.parameters()).dtype == torch.float32  # master weights stay fp32
+    assert measure_sparsity(m_seq)["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert measure_sparsity(m_bf)["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert rec["compute_dtype"] == "bfloat16"
+
+
+def test_offload_modes_give_identical_weights(tmp_path):
+    x = calib()
+    ref = tiny_model("llama")
+    prune(ref, calibration=x, method="wanda", sparsity=0.5, progress=False)
+    for mode in ("cpu", "disk"):
+        m = tiny_model("llama")
+        prune(m, calibration=x, method="wanda", sparsity=0.5, offload=mode, out_dir=tmp_path / mode, progress=False)
+        for (k, v), (_, w) in zip(ref.state_dict().items(), m.state_dict().items()):
+            assert torch.equal(v, w), (mode, k)
+
+
+def test_bad_input():
+    model = tiny_model("llama")
+    for kwargs, msg in [({"sparsity": 1.0}, "outside"), ({"sparsity": -0.1}, "outside"),
+                        ({"nm": "4:4"}, None), ({"nm": "2:5"}, None), ({"method": "obs"}, "unknown solver"),
+                        ({"allocation": "nope"}, "unknown allocation"), ({"skip": ("mlp.nope",)}, "not linears")]:
+        with pytest.raises(UserError, match=msg):
+            prune(model, calibration=calib(), progress=False, **kwargs)
+
+
+# --- resume after SIGKILL -------------------------------------------------------------------------------------
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_model
+    from layerprune import prune
+    from layerprune.engine import MemoryStore
+
+    class KillingStore(MemoryStore):
+        def onload(self, model, i, device):
+            if i == {kill_at} and not os.path.exists({resume_flag!r}):
+                os.kill(os.getpid(), signal.SIGKILL)
+            super().onload(model, i, device)
+
+    model = tiny_model("llama", layers=5)
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
+    prune(model, calibration=calib, method="sparsegpt", sparsity=0.6, out_dir={out!r}, resume=True,
+          store=KillingStore(), progress=False)
+    torch.save(model.state_dict(), {result!r})
+""")
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    out, result, flag = tmp_path / "run", tmp_path / "resumed.pt", tmp_path / "flag"
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parent), kill_at=3, out=str(out),
+                                           result=str(result), resume_flag=str(flag)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-500:]
+    state = json.loads((out / ".checkpoint" / "state.json").read_text())
+    assert state["next_block"] == 3
+    flag.write_text("resume")
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()[-800:]
+    resumed = torch.load(result)
+    ref = tiny_model("llama", layers=5)
+    prune(ref, calibration=calib(6, 24), method="sparsegpt", sparsity=0.6, progress=False)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed[k]), k
+
+
+def test_checkpoint_with_other_settings_is_refused(tmp_path):
+    model = tiny_model("llama")
+    prune(model, calibration=calib(), method="wanda", sparsity=0.5, out_dir=tmp_path, progress=False)
+    with pytest.raises(UserError, match="other settings"):
+        prune(tiny_model("llama"), calibration=calib(), method="wanda", sparsity=0.6, out_dir=tmp_path, resume=True,
+              progress=False)
+
+
+# --- CLI: saved run round trip ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_cli_prune_save_reload_eval(tmp_path, tiny_model_dir, text_corpus, capsys):
+    out = tmp_path / "run"
+    args = ["prune", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "4",
+            "--seqlen", "32", "--data-dir", str(text_corpus), "--out", str(out), "--max-windows", "6"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "dense" in table and "sparsegpt uniform" in table
+    rec = json.loads((out / "layerprune.json").read_text())
+    assert rec["calibration"]["nsamples"] == 4 and rec["seed"] == 0
+    assert abs(rec["measured_sparsity"] - 0.5) < 1e-3
+    assert not (out / ".checkpoint").exists()
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(out)  # stock loader
+    assert measure_sparsity(m)["overall"] == pytest.approx(rec["measured_sparsity"])
+    res = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--seqlen", "32", "--max-windows", "6", "--data-dir", str(text_corpus),
+                 "--out", str(res)]) == 0
+    ppl = json.loads(res.read_text())["results"][0]["ppl"]
+    assert ppl == pytest.approx(rec["eval"]["after"]["wikitext2"]["ppl"], rel=1e-6)
+    # an existing run is never overwritten without --force
+    before = (out / "layerprune.json").read_text()
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "layerprune.json").read_text() == before
+    assert main(args + ["--resume"]) == 2  # finished run: nothing to resume
+
+
+def test_cli_prune_bad_input_leaves_nothing(tmp_path, tiny_model_dir, text_corpus, capsys):
+    base = ["prune", "--model", str(tiny_model_dir), "--data-dir", str(text_corpus), "--seqlen", "32"]
+    cases = [(["--sparsity", "1.5"], "outside"), (["--nm", "3:3"], "N:M"), (["--method", "foo"], "unknown solver"),
+             (["--nsamples", "100000"], "holds only")]
+    for extra, msg in cases:
+        out = tmp_path / ("o" + str(abs(hash(tuple(extra)))))
+        assert main(base + extra + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg.lower() in err.lower(), err
+        assert not out.exists()

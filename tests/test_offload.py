@@ -1,0 +1,212 @@
+"""Disk offload: lazy loading, block round trips through disk, and the streaming sharded save."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from layerprune.errors import UserError
+from layerprune.models.adapters import get_adapter
+from layerprune.offload import (DiskStore, MemoryStore, current_rss_mb, load_model_lazy, peak_rss_mb,
+                                read_safetensors, resolve_safetensors_dir)
+
+N_BLOCKS = 3
+
+
+def _tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=N_BLOCKS,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+        return LlamaForCausalLM(cfg)
+    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=N_BLOCKS, n_head=4, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.fixture(params=[("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)],
+                ids=["llama-single", "llama-sharded", "gpt2-single", "gpt2-sharded"])
+def saved(request, tmp_path):
+    kind, sharded = request.param
+    src = tmp_path / "src"
+    _tiny(kind).save_pretrained(src, **({"max_shard_size": "20KB"} if sharded else {}))
+    assert (src / "model.safetensors.index.json").is_file() == sharded
+    return src
+
+
+def _ids():
+    return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def _modify(model, i: int) -> None:
+    """Zero the first half of every linear weight of block i (a stand-in for pruning), scale its norms."""
+    block = get_adapter(model).blocks(model)[i]
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if p.dim() == 2:
+                p[: p.shape[0] // 2] = 0
+            else:
+                p.mul_(1.5)
+
+
+def test_lazy_load_matches_full_load(saved):
+    ref = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    model, tok, store = load_model_lazy(saved, torch.float32)
+    assert tok is None and isinstance(store, DiskStore)
+    ad = get_adapter(model)
+    # blocks hold no storage; the rest is real and equal to the full load, buffers included
+    for k, t in model.state_dict().items():
+        if k.startswith(ad.blocks_path + "."):
+            assert t.device.type == "meta", k
+        else:
+            assert torch.equal(t, ref.state_dict()[k]), k
+    for (k, b), (k2, b2) in zip(model.named_buffers(), ref.named_buffers(), strict=True):
+        assert k == k2 and b.dtype == b2.dtype and torch.equal(b, b2), k
+    assert (model.lm_head.weight is ad.embeddings(model)[0].weight) == ref.config.tie_word_embeddings
+    for i in range(N_BLOCKS):
+        store.onload(model, i, "cpu")
+    assert torch.equal(_logits(model), _logits(ref))
+
+
+def test_dtype_cast_on_lazy_load(saved):
+    ref = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16).eval()
+    model, _, store = load_model_lazy(saved, "bfloat16")
+    for i in range(N_BLOCKS):
+        store.onload(model, i, "cpu")
+    sd = model.state_dict()
+    assert all(t.dtype == torch.bfloat16 for t in sd.values())
+    assert all(torch.equal(t, ref.state_dict()[k]) for k, t in sd.items())
+    assert torch.equal(_logits(model), _logits(ref))
+
+
+def test_offload_keeps_modified_block(saved):
+    model, _, store = load_model_lazy(saved, torch.float32)
+    ad = get_adapter(model)
+    store.onload(model, 1, "cpu")
+    _modify(model, 1)
+    want = {k: t.clone() for k, t in ad.blocks(model)[1].state_dict().items()}
+    store.offload(model, 1)
+    block = ad.blocks(model)[1]
+    assert all(t.device.type == "meta" for t in block.state_dict().values())
+    assert store.block_file(1).is_file() and store.modified == {1}
+    with pytest.raises(RuntimeError):
+        store.offload(model, 1)  # already off
+    store.onload(model, 1, "cpu")
+    got = block.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # an untouched block still comes from the source checkpoint
+    store.onload(model, 0, "cpu")
+    ref = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    ref0 = ad.blocks(ref)[0].state_dict()
+    assert all(torch.equal(t, ref0[k]) for k, t in ad.blocks(model)[0].state_dict().items())
+
+
+def test_streaming_save_loads_with_stock_from_pretrained(saved, tmp_path):
+    ref = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    model, _, store = load_model_lazy(saved, torch.float32, work_dir=tmp_path / "work")
+    ad = get_adapter(model)
+    # block 0: modified and offloaded; block 1: modified and still onloaded; block 2: never touched
+    for i in (0, 1):
+        store.onload(model, i, "cpu")
+        _modify(model, i)
+        _modify(ref, i)
+    store.offload(model, 0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"stale")  # an old single-file save must not shadow the shards
+    store.save_pretrained(model, out)
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model*.safetensors"))
+    assert len(shards) == N_BLOCKS + 1 and set(index["weight_map"].values()) == set(shards)
+    tied = ref.config.tie_word_embeddings
+    assert ("lm_head.weight" in index["weight_map"]) == (not tied)
+    assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
+
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(back) is type(ref)
+    want, got = ref.state_dict(), back.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert (back.lm_head.weight is ad.embeddings(back)[0].weight) == tied
+    assert torch.equal(_logits(back), _logits(ref))
+
+
+def test_streaming_save_keeps_requested_dtype(saved, tmp_path):
+    model, _, store = load_model_lazy(saved, torch.bfloat16)
+    store.save_pretrained(model, tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(t.dtype == torch.bfloat16 for t in back.state_dict().values())
+    ref = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)
+    assert all(torch.equal(t, ref.state_dict()[k]) for k, t in back.state_dict().items())
+
+
+def test_memory_store_round_trip(saved, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    store = MemoryStore()
+    store.onload(model, 2, "cpu")
+    _modify(model, 2)
+    store.offload(model, 2)
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    store.save_pretrained(model, tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    want = model.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in back.state_dict().items())
+    assert torch.equal(_logits(back), _logits(model))
+
+
+def test_resolve_and_errors(tmp_path):
+    src = tmp_path / "m"
+    _tiny("llama").save_pretrained(src)
+    assert resolve_safetensors_dir(src) == src
+    assert resolve_safetensors_dir(tmp_path) is None  # no config.json
+    (src / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    assert resolve_safetensors_dir(src) is None
+    with pytest.raises(UserError):
+        load_model_lazy(src, torch.float32)
+    with pytest.raises(UserError):
+        load_model_lazy(tmp_path / "nope", torch.float32)
+
+
+def test_rss_helpers():
+    assert 0 < current_rss_mb() <= peak_rss_mb() + 1
+
+
+def test_checkpoint_keys_without_base_prefix(tmp_path):
+    """Old GPT-2 checkpoints store "h.0.attn..." instead of "transformer.h.0.attn..."."""
+    from safetensors.torch import save_file
+    ref = _tiny("gpt2").eval()
+    src = tmp_path / "legacy"
+    ref.config.save_pretrained(src)
+    sd = {k.removeprefix("transformer."): t.contiguous() for k, t in ref.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    model, _, store = load_model_lazy(src, torch.float32)
+    for i in range(N_BLOCKS):
+        store.onload(model, i, "cpu")
+    assert torch.equal(_logits(model), _logits(ref))
+    store.save_pretrained(model, tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert torch.equal(_logits(back), _logits(ref))
+
+
+def test_read_safetensors_matches_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(4, 2, generator=g).bfloat16(),
+               "f16": torch.randn(7, generator=g).half(), "i64": torch.arange(6).reshape(2, 3),
+               "scalar": torch.tensor(2.5), "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    want, got = load_file(tmp_path / "x.safetensors"), read_safetensors(tmp_path / "x.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape and torch.equal(got[k], want[k]), k
+    assert read_safetensors(tmp_path / "x.safetensors", ["i64"]).keys() == {"i64"}
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-8])
+    with pytest.raises(UserError):
+        read_safetensors(tmp_path / "cut.safetensors")
