@@ -190,6 +190,58 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plots import plot_block_sparsity
+    from .record import read_record
+
+    records = {Path(d).name: read_record(Path(d)) for d in args.run_dirs}
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "block_sparsity.png"
+    if out.exists() and not args.force:
+        raise UserError(f"{out} already exists: pass --out elsewhere or --force")
+    print(plot_block_sparsity(records, out))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job: dense vs Wanda 50% uniform vs Wanda 50% + DLP on SmolLM2, a before/after table and a plot."""
+    import copy
+
+    from . import api
+    from .data.corpora import resolve_data_dir
+    from .evaluation.perplexity import evaluate_ppl
+    from .models.info import measure_sparsity
+    from .plots import plot_block_sparsity
+    from .record import write_record
+
+    data_dir = resolve_data_dir(args.data_dir)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UserError(f"{out} already exists: pass --force to overwrite it or --out elsewhere")
+    model, tok = _load(args)
+    calib = api.calibration_set(tok, "c4", args.nsamples, args.seqlen, args.seed, data_dir)
+    ppl = lambda m: evaluate_ppl(m, tok, "wikitext2", args.seqlen, data_dir, args.max_windows, 8).ppl  # noqa: E731
+    rows = [{"run": "dense", "sparsity": measure_sparsity(model)["overall"], "ppl": ppl(model), "seconds": None}]
+    records = {}
+    for label, alloc, opts in (("wanda uniform", "uniform", {}), ("wanda dlp", "dlp", {"alpha": args.alpha})):
+        m = copy.deepcopy(model)
+        rec = api.prune(m, tok, method="wanda", sparsity=args.sparsity, allocation=alloc, allocation_options=opts,
+                        calibration=calib)
+        rows.append({"run": label, "sparsity": rec["measured_sparsity"], "ppl": ppl(m),
+                     "seconds": rec["timings"]["total"]})
+        records[label] = rec
+        del m
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_block_sparsity(records, out / "block_sparsity.png")
+    write_record(out, {"command": "layerprune demo", "seqlen": args.seqlen, "max_windows": args.max_windows,
+                       "rows": rows, "records": records})
+    print(f"\nSmolLM2-135M, WikiText-2 test PPL ({args.max_windows} windows x {args.seqlen} tokens), "
+          f"calibration {args.nsamples} x {args.seqlen} C4-pool tokens, seed {args.seed}")
+    print(_table(rows, [("run", "run"), ("sparsity", "sparsity"), ("wikitext2 ppl", "ppl"),
+                        ("prune s", "seconds")]))
+    print(f"per-block plot: {png}; records: {out / 'layerprune.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="layerprune", description="Layer-wise pruning of causal LMs, with honest numbers.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -256,6 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=None)
     _common_model_args(s)
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("plot", help="per-block target vs achieved sparsity of one or more runs (PNG)")
+    s.add_argument("run_dirs", nargs="+")
+    s.add_argument("--out", default=None, help="PNG path (default RUN_DIR/block_sparsity.png)")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("demo", help="main job: SmolLM2 dense vs Wanda 50%% uniform vs Wanda 50%% + DLP")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--sparsity", type=float, default=0.5)
+    s.add_argument("--alpha", type=float, default=0.15, help="DLP alpha")
+    s.add_argument("--nsamples", type=int, default=32)
+    s.add_argument("--seqlen", type=int, default=512)
+    s.add_argument("--max-windows", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--data-dir", default=None)
+    _common_model_args(s)
+    s.set_defaults(func=cmd_demo)
     return p
 
 

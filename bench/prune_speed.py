@@ -1,0 +1,129 @@
+"""Pruning speed versus the floor, and peak memory (issue: engine benchmark).
+
+The floor is two plain forward passes of all blocks over the same calibration batch (what any
+layer-wise pruner must at least run: one pass to collect statistics, one to propagate pruned
+outputs), timed in the same process. Each configuration runs in a fresh subprocess so that its peak
+RSS is its own. Optionally evaluates WikiText-2 PPL (40 x 512) of each pruned model.
+
+    python bench/prune_speed.py                       # all configurations -> bench/results/prune_speed.json
+    python bench/prune_speed.py --one wanda --offload disk --compute-dtype float32   # one, JSON on stdout
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [  # (method, offload, compute dtype, evaluate ppl)
+    ("wanda", "none", "float32", True),
+    ("sparsegpt", "none", "float32", True),
+    ("magnitude", "none", "float32", True),
+    ("wanda", "disk", "float32", False),
+    ("sparsegpt", "disk", "float32", False),
+    ("wanda", "none", "bfloat16", True),
+    ("sparsegpt", "none", "bfloat16", True),
+]
+
+
+@torch.no_grad()
+def floor_seconds(model, calib, dtype, batch_size: int) -> float:
+    """Two plain forward passes of every block over the calibration batch."""
+    import copy
+
+    from layerprune.engine import _block_out, capture_inputs
+    from layerprune.models.adapters import get_adapter
+
+    a = get_adapter(model)
+    hidden, kwargs = capture_inputs(model, a, calib, torch.device("cpu"), dtype, batch_size)
+    t0 = time.perf_counter()
+    for i, block in enumerate(a.blocks(model)):
+        fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+        args, kw = kwargs[i]
+        for _ in range(2):
+            out = torch.empty_like(hidden)
+            for s in range(0, hidden.shape[0], batch_size):
+                out[s:s + batch_size] = _block_out(fwd(hidden[s:s + batch_size], *args, **kw))
+        hidden = out
+    return time.perf_counter() - t0
+
+
+def run_one(method: str, offload: str, compute_dtype: str, evaluate: bool, nsamples: int, seqlen: int,
+            batch_size: int) -> dict:
+    import tempfile
+
+    from layerprune import evaluate_ppl, load_model, prune
+    from layerprune.api import calibration_set
+    from layerprune.offload import load_model_lazy
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute_dtype]
+    store = None
+    if offload == "disk":
+        model, tok, store = load_model_lazy("smollm2-135m", torch.float32)
+    else:
+        model, tok = load_model("smollm2-135m")
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    calib = calibration_set(tok, "c4", nsamples, seqlen, 0)
+    floor = floor_seconds(model, calib.ids, dtype, batch_size) if offload != "disk" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = prune(model, tok, method=method, sparsity=0.5, calibration=calib, offload=offload,
+                    compute_dtype=compute_dtype, batch_size=batch_size, store=store,
+                    out_dir=Path(tmp) / "run" if offload == "disk" else None, progress=False)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if offload == "disk":
+            store.save_pretrained(model, Path(tmp) / "saved")
+    t = rec["timings"]
+    work = sum(t.get(k, 0.0) for k in ("capture", "statistics", "solve", "propagate", "onload", "offload"))
+    out = {"method": method, "offload": offload, "compute_dtype": compute_dtype, "nsamples": nsamples,
+           "seqlen": seqlen, "sparsity": 0.5, "timings": t, "prune_seconds": work, "floor_seconds": floor,
+           "ratio_to_floor": work / floor if floor else None, "peak_rss_mb": peak,
+           "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads()}
+    if evaluate:
+        out["wikitext2_ppl_40x512"] = evaluate_ppl(model, tok, "wikitext2", 512, max_windows=40, progress=False).ppl
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--one", default=None, help="run one method in this process and print JSON")
+    p.add_argument("--offload", default="none")
+    p.add_argument("--compute-dtype", default="float32")
+    p.add_argument("--evaluate", action="store_true")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune_speed.json"))
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.offload, args.compute_dtype, args.evaluate, args.nsamples,
+                                 args.seqlen, args.batch_size)))
+        return
+    results = []
+    for method, offload, dt, ev in CONFIGS:
+        cmd = [sys.executable, __file__, "--one", method, "--offload", offload, "--compute-dtype", dt,
+               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
+        if ev:
+            cmd.append("--evaluate")
+        print("running", " ".join(cmd[2:]), flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            results.append({"method": method, "offload": offload, "compute_dtype": dt, "error": r.stderr[-2000:]})
+            print("  failed:", r.stderr[-500:], flush=True)
+            continue
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        results.append(res)
+        print(f"  prune {res['prune_seconds']:.1f}s floor {res['floor_seconds'] or float('nan'):.1f}s "
+              f"ratio {res['ratio_to_floor'] or float('nan'):.2f} peak RSS {res['peak_rss_mb']:.0f} MB "
+              f"ppl {res.get('wikitext2_ppl_40x512', float('nan')):.2f}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"command": "python bench/prune_speed.py", "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
