@@ -242,6 +242,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_fed(args) -> int:
+    from .federated import FedConfig, run_federated
+
+    if not 0.0 < args.keep_prob <= 1.0:
+        raise UserError(f"--keep-prob {args.keep_prob} must be in (0, 1]")
+    res = run_federated(FedConfig(model=args.model, scheme=args.scheme, keep_prob=args.keep_prob, clients=args.clients,
+                                  rounds=args.rounds, num_blocks=args.num_blocks,
+                                  depth_flag=None if args.depth_flag == "u" else int(args.depth_flag),
+                                  partition=args.partition, alpha=args.alpha, local_steps=args.local_steps,
+                                  seqlen=args.seqlen, lr=args.lr, weighted=not args.unweighted,
+                                  data_dir=args.data_dir, out_dir=args.out))
+    print(json.dumps(res["summary"], indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="layerprune", description="Layer-wise pruning of causal LMs, with honest numbers.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -314,6 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="PNG path (default RUN_DIR/block_sparsity.png)")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("fed", help="FedLP federated training on Flower (simulation engine); see docs/federated.md")
+    s.add_argument("--scheme", choices=["fedavg", "homo", "hetero"], default="homo")
+    s.add_argument("--keep-prob", type=float, default=0.5, help="homo: layer-preserving probability p")
+    s.add_argument("--clients", type=int, default=8)
+    s.add_argument("--rounds", type=int, default=10)
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--num-blocks", type=int, default=None, help="keep only the first N blocks (small CPU runs)")
+    s.add_argument("--depth-flag", default="u", help="hetero depth law: u (uniform) or f (P(c=f)=0.6)")
+    s.add_argument("--partition", choices=["iid", "dirichlet"], default="iid")
+    s.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (non-IID)")
+    s.add_argument("--local-steps", type=int, default=4)
+    s.add_argument("--seqlen", type=int, default=128)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--unweighted", action="store_true", help="the paper's plain mean instead of example-weighted")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--out", default="runs/fed")
+    s.set_defaults(func=cmd_fed)
 
     s = sub.add_parser("demo", help="main job: SmolLM2 dense vs Wanda 50%% uniform vs Wanda 50%% + DLP")
     s.add_argument("--model", default="smollm2-135m")

@@ -15,6 +15,8 @@ that stock ``AutoModelForCausalLM.from_pretrained`` loads.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import resource
@@ -56,6 +58,22 @@ def current_rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Block-sized tensors fall under glibc's (self-raising) mmap threshold, so after many onload/offload
+    cycles freed blocks stay in the heap and RSS creeps up by a few MiB per block without this."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 # --- in-memory store ----------------------------------------------------------------------
@@ -213,6 +231,8 @@ class DiskStore:
         for k, t in state.items():
             _set_tensor(block, k, t.detach().to("meta"))
         _move_real_buffers(block, "cpu")
+        del state
+        release_free_memory()
 
     def save_pretrained(self, model, out_dir: Path, **kw) -> None:
         """Write a sharded checkpoint, one block at a time: shard 1 holds the non-block tensors, shard
@@ -231,17 +251,22 @@ class DiskStore:
             if target in head and source in head and head[target].data_ptr() == head[source].data_ptr():
                 del head[target]  # a tied weight is stored once, like save_pretrained does
         weight_map, total = {}, 0
-        for k_shard, tensors in enumerate([head, *(None for _ in blocks)], start=1):
-            if tensors is None:
-                i = k_shard - 2
-                local = blocks[i].state_dict() if _is_real(blocks[i]) else self.read_block(model, i)
-                tensors = {self.prefix(i) + k: t for k, t in local.items()}
+
+        def write(k_shard: int, tensors: dict[str, torch.Tensor]) -> None:
+            nonlocal total
             tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
             save_file(tensors, out_dir / shard(k_shard), metadata={"format": "pt"})
             for k, t in tensors.items():
                 weight_map[k] = shard(k_shard)
                 total += t.numel() * t.element_size()
-            del tensors
+
+        write(1, head)
+        del state, head
+        for i, block in enumerate(blocks):
+            local = block.state_dict() if _is_real(block) else self.read_block(model, i)
+            write(i + 2, {self.prefix(i) + k: t for k, t in local.items()})
+            del local
+            release_free_memory()
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         model.config.architectures = [type(model).__name__]
@@ -349,6 +374,7 @@ def load_model_lazy(source: str | Path, dtype: str | torch.dtype = "float32", wo
     if left:
         raise UserError(f"{folder}: weight {left[0]} was not found in the checkpoint; re-save the model "
                         "with save_pretrained")
+    release_free_memory()
     model.eval()
     model.config.use_cache = False
     tok = None
