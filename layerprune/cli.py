@@ -141,7 +141,7 @@ def cmd_prune(args) -> int:
     from .engine import PruneConfig
     from .evaluation.perplexity import check_seqlen
     from .models.info import measure_sparsity
-    from .record import prepare_out_dir, save_run
+    from .record import prepare_out_dir, save_run, write_record
     from .solvers.nm import parse_nm
 
     # validate everything that needs no model before loading it or touching --out
@@ -160,25 +160,43 @@ def cmd_prune(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not (args.force or args.resume):
         raise UserError(f"output directory {out} already exists: choose another --out, "
                         "pass --resume to continue an interrupted run, or --force to overwrite it")
-    model, tok = _load(args)
-    device = next(model.parameters()).device
+    store = None
+    if args.offload == "disk":  # idle blocks stay on disk from load to save
+        from .offload import load_model_lazy
+
+        model, tok, store = load_model_lazy(args.model, args.dtype)
+        device = _device(args.device)
+    else:
+        model, tok = _load(args)
+        device = next(model.parameters()).device
     seqlen = check_seqlen(model, args.seqlen)
     eval_seqlen = check_seqlen(model, args.eval_seqlen or seqlen)
     calib = api.calibration_set(tok, args.calib, args.nsamples, seqlen, args.seed, data_dir)
     prepare_out_dir(out, args.force, args.resume)
 
+    lazy = store is not None  # with disk offload the full model is never in memory: evaluate the saved run
     before = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size) \
-        if datasets and not args.no_dense_eval else {}
-    dense_sparsity = measure_sparsity(model)["overall"]
+        if datasets and not args.no_dense_eval and not lazy else {}
+    dense_sparsity = None if lazy else measure_sparsity(model)["overall"]
     record = api.prune(model, tok, method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
                        allocation_options=alloc_opts, solver_options=_solver_options(args), calibration=calib,
                        calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
                        true_sequential=args.true_sequential, batch_size=args.batch_size,
-                       skip=tuple(s for s in (args.skip or "").split(",") if s), out_dir=out, resume=args.resume)
-    after = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size)
+                       skip=tuple(s for s in (args.skip or "").split(",") if s), out_dir=out, resume=args.resume,
+                       store=store)
     record["model"] = args.model
+    if lazy:
+        save_run(model, tok, out, record, store)
+        from .models.loading import load_model
+
+        model, tok = load_model(str(out), args.dtype)
+        record["measured_sparsity"] = measure_sparsity(model)["overall"]
+    after = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size)
     record["eval"] = {"before": before, "after": after, "seqlen": eval_seqlen, "max_windows": args.max_windows}
-    save_run(model, tok, out, record)
+    if lazy:
+        write_record(out, record)
+    else:
+        save_run(model, tok, out, record)
 
     rows = [{"model": "dense", "sparsity": dense_sparsity, **{ds: r["ppl"] for ds, r in before.items()}},
             {"model": f"{args.method} {args.allocation}" + (f" {args.nm}" if args.nm else ""),

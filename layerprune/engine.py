@@ -29,6 +29,7 @@ from .allocation import AllocationContext, LayerInfo, get_allocator, nm_per_bloc
 from .errors import UserError
 from .hooks import HookSet
 from .models.adapters import Adapter, get_adapter
+from .offload import MemoryStore
 from .solvers import get_solver, relative_error
 from .solvers.nm import check_nm
 
@@ -183,19 +184,6 @@ class ActivationBuffer:
         if self.mode == "disk":
             del self.a, self.b
             shutil.rmtree(self._dir, ignore_errors=True)
-
-
-class MemoryStore:
-    """Blocks live in CPU RAM (or wherever the model is); the one being pruned visits the compute device."""
-
-    def onload(self, model, i: int, device) -> None:
-        get_adapter(model).blocks(model)[i].to(device)
-
-    def offload(self, model, i: int) -> None:
-        get_adapter(model).blocks(model)[i].to("cpu")
-
-    def save_pretrained(self, model, out_dir: Path, **kw) -> None:
-        model.save_pretrained(out_dir, **kw)
 
 
 class Timers:
