@@ -20,7 +20,6 @@ import ctypes.util
 import json
 import logging
 import resource
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
