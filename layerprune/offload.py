@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import UserError
 from .models.adapters import get_adapter
-from .models.loading import BUILTIN, _cache_ok, builtin_gguf, cache_root, load_gguf, parse_dtype, sha256_file
+from .models.loading import BUILTIN, _cache_ok, builtin_gguf, gguf_cache_dir, load_gguf, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -279,10 +279,9 @@ class DiskStore:
 def _gguf_cache_dir(gguf: Path, dtype: torch.dtype) -> Path | None:
     """The dequantized cache folder ``load_gguf`` wrote for this GGUF file (same dtype first, then
     float32, then any), if one exists and passes its manifest check."""
-    sha = sha256_file(gguf)[:20]
-    root = cache_root() / "gguf"
-    names = [f"{sha}-{str(dtype).removeprefix('torch.')}", f"{sha}-float32"]
-    names += sorted(p.name for p in root.glob(f"{sha}-*"))
+    want = gguf_cache_dir(gguf, dtype)
+    root, sha = want.parent, want.name.split("-")[0]
+    names = [want.name, f"{sha}-float32"] + sorted(p.name for p in root.glob(f"{sha}-*"))
     for name in dict.fromkeys(names):
         if (root / name).is_dir() and _cache_ok(root / name):
             return root / name

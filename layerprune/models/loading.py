@@ -64,6 +64,11 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def gguf_cache_dir(path: Path, dtype: torch.dtype) -> Path:
+    """The cache folder of a GGUF file's dequantized copy: keyed by the file's sha256 and the dtype."""
+    return cache_root() / "gguf" / f"{sha256_file(path)[:20]}-{str(dtype).removeprefix('torch.')}"
+
+
 def _manifest(folder: Path) -> dict:
     return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
@@ -113,8 +118,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, use_cache: bool = 
     """Load a GGUF file, through the dequantized on-disk cache when possible."""
     if not use_cache:
         return _load_gguf_uncached(path, dtype)
-    key = f"{sha256_file(path)[:20]}-{str(dtype).removeprefix('torch.')}"
-    folder = cache_root() / "gguf" / key
+    folder = gguf_cache_dir(path, dtype)
     if folder.is_dir():
         if _cache_ok(folder):
             try:
