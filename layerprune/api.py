@@ -32,11 +32,13 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float = 0.5
           calibration: CalibrationSet | torch.Tensor | None = None, calib: str = "c4", nsamples: int = 128,
           seqlen: int = 2048, seed: int = 0, data_dir=None, device=None, offload: str = "none",
           compute_dtype: str = "float32", true_sequential: bool = False, batch_size: int = 8, skip=(),
-          out_dir: Path | None = None, resume: bool = False, store=None, progress: bool = True) -> dict:
+          out_dir: Path | None = None, resume: bool = False, store=None, progress: bool = True,
+          block_stats: list[float] | None = None) -> dict:
     """Prune ``model`` in place and return the run record (a dict, JSON-serialisable).
 
     ``calibration`` may be given directly (a CalibrationSet or a LongTensor [n, seqlen]); otherwise
     ``nsamples`` windows of ``seqlen`` tokens are drawn from ``calib`` with ``seed`` like the reference code.
+    ``block_stats``: the allocator's per-block statistics if already computed (``engine.prepass_scores``).
     """
     if isinstance(nm, str):
         nm = parse_nm(nm)
@@ -60,7 +62,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float = 0.5
         calib_info = {"source": "given", "nsamples": ids.shape[0], "seqlen": ids.shape[1], "seed": seed}
     t_calib = time.perf_counter() - t0
     record = prune_model(model, ids, cfg, device=device, out_dir=out_dir, resume=resume, store=store,
-                         progress=progress)
+                         progress=progress, block_stats=block_stats)
     record["timings"]["calibration_data"] = t_calib
     record["calibration"] = calib_info
     record["seed"] = calib_info.get("seed", seed)

@@ -287,11 +287,16 @@ def _wanda_scores(adapter, block, names, collectors) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def prepass_scores(model, adapter, allocator, hidden, kwargs, cfg, device, dtype, store, skip, progress) -> list[float]:
+def prepass_scores(model, adapter, allocator, hidden, kwargs, cfg, device, dtype, store, skip, progress):
     """One dense pass (inputs propagated through the *unpruned* blocks, as DLP/OWL do): per block, the
-    allocator's statistic of the block's Wanda scores |W| * ||X_j||."""
+    allocator's statistic of the block's Wanda scores |W| * ||X_j||.
+
+    ``allocator`` may also be a dict {key: allocator}: then one pass serves them all and the result is
+    {key: [statistic per block]} (the allocation sweep uses this to share the pass)."""
+    many = isinstance(allocator, dict)
+    allocators = allocator if many else {None: allocator}
     buf = ActivationBuffer(hidden, "cpu" if cfg.offload == "none" else cfg.offload, device)
-    stats = []
+    stats = {k: [] for k in allocators}
     blocks = adapter.blocks(model)
     try:
         for i in tqdm(range(len(blocks)), desc="allocation statistics", disable=not progress, leave=False):
@@ -302,18 +307,37 @@ def prepass_scores(model, adapter, allocator, hidden, kwargs, cfg, device, dtype
             mods = adapter.linears(fwd)
             with HookSet({n: mods[n] for n in names}, {"sq_norm"}, sample_rows=0) as hs:
                 _forward_all(fwd, buf, kwargs[i], cfg.batch_size, keep=True)
-            stats.append(float(allocator.block_statistic(_wanda_scores(adapter, block, names, hs.collectors))))
+            scores = _wanda_scores(adapter, block, names, hs.collectors)
+            for k, a in allocators.items():
+                stats[k].append(float(a.block_statistic(scores)))
+            del scores
             buf.swap()
             del fwd
             store.offload(model, i)
     finally:
         buf.close()
-    return stats
+    return stats if many else stats[None]
+
+
+def allocation_statistics(model, calib: torch.Tensor, allocators: dict, *, batch_size: int = 8, device=None,
+                          compute_dtype: str = "float32", skip=()) -> dict[str, list[float]]:
+    """{key: per-block statistic} for several score-based allocators from ONE dense pass (pass the lists to
+    ``prune_model(block_stats=...)``). The model is not changed."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cfg = PruneConfig(batch_size=batch_size, compute_dtype=compute_dtype)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
+    adapter = get_adapter(model)
+    hidden, kwargs = capture_inputs(model, adapter, calib, device, dtype, batch_size)
+    return prepass_scores(model, adapter, allocators, hidden, kwargs, cfg, device, dtype, MemoryStore(), set(skip),
+                          progress=False)
 
 
 def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, out_dir: Path | None = None,
-                resume: bool = False, store=None, progress: bool = True) -> dict:
-    """Prune ``model`` in place, block by block. Returns the run record (see ``record.py``)."""
+                resume: bool = False, store=None, progress: bool = True, block_stats: list[float] | None = None) -> dict:
+    """Prune ``model`` in place, block by block. Returns the run record (see ``record.py``).
+
+    ``block_stats``: the allocator's per-block statistics when already known (from ``prepass_scores`` on the same
+    model and calibration); skips the dense pre-pass."""
     cfg.validate()
     t_start = time.perf_counter()
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -347,7 +371,11 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         layer_sparsity = {(int(k.split(":")[0]), k.split(":", 1)[1]): v for k, v in allocation["layer"].items()}
     else:
         ctx = AllocationContext(infos, nblocks)
-        if allocator.needs_scores:
+        if allocator.needs_scores and block_stats is not None:
+            if len(block_stats) != nblocks:
+                raise UserError(f"block_stats has {len(block_stats)} values for a model with {nblocks} blocks")
+            ctx.block_stats = [float(x) for x in block_stats]
+        elif allocator.needs_scores:
             with timers("allocation"):
                 ctx.block_stats = prepass_scores(model, adapter, allocator, hidden, kwargs, cfg, device, dtype,
                                                  store, skip, progress)

@@ -116,6 +116,26 @@ def test_allocation_flows_into_layers_and_record():
     assert len(alloc["stats"]["values"]) == 4
 
 
+def test_shared_allocation_statistics_match_the_prepass():
+    from layerprune.allocation import get_allocator
+    from layerprune.engine import allocation_statistics
+
+    base = tiny_model("llama", layers=4)
+    x = calib()
+    stats = allocation_statistics(base, x, {"owl": get_allocator("owl"), "dlp": get_allocator("dlp", stat="mean")})
+    for key, alloc, opts in (("owl", "owl", {}), ("dlp", "dlp", {"stat": "mean"})):
+        a, b = copy.deepcopy(base), copy.deepcopy(base)
+        ra = prune(a, calibration=x, method="wanda", sparsity=0.6, allocation=alloc, allocation_options=opts,
+                   progress=False)
+        rb = prune(b, calibration=x, method="wanda", sparsity=0.6, allocation=alloc, allocation_options=opts,
+                   progress=False, block_stats=stats[key])
+        assert ra["allocation"]["stats"]["values"] == pytest.approx(stats[key], rel=1e-6)
+        assert ra["allocation"]["block"] == pytest.approx(rb["allocation"]["block"], abs=1e-12)
+        assert "allocation" not in rb["timings"]
+    with pytest.raises(UserError, match="block_stats has 3 values"):
+        prune(copy.deepcopy(base), calibration=x, allocation="owl", block_stats=[1.0, 2.0, 3.0], progress=False)
+
+
 def test_mixed_nm_with_allocation():
     model = tiny_model("llama", layers=4)
     rec = prune(model, calibration=calib(), method="wanda", nm="4:8", allocation="owl",
