@@ -35,12 +35,28 @@ def prune_count(sparsity: float, numel: int) -> int:
     return int(round(sparsity * numel))
 
 
+def _first_k_per_row(score: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
+    """Mask of the first counts[r] entries of each row in stable ascending order, given kth[r] = the counts[r]-th
+    lowest value of row r: everything below kth, then the earliest ties equal to kth. O(n) instead of a sort."""
+    kth = kth[:, None]
+    mask = score < kth
+    need = counts - mask.sum(1)
+    eq = score == kth
+    mask |= eq & (eq.cumsum(1) <= need[:, None])
+    mask &= (counts > 0)[:, None]
+    return mask
+
+
 def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k lowest entries of `score` (any shape), compared over the whole tensor."""
-    order = torch.sort(score.flatten(), stable=True).indices[:k]
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    mask[order] = True
-    return mask.view_as(score)
+    """Mask of the k lowest entries of `score` (any shape), compared over the whole tensor (ties: earliest first)."""
+    flat = score.reshape(1, -1)
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= flat.shape[1]:
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = torch.kthvalue(flat, k, dim=1).values
+    counts = torch.tensor([k], device=score.device)
+    return _first_k_per_row(flat, counts, kth).view_as(score)
 
 
 def matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -52,18 +68,23 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Each row is a comparison group, and the matrix total is exactly round(s*numel).
 
     Every row prunes base = k // rows (= floor(s*in)) lowest scores. The remaining k - rows*base prunes go one each to
-    the rows whose next candidate (their (base+1)-th lowest score) is lowest across the matrix.
+    the rows whose next candidate (their (base+1)-th lowest score) is lowest across the matrix. Equal to taking the
+    first counts[r] entries of each row's stable sort, computed with kthvalue (linear time).
     """
     rows, cols = score.shape
     k = prune_count(sparsity, score.numel())
     base, extra = divmod(k, rows)
-    order = torch.sort(score, dim=1, stable=True).indices
+    if base >= cols:
+        return torch.ones_like(score, dtype=torch.bool)
     counts = torch.full((rows,), base, dtype=torch.long, device=score.device)
+    nxt = torch.kthvalue(score, base + 1, dim=1).values if extra else None
+    kth = torch.kthvalue(score, base, dim=1).values if base > 0 else torch.zeros(rows, dtype=score.dtype,
+                                                                                  device=score.device)
     if extra:
-        nxt = score.gather(1, order[:, base:base + 1]).squeeze(1)
-        counts[torch.sort(nxt, stable=True).indices[:extra]] += 1
-    pruned_rank = torch.arange(cols, device=score.device)[None, :] < counts[:, None]
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, pruned_rank)
+        up = torch.sort(nxt, stable=True).indices[:extra]
+        counts[up] += 1
+        kth[up] = nxt[up]
+    return _first_k_per_row(score, counts, kth)
 
 
 def relative_error(weight_dense: torch.Tensor, weight_pruned: torch.Tensor, stats: LayerStats) -> float:
