@@ -25,7 +25,8 @@ QUICK = dict(num_blocks=2, clients=4, rounds=2, local_steps=2, batch_size=2, seq
 FULL = dict(num_blocks=6, clients=6, rounds=5, local_steps=4, batch_size=2, seqlen=128, eval_seqlen=256,
             eval_windows=16, max_client_tokens=20000)
 RUNS = {"fedavg": dict(scheme="fedavg"), "homo0.5": dict(scheme="homo", keep_prob=0.5),
-        "homo0.3": dict(scheme="homo", keep_prob=0.3), "hetero": dict(scheme="hetero", depth_flag=None)}
+        "homo0.7": dict(scheme="homo", keep_prob=0.7), "homo0.3": dict(scheme="homo", keep_prob=0.3),
+        "hetero": dict(scheme="hetero", depth_flag=None)}
 
 
 def main() -> None:
@@ -35,8 +36,8 @@ def main() -> None:
     ap.add_argument("--num-blocks", type=int, default=None, help="override how many leading blocks to keep")
     ap.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--schemes", default="fedavg,homo0.5,homo0.3,hetero",
-                    help="comma list out of fedavg, homo0.5, homo0.3, hetero")
+    ap.add_argument("--schemes", default="fedavg,homo0.5,homo0.7,hetero",
+                    help="comma list out of fedavg, homo0.5, homo0.7, homo0.3, hetero")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     base = FedConfig(model=args.model, data_dir=args.data_dir, partition=args.partition, lr=1e-4,

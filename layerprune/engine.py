@@ -446,14 +446,14 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
                 _forward_all(fwd, buf, kwargs[i], cfg.batch_size, keep=True)
                 buf.swap()
             del fwd
+            if ckpt is not None:  # before the offload: with --offload disk the block leaves memory there
+                with timers("checkpoint"):
+                    ckpt.save(i, block, buf.inputs, {"allocation": allocation, "layers": layers,
+                                                     "timings": dict(timers.t)})
             with timers("offload"):
                 store.offload(model, i)
             errs = [r["rel_error"] for r in layers if r["block"] == i]
             bar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.3g}")
-            if ckpt is not None:
-                with timers("checkpoint"):
-                    ckpt.save(i, block, buf.inputs, {"allocation": allocation, "layers": layers,
-                                                     "timings": dict(timers.t)})
     finally:
         buf.close()
     timers.t["total"] = time.perf_counter() - t_start + (state or {}).get("timings", {}).get("total", 0.0)
