@@ -70,18 +70,25 @@ def run_one(method: str, offload: str, compute_dtype: str, evaluate: bool, nsamp
         model, tok = load_model("smollm2-135m")
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     calib = calibration_set(tok, "c4", nsamples, seqlen, 0)
+    # the floor is timed twice (before and after pruning) and the lower kept, so that a burst of other load on the
+    # machine during one measurement does not flatter the ratio
     floor = floor_seconds(model, calib.ids, dtype, batch_size) if offload != "disk" else None
     with tempfile.TemporaryDirectory() as tmp:
         rec = prune(model, tok, method=method, sparsity=0.5, calibration=calib, offload=offload,
                     compute_dtype=compute_dtype, batch_size=batch_size, store=store,
                     out_dir=Path(tmp) / "run" if offload == "disk" else None, progress=False)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        floors = [floor]
+        if floor is not None:
+            floors.append(floor_seconds(model, calib.ids, dtype, batch_size))
+            floor = min(floors)
         if offload == "disk":
             store.save_pretrained(model, Path(tmp) / "saved")
     t = rec["timings"]
     work = sum(t.get(k, 0.0) for k in ("capture", "statistics", "solve", "propagate", "onload", "offload"))
     out = {"method": method, "offload": offload, "compute_dtype": compute_dtype, "nsamples": nsamples,
            "seqlen": seqlen, "sparsity": 0.5, "timings": t, "prune_seconds": work, "floor_seconds": floor,
+           "floor_measurements": floors,
            "ratio_to_floor": work / floor if floor else None, "peak_rss_mb": peak,
            "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads()}
     if evaluate:
@@ -99,13 +106,19 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune_speed.json"))
+    p.add_argument("--only", default=None, help="run only configurations whose 'method:offload:dtype' contains this; "
+                                                  "results are merged into --out")
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.offload, args.compute_dtype, args.evaluate, args.nsamples,
                                  args.seqlen, args.batch_size)))
         return
+    old = json.loads(Path(args.out).read_text())["results"] if args.only and Path(args.out).is_file() else []
     results = []
     for method, offload, dt, ev in CONFIGS:
+        if args.only and args.only not in f"{method}:{offload}:{dt}":
+            results += [r for r in old if (r["method"], r["offload"], r["compute_dtype"]) == (method, offload, dt)]
+            continue
         cmd = [sys.executable, __file__, "--one", method, "--offload", offload, "--compute-dtype", dt,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
         if ev:
