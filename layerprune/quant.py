@@ -20,18 +20,20 @@ from layerprune.errors import UserError
 BITS = (2, 3, 4, 8)
 
 
-def _check(bits, groupsize):
+def check_quant(bits, groupsize):
+    """UserError unless bits is one of BITS and groupsize is -1 or a positive integer column count."""
     if bits not in BITS:
         raise UserError(f"quantization bits must be one of {BITS}, got {bits}")
-    if groupsize != -1 and groupsize < 1:
-        raise UserError(f"quantization groupsize must be -1 (per output channel) or a positive column count, got {groupsize}")
+    if not isinstance(groupsize, int) or isinstance(groupsize, bool) or (groupsize != -1 and groupsize < 1):
+        raise UserError(f"quantization groupsize must be -1 (per output channel) or a positive column count, "
+                        f"got {groupsize!r}")
 
 
 class Quantizer:
     """Min-max uniform quantizer with one (scale, zero) per output row, fitted by find_params on a (rows, k) block."""
 
     def __init__(self, bits, sym=False):
-        _check(bits, -1)
+        check_quant(bits, -1)
         self.bits, self.sym, self.maxq = bits, sym, 2 ** bits - 1
         self.scale = self.zero = None
 
@@ -63,16 +65,18 @@ class Quantizer:
 
 
 class ColumnQuantizer:
-    """Callable (column index j, current column values) -> dequantized column, for the OBS sweep.
+    """Callable (column index j, current column values[, block, mask]) -> dequantized column, for the OBS sweep.
 
     groupsize -1: one (scale, zero) per row, fitted once here on the whole weight (as GPTQ / SparseGPT do).
     groupsize g: refitted when j % g == 0 on the current values of columns j .. j+g-1. Those come from `block` when the
     solver passes it (its working copy of the columns from j on, already compensated), else from `weight`, the tensor
     given here, which the solver is expected to update in place (GPTQ reads its lazily updated W the same way).
+    `mask` (bool, same columns as block, True = pruned) zeroes the pruned entries before the fit, so the grid spans
+    only the weights that are kept (0 is always on the grid, so the pruned ones stay exactly 0).
     """
 
     def __init__(self, weight, bits, groupsize=-1, sym=False):
-        _check(bits, groupsize)
+        check_quant(bits, groupsize)
         if weight.dim() != 2:
             raise UserError(f"the quantized weight must be a 2-D matrix, got shape {tuple(weight.shape)}")
         self.weight, self.groupsize = weight, groupsize
@@ -81,18 +85,20 @@ class ColumnQuantizer:
             self.quantizer.find_params(weight)
         self.group = None  # index of the group the current params belong to
 
-    def __call__(self, j, col, block=None):
+    def __call__(self, j, col, block=None, mask=None):
         if self.groupsize != -1 and j // self.groupsize != self.group:
             if j % self.groupsize != 0:
                 raise RuntimeError(f"column {j} reached before the start of its group; sweep the columns in order")
             src = self.weight[:, j:j + self.groupsize] if block is None else block[:, :self.groupsize]
+            if mask is not None:
+                src = src.masked_fill(mask[:, :src.shape[1]], 0)
             self.quantizer.find_params(src)
             self.group = j // self.groupsize
         return self.quantizer.quantize(col)
 
 
 def make_column_quantizer(weight, bits, groupsize=-1, sym=False):
-    """The (j, col[, block]) -> dequantized column callable for SparseGPT's sweep; see ColumnQuantizer."""
+    """The (j, col[, block, mask]) -> dequantized column callable for SparseGPT's sweep; see ColumnQuantizer."""
     return ColumnQuantizer(weight, bits, groupsize, sym)
 
 
@@ -113,7 +119,7 @@ def theoretical_size_bytes(numel, nonzeros, bits, groupsize, rows, sym=False):
     sparse_quantized = numel / 8 + nonzeros * bits / 8 + quant_overhead
     Each packed stream is rounded up to whole bytes. Ratios are against dense_fp16.
     """
-    _check(bits, groupsize)
+    check_quant(bits, groupsize)
     if rows < 1 or numel % rows != 0:
         raise UserError(f"numel {numel} is not a multiple of rows {rows}; pass the matrix's numel and output rows")
     if not 0 <= nonzeros <= numel:
@@ -131,4 +137,32 @@ def theoretical_size_bytes(numel, nonzeros, bits, groupsize, rows, sym=False):
     }
     for k in ("quantized", "sparse_fp16", "sparse_quantized"):
         out[f"{k}_ratio"] = out[k] / out["dense_fp16"] if numel else 0.0
+    return out
+
+
+def model_size_bytes(model, bits, groupsize=-1, sym=False):
+    """Theoretical storage of a model whose block linears are stored quantized (and sparse), summed over the linears.
+
+    Each block linear counts as in theoretical_size_bytes (its nonzeros measured now); every other parameter
+    (embeddings, norms, an untied head) is counted as fp16 in all formats. Returns {"bits", "groupsize", "sym",
+    "linear_params", "other_params", "<format>" (total bytes), "<format>_ratio" (vs all-fp16)} for the formats
+    dense_fp16, quantized, sparse_fp16, sparse_quantized.
+    """
+    from layerprune.models.adapters import get_adapter
+
+    check_quant(bits, groupsize)
+    adapter = get_adapter(model)
+    mods = [mod for block in adapter.blocks(model) for mod in adapter.linears(block).values()]
+    seen = {id(mod.weight) for mod in mods}
+    linears = [adapter.get_weight(mod) for mod in mods]  # [out, in]
+    other = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    formats = ("dense_fp16", "quantized", "sparse_fp16", "sparse_quantized")
+    out = {"bits": bits, "groupsize": groupsize, "sym": sym, "linear_params": sum(w.numel() for w in linears),
+           "other_params": other, **{f: 2 * other for f in formats}}
+    for w in linears:
+        s = theoretical_size_bytes(w.numel(), int((w != 0).sum()), bits, groupsize, w.shape[0], sym)
+        for f in formats:
+            out[f] += s[f]
+    for f in formats[1:]:
+        out[f"{f}_ratio"] = out[f] / out["dense_fp16"]
     return out

@@ -126,3 +126,189 @@ def test_theoretical_size():
     three = theoretical_size_bytes(rows * cols, nz, 3, 100, rows)
     assert three["groups"] == rows * math.ceil(cols / 100)
     assert three["quantized"] == math.ceil(rows * cols * 3 / 8) + three["quant_overhead"]
+
+
+# ---------------------------------------------------------------- joint sparsify + quantize inside SparseGPT
+
+def sgpt_stats(cols, tokens=256, seed=0):
+    from layerprune.stats import LayerStats
+
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / math.sqrt(cols) + 0.5 * torch.eye(cols)
+    X = (torch.randn(tokens, cols, generator=g) @ mix) * torch.exp(torch.randn(cols, generator=g))
+    return LayerStats(ntokens=tokens, hessian=(2 / tokens) * X.T @ X)
+
+
+class Recorder:
+    """Wraps a ColumnQuantizer: keeps, per column, the pruned mask and the (scale, zero) the column was rounded with,
+    and at each group start the (masked) block the grid was fitted on."""
+
+    def __init__(self, weight, bits, groupsize):
+        self.cq = make_column_quantizer(weight, bits, groupsize)
+        self.groupsize = groupsize  # the solver aligns its sweep blocks to it, as it does for wbits
+        self.masks, self.scales, self.zeros, self.fits = {}, {}, {}, {}
+
+    def __call__(self, j, col, block, mask):
+        g = self.groupsize
+        if g != -1 and j % g == 0:
+            self.fits[j] = block[:, :g].masked_fill(mask[:, :g], 0).clone()
+        out = self.cq(j, col, block, mask)
+        self.masks[j] = mask[:, 0].clone()
+        self.scales[j], self.zeros[j] = self.cq.quantizer.scale[:, 0].clone(), self.cq.quantizer.zero[:, 0].clone()
+        return out
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("groupsize", [-1, 16, 12])
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_joint_sparsegpt_on_grid_with_exact_mask(bits, groupsize, nm):
+    from layerprune.solvers import get_solver
+
+    W = rand_w(8, 48, seed=3)
+    stats = sgpt_stats(48)
+    sgpt = get_solver("sparsegpt")
+    out = sgpt.prune(W, stats, 0.5, nm=nm, blocksize=20, wbits=bits, groupsize=groupsize)  # 20: rounded to the groups
+    rec = Recorder(W.clone(), bits, groupsize)
+    assert torch.equal(sgpt.prune(W, stats, 0.5, nm=nm, blocksize=20, quantizer=rec), out)
+    mask = torch.stack([rec.masks[j] for j in range(48)], 1)
+    if nm is None:
+        assert int(mask.sum()) == round(0.5 * W.numel())
+    else:
+        assert torch.all(mask.view(8, -1, 4).sum(-1) == 2)
+    assert torch.all(out[mask] == 0)
+    maxq = 2 ** bits - 1
+    for j in range(48):
+        k = out[:, j] / rec.scales[j] + rec.zeros[j]  # integer grid index in [0, maxq]
+        assert torch.allclose(k, k.round(), atol=1e-3) and k.min() > -1e-3 and k.max() < maxq + 1e-3
+    for j0, blk in rec.fits.items():  # every group's grid is the min-max fit of its kept, compensated weights
+        lo, hi = blk.min(1).values.clamp(max=0), blk.max(1).values.clamp(min=0)
+        empty = (lo == 0) & (hi == 0)  # a row pruned entirely in this group: any grid works, the quantizer uses [-1, 1]
+        lo[empty], hi[empty] = -1.0, 1.0
+        assert torch.allclose(rec.scales[j0], (hi - lo) / maxq)
+        assert all(rec.scales[j] is not None and torch.equal(rec.scales[j], rec.scales[j0])
+                   for j in range(j0, min(j0 + groupsize, 48)))
+    zeros = int((out == 0).sum())
+    assert zeros >= int(mask.sum())  # a kept weight may also round to the grid's 0
+    assert zeros - int(mask.sum()) == int(((out == 0) & ~mask).sum())
+
+
+def test_joint_beats_prune_then_round():
+    """GPTQ's point: rounding inside the sweep (error compensated) reconstructs W X better than rounding afterwards."""
+    from layerprune.solvers import get_solver, relative_error
+
+    W = rand_w(16, 64, seed=4)
+    stats = sgpt_stats(64, tokens=512)
+    sgpt = get_solver("sparsegpt")
+    joint = sgpt.prune(W, stats, 0.5, wbits=3, groupsize=16)
+    pruned = sgpt.prune(W, stats, 0.5)
+    after = quantize_weight(pruned, 3, 16)
+    assert relative_error(W, joint, stats) < relative_error(W, after, stats)
+    # 4-bit alone (sparsity 0) goes through the sweep too: on the grid, close to W, no pruning
+    q = sgpt.prune(W, stats, 0.0, wbits=4, groupsize=16)
+    assert not torch.equal(q, W) and relative_error(W, q, stats) < relative_error(W, quantize_weight(W, 4, 16), stats)
+
+
+def test_joint_bad_options():
+    from layerprune.solvers import get_solver
+
+    W, stats = rand_w(4, 16), sgpt_stats(16)
+    sgpt = get_solver("sparsegpt")
+    for kw in ({"wbits": 5}, {"wbits": 4, "groupsize": 0}, {"wbits": 4, "groupsize": 8.0}, {"groupsize": 8},
+               {"wbits": 4, "quantizer": lambda j, c, b, m: c}):
+        with pytest.raises(UserError):
+            sgpt.prune(W, stats, 0.5, **kw)
+    for name in ("magnitude", "wanda"):
+        with pytest.raises(UserError, match="wbits"):
+            get_solver(name).prune(W, stats, 0.5, wbits=4)
+
+
+def on_lattice(w, bits, groupsize):
+    """True when every (row, group) of w holds integer multiples of one step d, spanning <= 2^bits - 1 steps, with 0.
+
+    With 2 bits the grid is 4 consecutive levels around 0, so d is the smallest gap between the values and 0."""
+    rows, cols = w.shape
+    x = w.double().view(rows, cols // groupsize, groupsize)
+    x = torch.sort(torch.cat([x, torch.zeros_like(x[..., :1])], -1), -1).values
+    gaps = x.diff(dim=-1)
+    d = gaps.masked_fill(gaps < 1e-9, float("inf")).min(-1, keepdim=True).values
+    d = d.masked_fill(torch.isinf(d), 1.0)  # all zero: trivially on the grid
+    k = x / d
+    return bool(torch.allclose(k, k.round(), atol=1e-4) and ((k[..., -1] - k[..., 0]).round() <= 2 ** bits - 1).all())
+
+
+@pytest.mark.parametrize("allocation,nm", [("uniform", None), ("owl", None), ("dlp", None), ("uniform", "2:4")])
+def test_joint_through_engine_every_allocation(allocation, nm):
+    from conftest import tiny_model
+
+    from layerprune import prune
+    from layerprune.models.adapters import get_adapter
+
+    assert not on_lattice(torch.randn(4, 32), 2, 16) and on_lattice(quantize_weight(torch.randn(4, 32), 2, 16), 2, 16)
+    model = tiny_model("llama", layers=2)
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
+    rec = prune(model, calibration=calib, method="sparsegpt", sparsity=0.5, nm=nm, allocation=allocation,
+                solver_options={"wbits": 2, "groupsize": 16}, progress=False)
+    assert rec["solver_options"] == {"wbits": 2, "groupsize": 16}
+    a = get_adapter(model)
+    targets = {(r["block"], r["name"]): r for r in rec["layers"]}
+    for i, block in enumerate(a.blocks(model)):
+        for name, mod in a.linears(block).items():
+            w = a.get_weight(mod).detach()
+            r = targets[(i, name)]
+            if nm:
+                assert torch.all((w.view(w.shape[0], -1, 4) == 0).sum(-1) >= 2)
+            else:
+                assert int((w == 0).sum()) >= round(r["target"] * w.numel())
+            assert r["achieved"] == float((w == 0).sum()) / w.numel()
+            assert on_lattice(w, 2, 16)
+    if allocation != "uniform":
+        assert len({round(r["target"], 6) for r in rec["layers"]}) > 1  # the allocation really varied the targets
+
+
+def test_model_size_counts_every_linear():
+    from conftest import tiny_model
+
+    from layerprune.quant import model_size_bytes
+
+    model = tiny_model("llama", layers=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, ::2] = 0
+    s = model_size_bytes(model, 4, 32)
+    lin = [m.weight for b in model.model.layers for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                                                         b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj,
+                                                         b.mlp.down_proj)]
+    other = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in lin)  # tied head counted once
+    assert s["linear_params"] == sum(w.numel() for w in lin) and s["other_params"] == other
+    ref = [theoretical_size_bytes(w.numel(), int((w != 0).sum()), 4, 32, w.shape[0]) for w in lin]
+    for f in ("dense_fp16", "quantized", "sparse_fp16", "sparse_quantized"):
+        assert s[f] == 2 * other + sum(r[f] for r in ref)
+    assert s["quantized"] < s["dense_fp16"] < s["sparse_fp16"]  # mostly dense: the 1-bit mask costs more than it saves
+    assert s["sparse_quantized"] > s["quantized"]
+
+
+def test_cli_prune_wbits(tmp_path, text_corpus, capsys):
+    from conftest import tiny_model, tiny_tokenizer
+
+    from layerprune.cli import main
+    from layerprune.record import read_record
+
+    src = tmp_path / "tiny"
+    tiny_model("llama", layers=2).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    base = ["prune", "--model", str(src), "--nsamples", "4", "--seqlen", "32", "--max-windows", "4",
+            "--data-dir", str(text_corpus)]
+    out = tmp_path / "run"
+    assert main(base + ["--method", "sparsegpt", "--wbits", "4", "--groupsize", "16", "--out", str(out)]) == 0
+    assert "sparse+quantized" in capsys.readouterr().out
+    rec = read_record(out)
+    assert rec["solver_options"] == {"wbits": 4, "groupsize": 16}
+    q = rec["quantization"]
+    assert q["bits"] == 4 and q["groupsize"] == 16 and 0 < q["sparse_quantized"] < q["quantized"] < q["dense_fp16"]
+    for extra, msg in ((["--method", "wanda", "--wbits", "4"], "needs --method sparsegpt"),
+                       (["--method", "magnitude", "--wbits", "3"], "needs --method sparsegpt"),
+                       (["--method", "sparsegpt", "--groupsize", "16"], "only applies with --wbits"),
+                       (["--method", "sparsegpt", "--wbits", "4", "--groupsize", "0"], "groupsize")):
+        bad = tmp_path / "bad"
+        assert main(base + extra + ["--out", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err and not bad.exists()

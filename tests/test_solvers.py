@@ -305,11 +305,11 @@ def test_sparsegpt_sparsity_zero_and_quantizer():
     stats = make_stats(correlated_x(96, 24))
     sgpt = get_solver("sparsegpt")
     assert torch.equal(sgpt.prune(W, stats, 0.0), W)
-    full_path = sgpt.prune(W, stats, 0.0, quantizer=lambda col, j: col)  # identity quantizer: no shortcut
+    full_path = sgpt.prune(W, stats, 0.0, quantizer=lambda j, col, block, mask: col)  # identity quantizer: no shortcut
     assert torch.allclose(full_path, W, atol=1e-5)
     seen = []
 
-    def grid(col, j):
+    def grid(j, col, block, mask):
         seen.append(j)
         return torch.round(col * 4) / 4
 
