@@ -24,6 +24,8 @@ QUICK = dict(num_blocks=2, clients=4, rounds=2, local_steps=2, batch_size=2, seq
              eval_windows=4, max_client_tokens=4000, fail_clients=(3,))
 FULL = dict(num_blocks=6, clients=6, rounds=5, local_steps=4, batch_size=2, seqlen=128, eval_seqlen=256,
             eval_windows=16, max_client_tokens=20000)
+MEDIUM = dict(num_blocks=4, clients=6, rounds=4, local_steps=3, batch_size=2, seqlen=128, eval_seqlen=256,
+              eval_windows=8, max_client_tokens=10000)
 RUNS = {"fedavg": dict(scheme="fedavg"), "homo0.5": dict(scheme="homo", keep_prob=0.5),
         "homo0.7": dict(scheme="homo", keep_prob=0.7), "homo0.3": dict(scheme="homo", keep_prob=0.3),
         "hetero": dict(scheme="hetero", depth_flag=None)}
@@ -32,6 +34,8 @@ RUNS = {"fedavg": dict(scheme="fedavg"), "homo0.5": dict(scheme="homo", keep_pro
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny run (2 blocks, 4 clients, 2 rounds, one failing client)")
+    ap.add_argument("--medium", action="store_true",
+                    help="4 blocks, 6 clients, 4 rounds (the committed table)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--num-blocks", type=int, default=None, help="override how many leading blocks to keep")
     ap.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
@@ -41,7 +45,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     base = FedConfig(model=args.model, data_dir=args.data_dir, partition=args.partition, lr=1e-4,
-                     **(QUICK if args.quick else FULL))
+                     **(QUICK if args.quick else MEDIUM if args.medium else FULL))
     if args.num_blocks:
         base = replace(base, num_blocks=args.num_blocks)
     t0 = time.time()
@@ -55,7 +59,7 @@ def main() -> None:
         results.append(run_federated(cfg, copy.deepcopy(model), tok))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fedlp.json").write_text(json.dumps({"quick": args.quick, "wall_s": round(time.time() - t0, 1),
+    (out / "fedlp.json").write_text(json.dumps({"quick": args.quick, "medium": args.medium, "wall_s": round(time.time() - t0, 1),
                                                 "runs": results}, indent=1, default=str))
     plot(results, out / "fedlp.png")
     lines = ["| scheme | " + " | ".join(f"{k} PPL (start -> end)" for k in results[0]["summary"]["final_ppl"])
@@ -71,7 +75,7 @@ def main() -> None:
     cfg = results[0]["config"]
     head = (f"# FedLP on {cfg['model']} (first {cfg['num_blocks']} blocks), {cfg['clients']} clients, {cfg['rounds']} rounds, "
             f"{cfg['partition']} shards, {cfg['local_steps']} AdamW steps x {cfg['batch_size']} x {cfg['seqlen']} tokens"
-            f"{' (quick)' if args.quick else ''}\n\nFailing clients: {list(cfg['fail_clients']) or 'none'}. "
+            f"{' (quick)' if args.quick else ' (medium)' if args.medium else ''}\n\nFailing clients: {list(cfg['fail_clients']) or 'none'}. "
             "Bytes are the serialized ArrayRecords (download + upload) per sampled client per round.\n\n")
     (out / "fedlp.md").write_text(head + "\n".join(lines) + "\n")
     print((out / "fedlp.md").read_text())
