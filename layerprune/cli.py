@@ -82,20 +82,36 @@ def cmd_eval(args) -> int:
     from .evaluation.perplexity import evaluate_ppl
     from .models.info import measure_sparsity
 
-    datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    from .evaluation.zeroshot import format_table, join_record, parse_tasks, zeroshot
+    from .record import RECORD_NAME, read_record, write_record
+
+    tasks = parse_tasks(args.tasks) if args.tasks is not None else []
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give a positive number of examples per task")
+    spec = args.dataset if args.dataset is not None else ("" if tasks else "wikitext2")  # --tasks alone: no PPL
+    datasets = [d.strip() for d in spec.split(",") if d.strip()]
     data_dir = resolve_data_dir(args.data_dir)
     if args.out and Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} already exists: choose another path or pass --force to overwrite it")
+    run_dir = Path(args.model) if (Path(args.model) / RECORD_NAME).is_file() else None
     model, tok = _load(args)
     sparsity = measure_sparsity(model)["overall"]
     results = []
     for ds in datasets:
-        r = evaluate_ppl(model, tok, ds, args.seqlen, data_dir, args.max_windows, args.batch_size)
+        r = evaluate_ppl(model, tok, ds, args.seqlen, data_dir, args.max_windows, args.batch_size or 1)
         row = {"model": args.model, **r.to_dict(), "sparsity": sparsity}
         results.append(row)
         print(f"{ds:16s} seqlen {r.seqlen:5d}  windows {r.windows:4d}  ppl {r.ppl:10.3f}  "
               f"({r.seconds:.1f}s, sparsity {sparsity:.4f})")
-    _write_json(args.out, {"results": results}, args.force)
+    report = {"results": results}
+    if tasks:
+        zs = zeroshot(model, tok, tasks, data_dir, args.limit, batch_size=args.batch_size or 8)
+        print(format_table(zs))
+        report["zeroshot"] = zs
+        if run_dir is not None and zs["tasks"]:
+            write_record(run_dir, join_record(read_record(run_dir), zs))
+            print(f"zero-shot results added to {run_dir / RECORD_NAME}")
+    _write_json(args.out, report, args.force)
     return 0
 
 
@@ -106,10 +122,28 @@ ALLOC_OPTIONS = {  # CLI flag dest -> allocator hyperparameter name
 
 
 def _solver_options(args) -> dict:
+    if args.wbits is None and args.groupsize is not None:
+        raise UserError("--groupsize only applies with --wbits: add e.g. --wbits 4, or drop --groupsize")
+    if args.wbits is not None and args.method != "sparsegpt":
+        raise UserError(f"--wbits (joint quantization) needs --method sparsegpt, not {args.method}")
     if args.method == "sparsegpt":
-        return {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
+        opts = {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
+        if args.wbits is not None:
+            from .quant import check_quant
+
+            opts.update(wbits=args.wbits, groupsize=-1 if args.groupsize is None else args.groupsize)
+            check_quant(opts["wbits"], opts["groupsize"])
+        return opts
     if args.method == "magnitude":
         return {"scope": args.magnitude_scope}
+    if args.method == "slimgpt":
+        opts = {"gqa": args.gqa, "budget": args.slim_budget, "score": args.slim_score,
+                "compensate": not args.no_compensate, "grouped_cholesky": not args.no_gcd}
+        if args.fixed_group is not None:
+            opts.update(dynamic_group_size=False, fixed_group=args.fixed_group)
+        if args.percdamp is not None:
+            opts["percdamp"] = args.percdamp
+        return opts
     return {}
 
 
@@ -146,6 +180,7 @@ def cmd_prune(args) -> int:
 
     # validate everything that needs no model before loading it or touching --out
     nm = parse_nm(args.nm) if args.nm else None
+    solver_opts = _solver_options(args)
     alloc_opts = {dst: getattr(args, src) for src, dst in ALLOC_OPTIONS.items() if getattr(args, src) is not None}
     from .allocation import get_allocator
 
@@ -179,7 +214,7 @@ def cmd_prune(args) -> int:
         if datasets and not args.no_dense_eval and not lazy else {}
     dense_sparsity = None if lazy else measure_sparsity(model)["overall"]
     record = api.prune(model, tok, method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
-                       allocation_options=alloc_opts, solver_options=_solver_options(args), calibration=calib,
+                       allocation_options=alloc_opts, solver_options=solver_opts, calibration=calib,
                        calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
                        true_sequential=args.true_sequential, batch_size=args.batch_size,
                        skip=tuple(s for s in (args.skip or "").split(",") if s), out_dir=out, resume=args.resume,
@@ -191,6 +226,10 @@ def cmd_prune(args) -> int:
 
         model, tok = load_model(str(out), args.dtype)
         record["measured_sparsity"] = measure_sparsity(model)["overall"]
+    if args.wbits is not None:  # weights are stored dequantized (fp32); this is what packed storage would take
+        from .quant import model_size_bytes
+
+        record["quantization"] = model_size_bytes(model, args.wbits, solver_opts["groupsize"])
     after = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size)
     record["eval"] = {"before": before, "after": after, "seqlen": eval_seqlen, "max_windows": args.max_windows}
     if lazy:
@@ -205,6 +244,42 @@ def cmd_prune(args) -> int:
     t = record["timings"]
     print(f"pruned in {t['total']:.1f}s ("
           + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total") + f"); saved to {out}")
+    if "quantization" in record:
+        q, mib = record["quantization"], 2 ** 20
+        print(f"theoretical size, {q['bits']}-bit groupsize {q['groupsize']} (block linears; the rest fp16): "
+              f"fp16 {q['dense_fp16'] / mib:.1f} MiB, quantized {q['quantized'] / mib:.1f} MiB, "
+              f"sparse+quantized {q['sparse_quantized'] / mib:.1f} MiB ({q['sparse_quantized_ratio']:.3f}x)")
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from .speed import bench_speed
+
+    if args.out and Path(args.out).exists() and not args.force:
+        raise UserError(f"{args.out} already exists: choose another path or pass --force to overwrite it")
+    res = bench_speed(args.run_dir, dense=args.dense, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,
+                      prompt_tokens=args.prompt_tokens, repeats=args.repeats, threads=args.threads, dtype=args.dtype)
+    print(json.dumps(res, indent=1))
+    _write_json(args.out, res, args.force)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .recovery.finetune import finetune_run
+
+    datasets = [d.strip() for d in args.eval.split(",") if d.strip()]
+    rec = finetune_run(args.run_dir, args.steps, out=args.out, force=args.force, lr=args.lr, rank=args.rank,
+                       alpha=args.lora_alpha, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                       batch_size=args.batch_size, seed=args.seed, eval_datasets=datasets, max_windows=args.max_windows,
+                       data_dir=args.data_dir, dtype=args.dtype, device=_device(args.device))
+    f = rec["finetune"]
+    ppl = {k: {d: r["ppl"] for d, r in f["eval"][k].items()} for k in ("before", "after")}
+    rows = [{"model": "pruned", "sparsity": f["sparsity_before"], **ppl["before"]},
+            {"model": f"+ LoRA {f['steps']} steps", "sparsity": f["sparsity_after"], **ppl["after"]}]
+    print(_table(rows, [("model", "model"), ("sparsity", "sparsity")] + [(f"{d} ppl", d) for d in datasets]))
+    print(f"LoRA rank {f['rank']}, lr {f['lr']}, {f['steps']} steps x {f['batch_size']} x {f['seqlen']} tokens in "
+          f"{f['train_seconds']:.0f}s; zero pattern identical: {f['mask_identical']}; "
+          f"saved to {args.out or args.run_dir}")
     return 0
 
 
@@ -286,13 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common_model_args(s)
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("eval", help="perplexity with the papers' protocol")
+    s = sub.add_parser("eval", help="perplexity with the papers' protocol; zero-shot accuracy with --tasks (lm-eval)")
     s.add_argument("model", help="built-in name, .gguf file, model or run directory, or hub id")
-    s.add_argument("--dataset", default="wikitext2",
-                   help="comma list of wikitext2, ptb, c4, wikitext2-valid, ptb-valid, or a .txt/.jsonl path")
+    s.add_argument("--dataset", default=None,
+                   help="comma list of wikitext2, ptb, c4, wikitext2-valid, ptb-valid, or a .txt/.jsonl path "
+                        "(default wikitext2, or none when --tasks is given)")
+    s.add_argument("--tasks", default=None,
+                   help="zero-shot tasks, comma list: boolq,rte,arc_easy,arc_challenge,openbookqa,piqa (local data), "
+                        "hellaswag,winogrande (hub); a task without data is skipped and named; on a run directory "
+                        "the results join its layerprune.json")
+    s.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples of each task")
     s.add_argument("--seqlen", type=int, default=None, help="window length (default 2048, capped at the model's maximum)")
     s.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--batch-size", type=int, default=None, help="windows (PPL, default 1) or requests (zero-shot, "
+                                                                "default 8) per forward")
     s.add_argument("--data-dir", default=None, help="data directory (default: $LAYERPRUNE_DATA or ../shared/data)")
     s.add_argument("--out", default=None, help="write the results as JSON here")
     s.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -301,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prune", help="prune a model block by block and save it with a run record")
     s.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub id")
-    s.add_argument("--method", default="wanda", help="magnitude, wanda or sparsegpt")
+    s.add_argument("--method", default="wanda",
+                   help="magnitude, wanda, sparsegpt, or slimgpt (structured: heads + FFN channels)")
     s.add_argument("--sparsity", type=float, default=0.5, help="global target sparsity in [0, 1)")
     s.add_argument("--nm", default=None, help="N:M semi-structured pattern, N pruned of every M (e.g. 2:4)")
     s.add_argument("--allocation", default="uniform",
@@ -336,11 +419,59 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip", default=None, help="comma list of linear names left dense, e.g. mlp.down_proj")
     s.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size (default 128)")
     s.add_argument("--percdamp", type=float, default=None, help="SparseGPT damping, fraction of mean diag (0.01)")
+    s.add_argument("--wbits", type=int, default=None, choices=[3, 4, 8],
+                   help="SparseGPT only: quantize the kept weights jointly (GPTQ-style) to this many bits")
+    s.add_argument("--groupsize", type=int, default=None,
+                   help="with --wbits: one grid per this many input columns (default: one per output channel)")
     s.add_argument("--magnitude-scope", default="matrix", choices=["matrix", "row"],
                    help="magnitude comparison group")
+    s.add_argument("--gqa", default="heads", choices=["heads", "kv-groups"],
+                   help="slimgpt: remove query heads evenly within KV groups (default) or whole KV groups")
+    s.add_argument("--slim-budget", default="params", choices=["params", "ratio"],
+                   help="slimgpt: FFN channels fill the block's parameter budget (default) or use the head ratio")
+    s.add_argument("--slim-score", default="obs", choices=["obs", "magnitude"],
+                   help="slimgpt: OBS error (default) or the structured-magnitude baseline (L2 norm)")
+    s.add_argument("--no-compensate", action="store_true", help="slimgpt ablation: no OBS weight update")
+    s.add_argument("--no-gcd", action="store_true", help="slimgpt ablation: raw diag(H^-1) head score, no grouped "
+                                                         "Cholesky")
+    s.add_argument("--fixed-group", type=int, default=None,
+                   help="slimgpt ablation: fixed FFN group size instead of Dynamic Group Size")
     s.add_argument("--data-dir", default=None)
     _common_model_args(s)
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("bench-speed", help="prefill latency and decode tokens/s of a pruned run vs its dense model")
+    s.add_argument("run_dir", help="the --out of a prune run")
+    s.add_argument("--dense", default=None, help="dense model to compare with (default: the run record's model)")
+    s.add_argument("--prefill-tokens", type=int, default=512, help="prefill length, batch 1")
+    s.add_argument("--new-tokens", type=int, default=128, help="greedy decode steps")
+    s.add_argument("--prompt-tokens", type=int, default=32, help="prompt before decoding (not timed)")
+    s.add_argument("--repeats", type=int, default=5, help="timed runs per model (medians are reported)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--out", default=None, help="also write the JSON here")
+    s.add_argument("--force", action="store_true", help="overwrite --out")
+    s.set_defaults(func=cmd_bench_speed)
+
+    s = sub.add_parser("finetune", help="LoRA recovery of a pruned run, mask fixed, merged and saved")
+    s.add_argument("run_dir", help="a prune run directory (has layerprune.json)")
+    s.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    s.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (update scaled by alpha / r)")
+    s.add_argument("--batch-size", type=int, default=1, help="windows per step")
+    s.add_argument("--calib", default="c4", help="training text: c4 (pool: docs 1000-1999), wikitext2-valid, ...")
+    s.add_argument("--nsamples", type=int, default=128, help="training windows drawn from the pool")
+    s.add_argument("--seqlen", type=int, default=512, help="training and evaluation window length")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval", default="wikitext2", help="comma list of datasets for PPL before/after ('' for none)")
+    s.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    s.add_argument("--out", default=None, help="new run directory (default: none; overwrite RUN_DIR needs --force)")
+    s.add_argument("--force", action="store_true", help="overwrite --out, or RUN_DIR in place when --out is not given")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda")
+    s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("plot", help="per-block target vs achieved sparsity of one or more runs (PNG)")
     s.add_argument("run_dirs", nargs="+")
@@ -379,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=None)
     _common_model_args(s)
     s.set_defaults(func=cmd_demo)
+
+    from .allocation.dsa import run as dsa_run
+
+    s = sub.add_parser("search-allocation", help="DSA: search an allocation function (evolutionary or random)")
+    dsa_run.add_arguments(s)
+    s.set_defaults(func=dsa_run.main)
     return p
 
 

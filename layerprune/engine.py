@@ -3,7 +3,9 @@ ask the allocation for the block's sparsity, prune with the solver, propagate th
 the next block, offload, checkpoint.
 
 The engine knows no method: solvers come from ``layerprune.solvers`` (tensor in, tensor out) and
-sparsities from ``layerprune.allocation``. Module names come from the model's adapter.
+sparsities from ``layerprune.allocation``. Module names come from the model's adapter. A block-level solver
+(``block_level = True``, e.g. structured pruning that changes shapes) gets the whole block, its ratio and a
+``collect`` callback instead, and the engine only propagates what it returns.
 """
 from __future__ import annotations
 
@@ -280,6 +282,39 @@ def _forward_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
     return block if p.dtype == dtype else copy.deepcopy(block).to(dtype)
 
 
+def _collector(block: nn.Module, buf: ActivationBuffer, kwargs, cfg: PruneConfig, dtype, timers: Timers):
+    """collect(names, needs) -> {name: LayerStats}: runs the block *as it is now* (a fresh forward copy in the compute
+    dtype) over the calibration inputs with hooks on the named submodules; a batch stops once all of them ran."""
+
+    @torch.no_grad()
+    def collect(names, needs) -> dict:
+        fwd = _forward_copy(block, dtype)
+        mods = {n: fwd.get_submodule(n) for n in names}
+        seen: set = set()
+
+        def stop(m, args, out, name):
+            seen.add(name)
+            if len(seen) == len(mods):
+                raise _Stop
+
+        args, kw = kwargs
+        with timers("statistics"), HookSet(mods, set(needs)) as hs:
+            handles = [m.register_forward_hook(lambda m, a, o, n=n: stop(m, a, o, n)) for n, m in mods.items()]
+            try:
+                for _, x in buf.batches(cfg.batch_size):
+                    seen.clear()
+                    try:
+                        fwd(x, *args, **kw)
+                    except _Stop:
+                        pass
+            finally:
+                for h in handles:
+                    h.remove()
+        return {n: hs.collectors[n].stats() for n in names}
+
+    return collect
+
+
 @torch.no_grad()
 def _wanda_scores(adapter, block, names, collectors) -> dict[str, torch.Tensor]:
     mods = adapter.linears(block)
@@ -344,9 +379,14 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.compute_dtype]
     adapter = get_adapter(model)
     solver = get_solver(cfg.method)
+    block_level = getattr(solver, "block_level", False)
     blocks = adapter.blocks(model)
     nblocks = len(blocks)
     skip = set(cfg.skip)
+    if block_level and (cfg.nm is not None or skip or cfg.offload == "disk"):
+        raise UserError(f"{cfg.method} prunes whole blocks and changes their shapes: --nm, --skip and --offload disk "
+                        "do not apply; drop them")
+    params_before = sum(p.numel() for p in model.parameters())
     unknown = skip - set(adapter.linear_names())
     if unknown:
         raise UserError(f"--skip names {', '.join(sorted(unknown))} are not linears of this model: "
@@ -399,7 +439,10 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     if state is not None:
         for i in range(start):
             store.onload(model, i, "cpu")
-            blocks[i].load_state_dict(ckpt.block_weights(i))
+            if block_level:
+                solver.load_block(blocks[i], adapter, adapter.geometry(model.config), ckpt.block_weights(i))
+            else:
+                blocks[i].load_state_dict(ckpt.block_weights(i))
             store.offload(model, i)
         buf.a.copy_(ckpt.activations(state).to(buf.a.dtype))
         for k, v in state.get("timings", {}).items():
@@ -414,8 +457,15 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             with timers("onload"):
                 store.onload(model, i, device)
             block = blocks[i]
+            if block_level:
+                t0, s0 = time.perf_counter(), timers.t["statistics"]
+                collect = _collector(block, buf, kwargs[i], cfg, dtype, timers)
+                rows = solver.prune_block(block, adapter, collect, allocation["block"][i],
+                                          adapter.geometry(model.config), **cfg.solver_options)
+                layers += [{"block": i, **r} for r in rows]
+                timers.t["solve"] += time.perf_counter() - t0 - (timers.t["statistics"] - s0)
             fwd = _forward_copy(block, dtype)
-            for stage in adapter.stages(cfg.true_sequential):
+            for stage in ([] if block_level else adapter.stages(cfg.true_sequential)):
                 groups = [[n for n in g if n not in skip] for g in stage]
                 groups = [g for g in groups if g]
                 if not groups:
@@ -452,12 +502,15 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
                                                      "timings": dict(timers.t)})
             with timers("offload"):
                 store.offload(model, i)
-            errs = [r["rel_error"] for r in layers if r["block"] == i]
+            errs = [r["rel_error"] for r in layers if r["block"] == i and r["rel_error"] is not None]
             bar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.3g}")
     finally:
         buf.close()
+    extra = solver.finish(model, adapter) if block_level else {}
     timers.t["total"] = time.perf_counter() - t_start + (state or {}).get("timings", {}).get("total", 0.0)
     return {
+        **extra,
+        "params": {"before": params_before, "after": sum(p.numel() for p in model.parameters())},
         "method": cfg.method,
         "sparsity": cfg.sparsity,
         "nm": list(cfg.nm) if cfg.nm else None,

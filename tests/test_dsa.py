@@ -428,6 +428,35 @@ def test_random_search_budget_and_summary(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_signature_skips_equivalent_candidates(tmp_path):
+    """Candidates whose signature equals an evaluated one's are skipped; a raising signature never skips."""
+    fit = Counter(slot_distance)
+    res = random_search(fit, seed=0, max_candidates=30, log_path=tmp_path / "r.jsonl", progress=False,
+                        signature=lambda f: f.reduce)
+    recs = lines(tmp_path / "r.jsonl")
+    assert res.stopped == "exhausted" and res.n_equivalent > 0
+    assert sorted(parse(r["function"]).reduce for r in recs) == sorted(REDUCE_OPS) == sorted(set(
+        parse(k).reduce for k in fit.calls))
+
+    def sig(f):
+        if f.reduce == "VAR":
+            raise InvalidCandidate("constant")
+        return f.reduce, f.post
+    kw = dict(seed=3, population=6, generations=40, max_candidates=40, progress=False, signature=sig)
+    full = evolutionary_search(Counter(slot_distance), log_path=tmp_path / "a.jsonl", **kw)
+    recs = lines(tmp_path / "a.jsonl")
+    fs = [parse(r["function"]) for r in recs]
+    sigs = [(f.reduce, f.post) for f in fs if f.reduce != "VAR"]
+    assert len(recs) == 40 and len(set(sigs)) == len(sigs)
+    assert sum(f.reduce == "VAR" for f in fs) >= 2  # not skipped: their signature raised
+    # resume from a cut log replays the same trajectory, skipping the same candidates
+    cut = tmp_path / "b.jsonl"
+    cut.write_text("".join(l + "\n" for l in (tmp_path / "a.jsonl").read_text().splitlines()[:15]))
+    res = evolutionary_search(Counter(slot_distance), log_path=cut, resume=True, **kw)
+    assert [r["function"] for r in lines(cut)] == [r["function"] for r in recs]
+    assert res.n_equivalent == full.n_equivalent and res.best_fitness == full.best_fitness
+
+
 def test_allocation_fitness_scores_equal_allocations_once():
     bs = [b + 0.1 for b in blocks(6)]  # positive: ABS is the identity on them
     seen = []
@@ -435,6 +464,8 @@ def test_allocation_fitness_scores_equal_allocations_once():
     a = fit(parse("W:()-(MEAN)-(ATAN)"))
     b = fit(parse("W:(ABS)-(MEAN)-(ATAN)"))
     assert a == b and len(seen) == 1
+    assert fit.signature(parse("W:()-(MEAN)-(ATAN)")) == fit.signature(parse("W:(ABS)-(MEAN)-(ATAN)"))
+    assert fit.signature(parse("W:()-(MEAN)-(ATAN)")) != fit.signature(parse("W:()-(VAR)-(ATAN)"))
 
 
 def test_evolution_beats_random_search_on_average(tmp_path):

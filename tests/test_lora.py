@@ -96,3 +96,47 @@ def test_bad_input():
         finetune_lora(model, None, windows(), steps=0, seqlen=16, progress=False)
     with pytest.raises(UserError):
         apply_masks(model, {"model.layers.0.mlp.up_proj": torch.ones(3, 3, dtype=torch.bool)})
+
+
+def test_cli_finetune_run_dir_keeps_2_4(tmp_path, text_corpus, capsys):
+    """prune --nm 2:4 -> finetune --out NEW: the saved weights keep the exact zero pattern; in place needs --force."""
+    from conftest import tiny_model, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from layerprune.cli import main
+    from layerprune.record import read_record
+
+    src = tmp_path / "tiny"
+    tiny_model("llama", layers=2).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    run, new = tmp_path / "run", tmp_path / "run-lora"
+    common = ["--seqlen", "32", "--max-windows", "4", "--data-dir", str(text_corpus)]
+    assert main(["prune", "--model", str(src), "--method", "wanda", "--nm", "2:4", "--nsamples", "4", "--out", str(run),
+                 *common]) == 0
+    before = masks_of(AutoModelForCausalLM.from_pretrained(run))
+    ft = ["finetune", str(run), "--steps", "4", "--lr", "1e-2", "--rank", "2", "--nsamples", "6", *common]
+    capsys.readouterr()
+    assert main(ft) == 2 and "--force" in capsys.readouterr().err  # no --out: would overwrite the run
+    assert main(ft + ["--out", str(new)]) == 0
+    assert "LoRA rank 2" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(new)
+    after = masks_of(model)
+    for name, m in before.items():
+        assert torch.equal(after[name], m)  # every pruned weight exactly 0, every kept weight still nonzero
+        w = model.get_submodule(name).weight
+        assert torch.all((w.view(w.shape[0], -1, 4) == 0).sum(-1) >= 2)
+    src_w = AutoModelForCausalLM.from_pretrained(run).model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, src_w)  # the finetune changed the weights
+    rec = read_record(new)
+    f = rec["finetune"]
+    assert rec["method"] == "wanda" and f["source_run"] == str(run) and f["steps"] == 4
+    assert f["sparsity_before"] == f["sparsity_after"] == rec["measured_sparsity"] and f["mask_identical"]
+    assert f["calibration"] == {"source": "c4", "nsamples": 6, "seqlen": 32, "seed": 0}
+    assert set(f["eval"]["before"]) == set(f["eval"]["after"]) == {"wikitext2"}
+    assert "finetune" not in read_record(run)  # the source run is untouched
+    assert main(ft + ["--out", str(new)]) == 2  # exists: needs --force
+    capsys.readouterr()
+    assert main(ft + ["--force", "--steps", "1"]) == 0  # in place
+    assert read_record(run)["finetune"]["steps"] == 1
+    assert all(torch.equal(m, before[n]) for n, m in masks_of(AutoModelForCausalLM.from_pretrained(run)).items())
+    assert not list(tmp_path.glob(".run.finetune-tmp"))

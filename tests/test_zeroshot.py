@@ -153,3 +153,46 @@ def test_accuracy_equals_brute_force(tmp_path):
     assert out["tasks"]["arc_easy"]["acc"] == pytest.approx(acc)
     assert out["tasks"]["arc_easy"]["acc_norm"] == pytest.approx(norm)
     assert out["tasks"]["boolq"]["n"] == N and out["limit"] is None and out["skipped"] == {}
+
+
+def test_cli_eval_tasks_joins_run_record(tmp_path, monkeypatch, capsys):
+    """`layerprune eval RUN --tasks ...`: per-task table, skipped tasks named, results merged into layerprune.json."""
+    from layerprune.cli import main
+    from layerprune.record import read_record, write_record
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hellaswag: no hub here, never a network probe in CI
+    tok = tiny_tokenizer()
+    run = tmp_path / "run"
+    tiny_model(len(tok)).save_pretrained(run)
+    tok.save_pretrained(run)
+    write_record(run, {"method": "wanda", "sparsity": 0.5})
+    data = tmp_path / "data"
+    write_data(data / "zeroshot", skip=("piqa",))
+    assert main(["eval", str(run), "--tasks", "boolq,rte,piqa,hellaswag", "--limit", "3", "--data-dir", str(data)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped piqa: no local files" in printed and "skipped hellaswag: " in printed
+    assert "wikitext2" not in printed  # --tasks alone: no perplexity
+    rec = read_record(run)
+    assert rec["method"] == "wanda"  # the rest of the record is kept
+    zs = rec["zeroshot"]
+    assert list(zs["tasks"]) == ["boolq", "rte"] and set(zs["skipped"]) == {"piqa", "hellaswag"}
+    assert all(r["n"] == 3 and r["limit"] == 3 for r in zs["tasks"].values())
+    # a second call adds a task; the mean covers every task now in the record
+    assert main(["eval", str(run), "--tasks", "arc_easy", "--data-dir", str(data)]) == 0
+    zs = read_record(run)["zeroshot"]
+    assert list(zs["tasks"]) == ["boolq", "rte", "arc_easy"] and zs["tasks"]["arc_easy"]["n"] == N
+    assert zs["tasks"]["arc_easy"]["limit"] is None and set(zs["skipped"]) == {"piqa", "hellaswag"}  # still named
+    assert zs["mean_acc"] == pytest.approx(sum(r["acc"] for r in zs["tasks"].values()) / 3)
+    assert zs["mean_acc_norm"] == pytest.approx(sum(r.get("acc_norm", r["acc"]) for r in zs["tasks"].values()) / 3)
+    table = capsys.readouterr().out
+    assert "arc_easy" in table and "mean" in table and "all examples" in table
+    # a plain model directory gets no record; a bad --tasks / --limit is one line, exit 2
+    plain = tmp_path / "plain"
+    tiny_model(len(tok)).save_pretrained(plain)
+    tok.save_pretrained(plain)
+    assert main(["eval", str(plain), "--tasks", "rte", "--limit", "2", "--data-dir", str(data)]) == 0
+    assert not (plain / "layerprune.json").exists()
+    capsys.readouterr()
+    for bad in (["--tasks", " , "], ["--tasks", "rte", "--limit", "0"]):
+        assert main(["eval", str(run), *bad, "--data-dir", str(data)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1

@@ -132,7 +132,8 @@ def zeroshot(model, tokenizer, tasks, data_dir=None, limit=None, batch_size=8, o
     limit: at most this many examples per task (lm-eval's --limit, the first ones of the split).
     offline: True = never contact the hub (cached copies only); None = probe the hub once when a task needs it.
     Returns {"tasks": {name: {acc, acc_stderr, [acc_norm, acc_norm_stderr], n, source}}, "mean_acc" (mean of acc over
-    the evaluated tasks), "skipped": {name: reason}, "limit", "num_fewshot": 0, "seconds", "lm_eval_version"}.
+    the evaluated tasks), "mean_acc_norm" (mean of acc_norm where the task reports it, else acc), "skipped":
+    {name: reason}, "limit", "num_fewshot": 0, "seconds", "lm_eval_version"}.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -144,7 +145,7 @@ def zeroshot(model, tokenizer, tasks, data_dir=None, limit=None, batch_size=8, o
         raise UserError(f"zero-shot limit must be a positive number of examples, got {limit}")
     t0 = time.time()
     loaded, sources, skipped = load_tasks(tasks, data_dir, offline)
-    out = {"tasks": {}, "mean_acc": None, "skipped": skipped, "limit": limit, "num_fewshot": 0,
+    out = {"tasks": {}, "mean_acc": None, "mean_acc_norm": None, "skipped": skipped, "limit": limit, "num_fewshot": 0,
            "lm_eval_version": getattr(lm_eval, "__version__", "")}
     if loaded:
         was_training = model.training
@@ -162,6 +163,53 @@ def zeroshot(model, tokenizer, tasks, data_dir=None, limit=None, batch_size=8, o
             row["n"] = res["n-samples"][name]["effective"]
             row["source"] = sources[name]
             out["tasks"][name] = row
-        out["mean_acc"] = sum(r["acc"] for r in out["tasks"].values()) / len(out["tasks"])
+        out["mean_acc"], out["mean_acc_norm"] = _means(out["tasks"])
     out["seconds"] = time.time() - t0
     return out
+
+
+def _means(rows):
+    """(mean acc, mean of acc_norm-where-reported-else-acc) over the task rows, or (None, None) when empty."""
+    if not rows:
+        return None, None
+    n = len(rows)
+    return sum(r["acc"] for r in rows.values()) / n, sum(r.get("acc_norm", r["acc"]) for r in rows.values()) / n
+
+
+def parse_tasks(spec):
+    """'boolq, rte,arc_easy' -> ['boolq', 'rte', 'arc_easy'] (order kept, repeats dropped); UserError when empty."""
+    tasks = list(dict.fromkeys(t.strip() for t in spec.split(",") if t.strip()))
+    if not tasks:
+        raise UserError(f"--tasks {spec!r} names no task: give a comma list such as boolq,rte,arc_easy")
+    return tasks
+
+
+def join_record(record, out):
+    """Add a zeroshot() result to a run record: record["zeroshot"]["tasks"] gains (or replaces) the evaluated tasks,
+    each row keeping its own limit; the means are recomputed over all tasks now there; "skipped" keeps every task
+    skipped by this or an earlier call (latest reason) until a call evaluates it."""
+    zs = record.setdefault("zeroshot", {"tasks": {}})
+    for name, row in out["tasks"].items():
+        zs["tasks"][name] = {**row, "limit": out["limit"], "seconds_run": out["seconds"]}
+    skipped = {**zs.get("skipped", {}), **out["skipped"]}
+    zs["skipped"] = {k: v for k, v in skipped.items() if k not in zs["tasks"]}
+    zs["mean_acc"], zs["mean_acc_norm"] = _means(zs["tasks"])
+    zs.update(num_fewshot=out["num_fewshot"], lm_eval_version=out["lm_eval_version"])
+    return record
+
+
+def format_table(out):
+    """Per-task table (n, acc, acc_norm, source), the two means, and one line per skipped task with its reason."""
+    head = f"{'task':14s} {'n':>6s} {'acc':>7s} {'acc_norm':>8s}  source"
+    lines = [head, "-" * len(head)]
+    for name, r in out["tasks"].items():
+        norm = f"{r['acc_norm']:8.4f}" if "acc_norm" in r else f"{'-':>8s}"
+        lines.append(f"{name:14s} {r['n']:6d} {r['acc']:7.4f} {norm}  {r['source']}")
+    if out["tasks"]:
+        lines.append(f"{'mean':14s} {'':6s} {out['mean_acc']:7.4f} {out['mean_acc_norm']:8.4f}  "
+                     "(acc_norm column: acc_norm where reported, else acc)")
+    lim = "all examples" if out.get("limit") is None else f"the first {out['limit']} examples of each task"
+    lines.append(f"0-shot, {lim}; {out.get('seconds', 0):.0f}s")
+    for name, why in out["skipped"].items():
+        lines.append(f"skipped {name}: {why}")
+    return "\n".join(lines)

@@ -146,6 +146,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, use_cache: bool = 
 def load_pretrained(source, dtype: torch.dtype, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..structured import register
+
+    register()  # structurally pruned runs with per-block widths have config type layerprune_<family>
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     tok = AutoTokenizer.from_pretrained(source, **kw)
     return model, tok

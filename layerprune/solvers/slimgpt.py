@@ -1,4 +1,4 @@
-"""SlimGPT structured pruning: the tensor math only (Ling et al., NeurIPS 2024).
+"""SlimGPT structured pruning (Ling et al., NeurIPS 2024): the tensor math, and the block-level solver that drives it.
 
 Layer-wise objective  min ||W X - Ŵ X||²  over an input-column mask, with H = (2/n) X Xᵀ of the layer input.
 Attention heads are groups of `head_dim` input columns of o_proj; FFN channels are single input columns of down_proj.
@@ -19,13 +19,20 @@ diagonal -> 1), recompute H⁻¹ and re-score, so every choice sees the compensa
   * FFN channels: err_col = Σ_rows W² / [H⁻¹]_jj; remove the `cnt` lowest columns at once, `cnt` from the Dynamic
     Group Size schedule (dgs_schedule).
 All math is fp32; the returned weight has the input dtype/device and the removed columns exactly zero.
+
+`SlimGPT` (bottom) is the engine's block-level solver: per block it prunes heads (o_proj Hessian), re-collects the
+down_proj Hessian through the pruned attention, prunes channels, and removes the pruned rows/columns physically.
 """
+import math
 import warnings
 
 import torch
 from torch import Tensor
 
+from layerprune import structured
 from layerprune.errors import UserError
+from layerprune.solvers.common import relative_error
+from layerprune.structured import GQA_MODES
 
 SCORES = ("obs", "magnitude", "exact")
 
@@ -296,3 +303,156 @@ def prune_channels(weight: Tensor, hessian: Tensor, n_remove: int, *, dynamic_gr
         _mask(H, Q)
         alive[Q] = False
     return W.to(weight.dtype), sorted((~alive).nonzero().flatten().tolist())
+
+
+# ----------------------------------------------------------------------------- block-level solver (engine protocol)
+
+def plan_block(ratio: float, heads: int, kv_heads: int, head_dim: int, hidden: int, channels: int, *,
+               gqa: str = "heads", budget: str = "params") -> tuple[int, int, int]:
+    """(query heads, KV heads, FFN channels) to remove from a block pruned at `ratio`.
+
+    Heads are removed in steps that keep GQA valid: one query head per KV group (gqa="heads", KV heads stay) or one
+    whole KV group (gqa="kv-groups"; always for multi-head attention); the step count is round(ratio·heads / step),
+    and at least one step of heads is kept. Channels: budget="ratio" removes round(ratio·channels) (SlimGPT: the same
+    ratio for heads and channels); budget="params" (default) picks the channel count whose removed parameters
+    (3·hidden each) bring the block's removed weights closest to ratio × its weights, so the coarse head steps do not
+    move the parameter budget. At least one channel is kept.
+    """
+    if gqa not in GQA_MODES:
+        raise UserError(f"slimgpt: unknown gqa mode {gqa!r}; use one of {', '.join(GQA_MODES)}")
+    if budget not in ("params", "ratio"):
+        raise UserError(f"slimgpt: unknown budget {budget!r}; use params or ratio")
+    if not 0.0 <= ratio <= 1.0:
+        raise UserError(f"slimgpt: block ratio {ratio} is outside [0, 1]")
+    rep = heads // kv_heads
+    kv_mode = gqa == "kv-groups" or rep == 1
+    step = rep if kv_mode else kv_heads
+    steps = min(heads // step - 1, math.floor(ratio * heads / step + 0.5))
+    q_rm = steps * step
+    kv_rm = steps if kv_mode else 0
+    if budget == "ratio":
+        ch = math.floor(ratio * channels + 0.5)
+    else:
+        total = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * channels
+        attn = hidden * head_dim * (2 * q_rm + 2 * kv_rm)
+        ch = math.floor((ratio * total - attn) / (3 * hidden) + 0.5)
+    return q_rm, kv_rm, max(0, min(channels - 1, ch))
+
+
+def group_magnitude(block, adapter, head_dim: int, q_rm: int, kv_rm: int, ch_rm: int):
+    """Structured magnitude baseline: the squared L2 norm of all the weights that go with a unit, lowest removed first.
+
+    Query head: its q_proj rows and o_proj columns; KV group (kv_rm > 0): its query heads plus its k/v rows; channel:
+    its gate/up rows and down_proj column. Without kv_rm, q_rm / kv_heads heads go from every KV group (valid GQA).
+    Returns (query heads, KV heads, channels) to remove, sorted; ties go to the lower index.
+    """
+    lin = adapter.linears(block)
+    sq = lambda role: adapter.get_weight(lin[role]).detach().float().pow(2)  # noqa: E731
+    nh, nkv, _ = structured.block_widths(block, adapter, head_dim)
+    rep = nh // nkv
+    head = sq(adapter.q).view(nh, -1).sum(1) + sq(adapter.o).view(-1, nh, head_dim).sum((0, 2))
+    if kv_rm:
+        group = head.view(nkv, rep).sum(1) + sq(adapter.k).view(nkv, -1).sum(1) + sq(adapter.v).view(nkv, -1).sum(1)
+        kv = sorted(torch.argsort(group, stable=True)[:kv_rm].tolist())
+        heads = [g * rep + j for g in kv for j in range(rep)]
+    else:
+        per = q_rm // nkv
+        kv = []
+        heads = sorted(g * rep + j for g in range(nkv)
+                       for j in torch.argsort(head.view(nkv, rep)[g], stable=True)[:per].tolist())
+    ch = sq(adapter.gate).sum(1) + sq(adapter.up).sum(1) + sq(adapter.down).sum(0)
+    return heads, kv, sorted(torch.argsort(ch, stable=True)[:ch_rm].tolist())
+
+
+class SlimGPT:
+    """Block-level solver for the engine: heads of o_proj first, then FFN channels of down_proj with statistics
+    re-collected through the pruned attention; the block is made physically smaller (layerprune.structured).
+
+    Options: gqa ("heads" | "kv-groups"), budget ("params" | "ratio"), score ("obs" | "magnitude": the structured
+    magnitude baseline, see group_magnitude; no calibration statistics, no compensation), compensate,
+    grouped_cholesky, dynamic_group_size / fixed_group, percdamp.
+    """
+
+    name = "slimgpt"
+    needs = frozenset({"hessian"})
+    block_level = True
+    OPTIONS = ("gqa", "budget", "score", "compensate", "grouped_cholesky", "dynamic_group_size", "fixed_group",
+               "percdamp")
+
+    def prune(self, weight, stats, sparsity, nm=None, **options):
+        raise UserError("slimgpt prunes whole blocks (heads and channels), not one matrix: run it through "
+                        "layerprune.prune / `layerprune prune --method slimgpt`")
+
+    def check_options(self, options: dict) -> dict:
+        unknown = set(options) - set(self.OPTIONS)
+        if unknown:
+            raise UserError(f"slimgpt: unknown option(s) {sorted(unknown)}; known options: {', '.join(self.OPTIONS)}")
+        o = {"gqa": "heads", "budget": "params", "score": "obs", "compensate": True, "grouped_cholesky": True,
+             "dynamic_group_size": True, "fixed_group": 64, "percdamp": 0.01, **options}
+        if o["score"] not in ("obs", "magnitude"):
+            raise UserError(f"slimgpt: unknown score {o['score']!r}; use obs or magnitude")
+        plan_block(0.0, 1, 1, 1, 1, 2, gqa=o["gqa"], budget=o["budget"])  # validates the two modes
+        return o
+
+    def prune_block(self, block, adapter, collect, ratio: float, geometry, **options) -> list[dict]:
+        """Prune one block in place. collect(names, needs) -> {name: LayerStats} runs the block as it is now over
+        the calibration inputs. Returns one record row per linear (shape after, achieved = removed fraction)."""
+        o = self.check_options(options)
+        structured.check_structured(adapter)
+        hd = geometry.head_dim
+        before = {n: tuple(adapter.get_weight(m).shape) for n, m in adapter.linears(block).items()}
+        nh, nkv, nch = structured.block_widths(block, adapter, hd)
+        q_rm, kv_rm, ch_rm = plan_block(ratio, nh, nkv, hd, before[adapter.q][1], nch, gqa=o["gqa"],
+                                        budget=o["budget"])
+        errors = {}
+        if o["score"] == "magnitude":
+            heads, gone, chans = group_magnitude(block, adapter, hd, q_rm, kv_rm, ch_rm)
+            if heads:
+                structured.remove_heads(block, adapter, hd, heads, gone)
+            if chans:
+                structured.remove_channels(block, adapter, chans)
+        else:
+            heads, gone, chans = [], [], []
+            if q_rm:  # attention first: OBS on the o_proj input columns, one head (or KV group) per iteration
+                rep = nh // nkv
+                groups = [list(range(g * rep, (g + 1) * rep)) for g in range(nkv)]
+                w, st = self._weight_and_stats(block, adapter, collect, adapter.o)
+                kw = dict(compensate=o["compensate"], grouped_cholesky=o["grouped_cholesky"], percdamp=o["percdamp"])
+                if kv_rm:
+                    new, gone = prune_kv_groups(w, st.hessian, hd, kv_rm, groups, **kw)
+                    heads = [h for g in gone for h in groups[g]]
+                else:
+                    new, heads = prune_heads(w, st.hessian, hd, q_rm, groups=groups, **kw)
+                errors[adapter.o] = relative_error(w.float(), new.float(), st)
+                adapter.set_weight(adapter.linears(block)[adapter.o], new)
+                structured.remove_heads(block, adapter, hd, heads, gone)
+            if ch_rm:  # then the FFN, its Hessian collected through the pruned attention
+                w, st = self._weight_and_stats(block, adapter, collect, adapter.down)
+                new, chans = prune_channels(w, st.hessian, ch_rm, dynamic_group_size=o["dynamic_group_size"],
+                                            fixed_group=o["fixed_group"], compensate=o["compensate"],
+                                            percdamp=o["percdamp"])
+                errors[adapter.down] = relative_error(w.float(), new.float(), st)
+                adapter.set_weight(adapter.linears(block)[adapter.down], new)
+                structured.remove_channels(block, adapter, chans)
+        info = {adapter.o: {"heads_removed": heads, "kv_heads_removed": gone},
+                adapter.down: {"channels_removed": len(chans)}}
+        rows = []
+        for name, m in adapter.linears(block).items():
+            shape = tuple(adapter.get_weight(m).shape)
+            rows.append({"name": name, "shape": list(shape), "target": ratio,
+                         "achieved": 1.0 - shape[0] * shape[1] / (before[name][0] * before[name][1]),
+                         "rel_error": errors.get(name), **info.get(name, {})})
+        return rows
+
+    @staticmethod
+    def _weight_and_stats(block, adapter, collect, name):
+        w = adapter.get_weight(adapter.linears(block)[name]).detach()
+        return w, collect([name], {"hessian"})[name]
+
+    def load_block(self, block, adapter, geometry, state_dict) -> None:
+        """Resume: load a pruned block's saved weights into a block of any width."""
+        structured.load_block(block, adapter, geometry.head_dim, state_dict)
+
+    def finish(self, model, adapter) -> dict:
+        """After the last block: make the model's config describe the new widths."""
+        return {"structure": structured.finalize(model)}

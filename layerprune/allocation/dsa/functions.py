@@ -7,9 +7,10 @@ one block (default: the Wanda scores |W_ij| * ||X_j||_2 of all the block's linea
     reduce     1 reduction of the vector to one scalar       (per block)
     transform  1-2 scalar ops                                (on the vector of per-block scalars)
     post       1 scalar op
-Everything runs in float64 (one private copy of the block's scores, 8 bytes per score, the ops work in place): fp32 round-off (~1e-7 / sqrt(n) relative) would turn
-functions that are constant in exact arithmetic (NORMALIZE -> VAR is 1, NORMALIZE -> MEAN is 0) into noise that the
-min-max mapping blows up to a full-spread allocation; in float64 they are caught as constant (InvalidCandidate).
+Everything runs in float64 (one private copy of the block's scores, 8 bytes per score, the ops work in place): fp32
+round-off (~1e-7 / sqrt(n) relative) would turn functions that are constant in exact arithmetic (NORMALIZE -> VAR is 1,
+NORMALIZE -> MEAN is 0) into noise that the min-max mapping blows up to a full-spread allocation; in float64 they are
+caught as constant (InvalidCandidate).
 
 Text form (the reference's graph string):  ``W:(PRE,PRE)-(REDUCE)-(TRANSFORM,TRANSFORM)[-(POST)][-(LAMBDA)]``, e.g.
 ``W:(ABSLOG)-(VAR)-(ATAN,ASIN)``. The 4th group is the post op (NO_OP when absent, and then not printed). The
@@ -310,7 +311,8 @@ class StageCache:
     """The pre+reduce results of a fixed list of blocks, keyed by (canonical pre, reduce).
 
     The element-wise stage is the only expensive part (one pass per op over millions of scores); candidates that share
-    it only redo the scalar stage on L numbers. ``hits``/``misses`` count lookups.
+    it only redo the scalar stage on L numbers. ``hits``/``misses`` count lookups. A block may also be given as a
+    zero-argument callable returning its scores, so that they are built only while that block is reduced.
     """
 
     def __init__(self, block_scores):
@@ -327,7 +329,8 @@ class StageCache:
             self.hits += 1
         else:
             self.misses += 1
-            self.table[k] = torch.tensor([reduce_block(c.pre, c.reduce, b) for b in self.blocks], dtype=torch.float64)
+            self.table[k] = torch.tensor([reduce_block(c.pre, c.reduce, b() if callable(b) else b)
+                                          for b in self.blocks], dtype=torch.float64)
         return self.table[k]
 
 
@@ -341,7 +344,8 @@ def evaluate_blocks(f: AllocationFunction, block_scores) -> list[float]:
 # mapping
 
 
-def dsa_mapping(values, target: float, lam: float = 0.08, weights=None, lo: float = 0.0, hi: float = 0.99) -> list[float]:
+def dsa_mapping(values, target: float, lam: float = 0.08, weights=None, lo: float = 0.0,
+                hi: float = 0.99) -> list[float]:
     """Per-block phi values -> per-block sparsities: s = S + 2*lam*(v - mean v) with v = minmax(phi), then clipped to
     [lo, hi] and rebalanced so the (weighted) mean is S exactly. Constant or non-finite values -> InvalidCandidate."""
     if not 0.0 <= lo <= target <= hi:

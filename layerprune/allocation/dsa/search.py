@@ -11,7 +11,11 @@ Determinism and resume: a search is a deterministic function of (seed, settings,
 the start; a candidate found in the log is *replayed* (its logged fitness is used, the fitness function is not called
 and no line is written), so the resumed run walks the same trajectory and, once past the log, continues exactly as an
 uninterrupted run with the same seed and budgets would (use ``max_candidates``, not a time budget, for exact equality).
-A candidate is identified by its canonical form (``AllocationFunction.key``) and is evaluated at most once.
+A candidate is identified by its canonical form (``AllocationFunction.key``) and is evaluated at most once. With a
+``signature`` (e.g. the candidate's allocation, ``Proxy.signature``), a candidate whose signature equals that of one
+already evaluated in this run is an equivalent candidate: it is skipped before evaluation (not logged, counted in
+``n_equivalent``), so that clones of one allocation do not fill the population. A signature that raises (a constant
+function) does not skip: the candidate is evaluated and logged as failed.
 
 Evolution: generation 0 is ``population`` distinct random functions. Each next generation keeps the ``elitism`` best
 and fills up with children: two parents by tournament (``tournament`` random members, lowest fitness wins), uniform
@@ -47,6 +51,7 @@ class SearchResult:
     n_evaluated: int  # candidates in this search's trajectory (replayed from the log + new)
     n_new: int  # fitness calls made by this call
     n_failed: int
+    n_equivalent: int  # candidates skipped because an evaluated one had the same signature
     generations: int  # generations completed (evolution; 0 for random search)
     stopped: str  # "generations" | "max_candidates" | "time_budget" | "exhausted"
     log_path: Path
@@ -82,8 +87,9 @@ class _Run:
     """What both searches share: the log (and its cache of fitness values), the budgets, the best, the progress line."""
 
     def __init__(self, fitness: Fitness, kind: str, seed: int, log_path, resume: bool, time_budget_s, max_candidates,
-                 progress: bool, callback):
+                 progress: bool, callback, signature=None):
         self.fitness, self.kind, self.seed, self.callback = fitness, kind, seed, callback
+        self.signature, self.signatures, self.sigs, self.n_equivalent = signature, {}, set(), 0
         self.log_path = Path(log_path)
         if time_budget_s is not None and time_budget_s < 0 or max_candidates is not None and max_candidates < 0:
             raise UserError("time_budget_s and max_candidates must be >= 0")
@@ -109,12 +115,29 @@ class _Run:
             return "time_budget"
         return None
 
+    def _signature(self, f: AllocationFunction):
+        """The signature of f (cached by key); None without a signature function or when it raises."""
+        if self.signature is None:
+            return None
+        if f.key not in self.signatures:
+            try:
+                self.signatures[f.key] = self.signature(f)
+            except Exception:
+                self.signatures[f.key] = None
+        return self.signatures[f.key]
+
     def novel(self, make: Callable[[], AllocationFunction], rng: random.Random) -> AllocationFunction | None:
-        """``make()`` until a candidate new to this trajectory comes out; after 100 misses, random functions."""
+        """``make()`` until a candidate new to this trajectory (and not equivalent to an evaluated one) comes out;
+        after 100 misses, random functions."""
         for tries in range(10_000):
             f = make() if tries < 100 else random_function(rng)
-            if f.key not in self.seen:
-                return f
+            if f.key in self.seen:
+                continue
+            sig = self._signature(f)
+            if sig is not None and sig in self.sigs:
+                self.n_equivalent += 1
+                continue
+            return f
         return None
 
     def evaluate(self, f: AllocationFunction, generation: int) -> float:
@@ -137,6 +160,9 @@ class _Run:
                 self.n_failed += 1
             self.n_new += 1
         self.seen[key] = fit
+        sig = self._signature(f)
+        if sig is not None:
+            self.sigs.add(sig)
         if fit < self.best_fitness:
             self.best, self.best_fitness = f, fit
             self._write_best(generation)
@@ -164,13 +190,14 @@ class _Run:
 
     def _progress(self, generation: int) -> None:
         minutes = (time.monotonic() - self.start) / 60
-        self.bar.update(1)
         self.bar.set_postfix(gen=generation, best=f"{self.best_fitness:.4g}", new=self.n_new,
                              per_min=f"{self.n_new / minutes:.1f}" if minutes > 0 else "-", refresh=False)
+        self.bar.update(1)  # after the postfix, so that the line it draws is current
 
     def result(self, stopped: str, generations: int, population=()) -> SearchResult:
         self.bar.close()
-        return SearchResult(self.best, self.best_fitness, len(self.seen), self.n_new, self.n_failed, generations,
+        return SearchResult(self.best, self.best_fitness, len(self.seen), self.n_new, self.n_failed, self.n_equivalent,
+                            generations,
                             stopped, self.log_path, [(f.key, fit) for fit, f in population])
 
 
@@ -227,9 +254,10 @@ def evolutionary_search(fitness: Fitness, *, seed: int = 0, population: int = 20
                         time_budget_s: float | None = None, max_candidates: int | None = None, tournament: int = 3,
                         crossover_prob: float = 0.5, mutation_prob: float = 0.5, elitism: int = 2,
                         log_path, resume: bool = False, progress: bool = True,
-                        callback: Callable[[dict], None] | None = None) -> SearchResult:
+                        callback: Callable[[dict], None] | None = None, signature=None) -> SearchResult:
     """Evolve allocation functions; lower fitness is better. ``generations`` counts generations after the initial
-    random population (generation 0). Stops at the first of: generations done, ``max_candidates`` evaluated, time."""
+    random population (generation 0). Stops at the first of: generations done, ``max_candidates`` evaluated, time.
+    ``signature``: f -> hashable; candidates equivalent to an evaluated one are skipped (see the module doc)."""
     if population < 2 or not 1 <= tournament <= population or not 0 <= elitism < population or generations < 0:
         raise UserError("evolution needs population >= 2, 1 <= tournament <= population, "
                         f"0 <= elitism < population, generations >= 0 (got {population}, {tournament}, {elitism}, "
@@ -237,7 +265,8 @@ def evolutionary_search(fitness: Fitness, *, seed: int = 0, population: int = 20
     if not (0 <= crossover_prob <= 1 and 0 <= mutation_prob <= 1):
         raise UserError("crossover_prob and mutation_prob must lie in [0, 1]")
     rng = random.Random(seed)
-    run = _Run(fitness, "evolution", seed, log_path, resume, time_budget_s, max_candidates, progress, callback)
+    run = _Run(fitness, "evolution", seed, log_path, resume, time_budget_s, max_candidates, progress, callback,
+               signature)
 
     pop: list[tuple[float, AllocationFunction]] = []
     while len(pop) < population:
@@ -271,12 +300,14 @@ def evolutionary_search(fitness: Fitness, *, seed: int = 0, population: int = 20
 
 def random_search(fitness: Fitness, *, seed: int = 0, time_budget_s: float | None = None,
                   max_candidates: int | None = None, log_path, resume: bool = False, progress: bool = True,
-                  callback: Callable[[dict], None] | None = None) -> SearchResult:
-    """The baseline: distinct uniform random functions until ``max_candidates`` or the time budget is used up."""
+                  callback: Callable[[dict], None] | None = None, signature=None) -> SearchResult:
+    """The baseline: distinct uniform random functions until ``max_candidates`` or the time budget is used up
+    (``signature``: as in ``evolutionary_search``)."""
     if time_budget_s is None and max_candidates is None:
         raise UserError("random search needs a budget: set time_budget_s and/or max_candidates")
     rng = random.Random(seed)
-    run = _Run(fitness, "random", seed, log_path, resume, time_budget_s, max_candidates, progress, callback)
+    run = _Run(fitness, "random", seed, log_path, resume, time_budget_s, max_candidates, progress, callback,
+               signature)
     while (why := run.stop_reason()) is None:
         f = run.novel(lambda: random_function(rng), rng)
         if f is None:
@@ -292,9 +323,13 @@ def allocation_fitness(block_scores, target: float, evaluate_allocation: Callabl
 
     The pre+reduce stage is shared through one StageCache (``fitness.cache``), and allocations equal to 1e-9 (from
     functions that differ by an affine map, e.g.) are scored once. A constant function raises InvalidCandidate.
+    ``fitness.signature(f)`` is that rounded allocation (pass it as the searches' ``signature``).
     """
     cache = StageCache(block_scores)
     scored: dict[tuple, float] = {}
+
+    def signature(f: AllocationFunction) -> tuple:
+        return tuple(round(x, 9) for x in allocate(f, cache, target, lam, weights, lo, hi))
 
     def fitness(f: AllocationFunction) -> float:
         s = allocate(f, cache, target, lam, weights, lo, hi)
@@ -303,7 +338,7 @@ def allocation_fitness(block_scores, target: float, evaluate_allocation: Callabl
             scored[k] = float(evaluate_allocation(s))
         return scored[k]
 
-    fitness.cache = cache
+    fitness.cache, fitness.signature = cache, signature
     return fitness
 
 

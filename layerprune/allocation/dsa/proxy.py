@@ -1,0 +1,226 @@
+"""The cheap fitness of a DSA candidate: perplexity on a few WikiText-2 *validation* windows after one-shot Wanda.
+
+Once per (model, calibration):
+  1. one dense pass (block inputs propagated through the *unpruned* blocks, as the allocation pre-pass of
+     ``engine.prepass_scores`` does, same batching) collects sq_norm_j = sum_t x_tj^2 for every block linear
+     (cached on disk with ``norms_path``, keyed by a fingerprint of the model config and the calibration ids);
+  2. per linear: a float32 copy of the dense weight W and the rank of every Wanda score S_ij = |W_ij| * ||X_j||_2
+     inside its row (stable sort, the order of the Wanda solver), kept as int16/int32;
+  3. the validation windows, tokenized once.
+Per candidate f:
+  phi(block) for every block -> DSA mapping -> per-block sparsities with parameter-weighted mean = S exactly. phi's
+  pre+reduce stage is shared between candidates by one ``StageCache`` whose blocks build their scores |W| * ||X||
+  on demand from the dense copy (the scores are exactly those the DSA allocator sees in a full run, so a function's
+  allocation here equals its allocation there). Then every linear is pruned with Wanda at its block's sparsity:
+  k = round(s * numel), base = k // rows per row plus one more in the ``k % rows`` rows whose next score is lowest
+  (the solver's ``row_mask``), i.e. mask = rank < count_row, written from the dense copy; then the perplexity.
+Difference from the full protocol: the pruning is one-shot with the dense input norms (a full run re-collects the
+norms of every block from the outputs of the already pruned blocks before it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from layerprune.allocation.dsa.functions import AllocationFunction, InvalidCandidate, StageCache, allocate, resolve
+from layerprune.engine import ActivationBuffer, capture_inputs
+from layerprune.errors import UserError
+from layerprune.evaluation.perplexity import perplexity
+from layerprune.hooks import HookSet
+from layerprune.models.adapters import get_adapter
+from layerprune.solvers.common import prune_count
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _fingerprint(model, calib: torch.Tensor, batch_size: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(calib.cpu().numpy().tobytes())
+    h.update(str(batch_size).encode())
+    for p in model.parameters():  # the weights too: a cheap sample of each tensor
+        h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def dense_norms(model, calib: torch.Tensor, batch_size: int = 8, device=None) -> dict[str, torch.Tensor]:
+    """{"<block>.<linear>": sq_norm [in] fp32} from one dense pass over the calibration windows ``calib``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    adapter = get_adapter(model)
+    dtype = next(model.parameters()).dtype
+    hidden, kwargs = capture_inputs(model, adapter, calib, device, dtype, batch_size)
+    buf = ActivationBuffer(hidden, "cpu", device)
+    out = {}
+    try:
+        for i, block in enumerate(adapter.blocks(model)):
+            mods = adapter.linears(block)
+            args, kw = kwargs[i]
+            with HookSet(mods, {"sq_norm"}, sample_rows=0) as hs:
+                for s, x in buf.batches(batch_size):
+                    y = block(x, *args, **kw)
+                    buf.write(s, y[0] if isinstance(y, (tuple, list)) else y)
+            buf.swap()
+            out.update({f"{i}.{n}": hs.collectors[n].sq_norm.float().cpu() for n in mods})
+    finally:
+        buf.close()
+    return out
+
+
+class Proxy:
+    """fitness(f) = perplexity on ``eval_ids``'s first ``windows`` windows of the model pruned by f's allocation.
+
+    ``model`` is taken over: its weights are rewritten for every candidate and it is cast to ``dtype`` for the
+    perplexity passes (``restore()`` puts the dense weights back). ``calib``: [n, seqlen] calibration ids.
+    ``eval_ids``: [1, N] ids of the validation text. ``norms_path``: a .safetensors file caching the dense pass.
+    """
+
+    def __init__(self, model, calib: torch.Tensor, eval_ids: torch.Tensor, target: float, *, seqlen: int = 512,
+                 windows: int = 8, lam: float = 0.08, lo: float = 0.0, hi: float = 0.99, batch_size: int = 8,
+                 eval_batch_size: int = 4, dtype: str = "bfloat16", norms_path=None):
+        if dtype not in DTYPES:
+            raise UserError(f"proxy dtype {dtype!r} is unknown: use {', '.join(DTYPES)}")
+        if not 0.0 < target < 1.0:
+            raise UserError(f"target sparsity {target} must lie in (0, 1), e.g. 0.7")
+        if windows < 1 or eval_ids.numel() < windows * seqlen:
+            raise UserError(f"the validation text has {eval_ids.numel()} tokens, fewer than {windows} windows of "
+                            f"{seqlen}: lower the number of windows or the window length")
+        self.model, self.target, self.lam, self.lo, self.hi = model, float(target), float(lam), lo, hi
+        self.eval_ids, self.seqlen, self.windows = eval_ids.reshape(-1), seqlen, windows
+        self.eval_batch_size = eval_batch_size
+        self.adapter = get_adapter(model)
+        self.stats_passes = 0  # dense calibration passes run by this proxy (0 when the norms came from the cache)
+        t0 = time.perf_counter()
+        self.norms = self._norms(calib, batch_size, norms_path)
+        t1 = time.perf_counter()
+        # the dense weights (fp32 copy), the per-row ranks of their Wanda scores, the parameter count per block
+        self.layers = []  # (block, name, module, dense fp32 [out, in], norm fp32 [in], rank [out, in])
+        self.block_layers: list[list[int]] = []
+        for b, block in enumerate(self.adapter.blocks(model)):
+            self.block_layers.append([])
+            for name, mod in self.adapter.linears(block).items():
+                w = self.adapter.get_weight(mod).detach().float().clone()
+                norm = self.norms[f"{b}.{name}"].sqrt()
+                order = torch.sort(w.abs() * norm[None, :], dim=1, stable=True).indices
+                rank_dtype = torch.int16 if w.shape[1] < 2 ** 15 else torch.int32  # counts <= cols fit
+                rank = torch.empty(w.shape, dtype=rank_dtype)
+                rank.scatter_(1, order, torch.arange(w.shape[1], dtype=rank_dtype).expand_as(order).contiguous())
+                del order
+                self.block_layers[-1].append(len(self.layers))
+                self.layers.append((b, name, mod, w, norm, rank))
+        self.weights = [sum(self.layers[j][3].numel() for j in js) for js in self.block_layers]
+        self.cache = StageCache([self._block_scores(js) for js in self.block_layers])
+        model.to(DTYPES[dtype])
+        self.setup_seconds = {"dense_pass": t1 - t0, "ranks": time.perf_counter() - t1}
+        self.timings = {"allocate": 0.0, "apply": 0.0, "ppl": 0.0}
+        self.n_evaluated = 0  # perplexity evaluations
+        self.scored: dict[tuple, float] = {}  # pruned counts -> perplexity: equal ones are scored once
+
+    def _norms(self, calib, batch_size, path) -> dict[str, torch.Tensor]:
+        fp = _fingerprint(self.model, calib, batch_size)
+        path = Path(path) if path is not None else None
+        if path is not None and path.is_file():
+            try:
+                norms = load_file(str(path))
+                if norms.pop("__fingerprint__").numpy().tobytes().decode() == fp:
+                    return norms
+            except (KeyError, OSError, ValueError):
+                pass
+        norms = dense_norms(self.model, calib, batch_size)
+        self.stats_passes += 1
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tag = torch.frombuffer(bytearray(fp.encode()), dtype=torch.uint8)
+            save_file({**norms, "__fingerprint__": tag}, str(path))
+        return norms
+
+    def _block_scores(self, layer_ids):
+        def scores():  # |W| * ||X_j|| of the block, in the allocator's float ops
+            return [self.layers[j][3].abs() * self.layers[j][4].unsqueeze(0) for j in layer_ids]
+        return scores
+
+    def allocation(self, f: AllocationFunction | str) -> list[float]:
+        """Per-block sparsities of ``f`` (raises InvalidCandidate for a constant function)."""
+        return allocate(resolve(f), self.cache, self.target, self.lam, self.weights, self.lo, self.hi)
+
+    @torch.no_grad()
+    def apply(self, block_sparsity) -> None:
+        """Write every linear pruned with Wanda (dense norms) at its block's sparsity, from the dense copy."""
+        if len(block_sparsity) != len(self.block_layers):
+            raise UserError(f"got {len(block_sparsity)} block sparsities for {len(self.block_layers)} blocks")
+        for b, name, mod, w, norm, rank in self.layers:
+            s = float(block_sparsity[b])
+            if not (math.isfinite(s) and 0.0 <= s <= 1.0):
+                raise InvalidCandidate(f"block {b} sparsity {s} is not in [0, 1]")
+            rows, cols = w.shape
+            base, extra = divmod(prune_count(s, w.numel()), rows)
+            counts = torch.full((rows, 1), base, dtype=torch.long)
+            if extra:  # one more in the rows whose (base+1)-th lowest score is lowest (ties: lowest row first)
+                idx = (rank == base).nonzero()[:, 1]
+                nxt = w.gather(1, idx[:, None]).squeeze(1).abs() * norm[idx]
+                counts[torch.sort(nxt, stable=True).indices[:extra], 0] += 1
+            self.adapter.set_weight(mod, w.masked_fill(rank < counts.to(rank.dtype), 0.0))
+
+    def restore(self) -> None:
+        """Put the dense weights back."""
+        for b, name, mod, w, norm, rank in self.layers:
+            self.adapter.set_weight(mod, w)
+
+    def evaluate_allocation(self, block_sparsity) -> float:
+        """Perplexity of the model pruned with ``block_sparsity``; a non-finite one raises InvalidCandidate."""
+        t0 = time.perf_counter()
+        self.apply(block_sparsity)
+        t1 = time.perf_counter()
+        ppl = perplexity(self.model, self.eval_ids, self.seqlen, self.windows, self.eval_batch_size,
+                         progress=False).ppl
+        self.timings["apply"] += t1 - t0
+        self.timings["ppl"] += time.perf_counter() - t1
+        self.n_evaluated += 1
+        if not math.isfinite(ppl):
+            raise InvalidCandidate(f"non-finite perplexity {ppl}")
+        return ppl
+
+    def counts(self, block_sparsity) -> tuple[int, ...]:
+        """Weights pruned per linear, round(s * numel): equal counts give the same pruned model."""
+        return tuple(prune_count(float(block_sparsity[b]), w.numel()) for b, _, _, w, _, _ in self.layers)
+
+    def signature(self, f: AllocationFunction | str) -> tuple[int, ...]:
+        """The pruned-weight counts of f's allocation: functions with equal signatures are equivalent candidates."""
+        return self.counts(self.allocation(f))
+
+    def fitness(self, f: AllocationFunction | str) -> float:
+        """The proxy perplexity of ``f`` (raises InvalidCandidate when ``f`` gives no allocation or a NaN PPL)."""
+        t0 = time.perf_counter()
+        s = self.allocation(f)
+        self.timings["allocate"] += time.perf_counter() - t0
+        key = self.counts(s)  # = self.signature(f)
+        if key not in self.scored:
+            self.scored[key] = self.evaluate_allocation(s)
+        return self.scored[key]
+
+    def rescore(self, functions, windows: int, dtype: str = "float32") -> list[float]:
+        """Perplexity of each function on the first ``windows`` validation windows with the model in ``dtype`` (a
+        closer look at the best candidates: more windows, full precision); inf where a function gives no allocation."""
+        if windows < 1 or self.eval_ids.numel() < windows * self.seqlen:
+            raise UserError(f"the validation text has {self.eval_ids.numel()} tokens, fewer than {windows} windows "
+                            f"of {self.seqlen}: lower the number of rescoring windows")
+        old_windows, old_dtype = self.windows, next(self.model.parameters()).dtype
+        self.windows = windows
+        self.model.to(DTYPES[dtype])
+        try:
+            out = []
+            for f in functions:
+                try:
+                    out.append(self.evaluate_allocation(self.allocation(f)))
+                except InvalidCandidate:
+                    out.append(math.inf)
+            return out
+        finally:
+            self.windows = old_windows
+            self.model.to(old_dtype)

@@ -1,0 +1,275 @@
+"""Physically smaller models: remove attention heads and FFN channels, and save / load per-block widths.
+
+Heads (LLaMA-style attention; query head h reads KV head h // n_rep, n_rep = heads / kv_heads, as ``repeat_kv``
+lays them out): a removed query head loses its ``head_dim`` rows of q_proj and its ``head_dim`` input columns of
+o_proj; a removed KV head loses its rows of k_proj and v_proj. Every KV group must keep the same number of query
+heads, so grouped-query attention (GQA) allows two removal modes:
+
+  * ``heads``     : the same number of query heads from every KV group; all KV heads stay. Finer (one head per group
+                    per step), the o_proj OBS sees exactly what is removed; k/v projections and the KV cache keep
+                    their size, so attention saves less per removed head.
+  * ``kv-groups`` : whole KV groups (the KV head and its n_rep query heads). Also shrinks k/v and the KV cache (more
+                    decode speed and memory per step), but coarser, and k/v rows are removed without OBS
+                    compensation of their own (the o_proj update compensates the group's whole output).
+  Multi-head attention (n_rep = 1) is the same in both modes: a head goes with its k/v rows.
+
+FFN channels: rows of gate_proj and up_proj, input columns of down_proj.
+
+Saving. When every block ends with the same widths the model keeps its stock config (with the new
+``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size`` and an explicit ``head_dim``), which stock
+``AutoModelForCausalLM.from_pretrained`` loads. Otherwise the config becomes ``layerprune_<model_type>`` (registered
+with the ``transformers`` Auto classes by ``register()``, which ``layerprune.load_model`` calls): the stock config
+plus per-block lists ``layer_heads``, ``layer_kv_heads``, ``layer_intermediate``; its model class is the stock class,
+which builds the dense model and resizes each block after init (no forked modeling code).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .models import adapters as _adapters
+from .models.adapters import Adapter, get_adapter
+
+PREFIX = "layerprune_"
+GQA_MODES = ("heads", "kv-groups")
+_FIELDS = ("layer_heads", "layer_kv_heads", "layer_intermediate")
+_CLASSES: dict[str, tuple[type, type, type, type]] = {}  # base model_type -> (base cfg, base model, cfg, model)
+
+
+# ----------------------------------------------------------------------------- widths and slicing
+
+def _parent(block: nn.Module, dotted: str) -> nn.Module:
+    return block.get_submodule(dotted.rsplit(".", 1)[0])
+
+
+def block_widths(block: nn.Module, adapter: Adapter, head_dim: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, FFN channels) of a block, read from its weight shapes."""
+    lin = adapter.linears(block)
+    rows = lambda role: adapter.get_weight(lin[role]).shape[0]  # noqa: E731
+    return rows(adapter.q) // head_dim, rows(adapter.k) // head_dim, rows(adapter.up)
+
+
+def model_widths(model) -> list[tuple[int, int, int]]:
+    adapter = get_adapter(model)
+    hd = adapter.geometry(model.config).head_dim
+    return [block_widths(b, adapter, hd) for b in adapter.blocks(model)]
+
+
+def check_structured(adapter: Adapter) -> None:
+    if not adapter.structured:
+        raise UserError(f"structured pruning needs separate q/k/v/o projections and a gated MLP; the {adapter.family} "
+                        "family has fused or missing ones: use an unstructured method (wanda, sparsegpt)")
+
+
+@torch.no_grad()
+def _slice(mod: nn.Linear, dim: int, keep: torch.Tensor) -> None:
+    """Keep rows (dim 0: outputs) or columns (dim 1: inputs) `keep` of an nn.Linear, in place."""
+    keep = keep.to(mod.weight.device)
+    mod.weight = nn.Parameter(mod.weight.index_select(dim, keep).contiguous(), requires_grad=mod.weight.requires_grad)
+    if dim == 0:
+        if mod.bias is not None:
+            mod.bias = nn.Parameter(mod.bias[keep].contiguous(), requires_grad=mod.bias.requires_grad)
+        mod.out_features = len(keep)
+    else:
+        mod.in_features = len(keep)
+
+
+def _rows(units: list[int], size: int) -> torch.Tensor:
+    """Row indices of the given units (heads) of `size` rows each."""
+    u = torch.as_tensor(sorted(units), dtype=torch.long)
+    return (u[:, None] * size + torch.arange(size)).reshape(-1)
+
+
+def _set_attention(block: nn.Module, adapter: Adapter, heads: int, kv_heads: int) -> None:
+    attn = _parent(block, adapter.o)
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = heads // kv_heads
+    for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+
+
+def _set_mlp(block: nn.Module, adapter: Adapter, channels: int) -> None:
+    mlp = _parent(block, adapter.down)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = channels
+
+
+def remove_heads(block: nn.Module, adapter: Adapter, head_dim: int, heads: list[int], kv_heads: list[int] = ()) -> None:
+    """Remove query heads `heads` (q_proj rows, o_proj columns) and KV heads `kv_heads` (k/v rows) from a block.
+
+    The result must still be valid GQA: every kept KV head keeps the same number of query heads, and the query heads
+    of a removed KV head are all removed."""
+    check_structured(adapter)
+    nh, nkv, _ = block_widths(block, adapter, head_dim)
+    heads, kv_heads = sorted(set(heads)), sorted(set(kv_heads))
+    if any(not 0 <= h < nh for h in heads) or any(not 0 <= g < nkv for g in kv_heads):
+        raise UserError(f"head indices out of range: the block has {nh} query heads and {nkv} KV heads")
+    rep = nh // nkv
+    left = [sum(h // rep == g and h not in heads for h in range(nh)) for g in range(nkv)]
+    kept = [left[g] for g in range(nkv) if g not in kv_heads]
+    if any(left[g] for g in kv_heads) or not kept or len(set(kept)) != 1 or kept[0] == 0:
+        raise UserError(f"removing query heads {heads} and KV heads {kv_heads} leaves an invalid GQA layout "
+                        f"(query heads left per KV group: {left}); remove the same number from every kept group and "
+                        "all query heads of a removed group")
+    lin = adapter.linears(block)
+    keep_q = _rows([h for h in range(nh) if h not in heads], head_dim)
+    keep_kv = _rows([g for g in range(nkv) if g not in kv_heads], head_dim)
+    _slice(lin[adapter.q], 0, keep_q)
+    _slice(lin[adapter.o], 1, keep_q)
+    _slice(lin[adapter.k], 0, keep_kv)
+    _slice(lin[adapter.v], 0, keep_kv)
+    _set_attention(block, adapter, nh - len(heads), nkv - len(kv_heads))
+
+
+def remove_channels(block: nn.Module, adapter: Adapter, channels: list[int]) -> None:
+    """Remove FFN channels: gate/up rows and down_proj input columns."""
+    check_structured(adapter)
+    lin = adapter.linears(block)
+    n = adapter.get_weight(lin[adapter.up]).shape[0]
+    drop = set(channels)
+    if any(not 0 <= c < n for c in drop) or len(drop) >= n:
+        raise UserError(f"cannot remove channels {sorted(drop)[:8]}... from an FFN of {n}: keep at least one, "
+                        "indices in range")
+    keep = torch.as_tensor([c for c in range(n) if c not in drop], dtype=torch.long)
+    _slice(lin[adapter.gate], 0, keep)
+    _slice(lin[adapter.up], 0, keep)
+    _slice(lin[adapter.down], 1, keep)
+    _set_mlp(block, adapter, len(keep))
+
+
+@torch.no_grad()
+def resize_block(block: nn.Module, adapter: Adapter, head_dim: int, heads: int, kv_heads: int, channels: int) -> None:
+    """Give a block the given widths with uninitialised weights (to be loaded next); keeps device and dtype."""
+    check_structured(adapter)
+    lin = adapter.linears(block)
+
+    def resize(role, out, inp):
+        m = lin[role]
+        w = m.weight
+        m.weight = nn.Parameter(torch.empty(out, inp, device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
+        if m.bias is not None:
+            b = m.bias
+            m.bias = nn.Parameter(torch.empty(out, device=b.device, dtype=b.dtype), requires_grad=b.requires_grad) \
+                if out != b.shape[0] else b
+        m.out_features, m.in_features = out, inp
+
+    hidden = lin[adapter.q].in_features
+    resize(adapter.q, heads * head_dim, hidden)
+    resize(adapter.k, kv_heads * head_dim, hidden)
+    resize(adapter.v, kv_heads * head_dim, hidden)
+    resize(adapter.o, hidden, heads * head_dim)
+    resize(adapter.gate, channels, hidden)
+    resize(adapter.up, channels, hidden)
+    resize(adapter.down, hidden, channels)
+    _set_attention(block, adapter, heads, kv_heads)
+    _set_mlp(block, adapter, channels)
+
+
+def load_block(block: nn.Module, adapter: Adapter, head_dim: int, state_dict: dict) -> None:
+    """Load a (possibly pruned) block's state dict into a block of any width (resume of a structured run)."""
+    lin = adapter.linears(block)
+    heads = state_dict[f"{adapter.q}.weight"].shape[0] // head_dim
+    kv = state_dict[f"{adapter.k}.weight"].shape[0] // head_dim
+    ch = state_dict[f"{adapter.up}.weight"].shape[0]
+    if block_widths(block, adapter, head_dim) != (heads, kv, ch) or lin[adapter.q].weight.is_meta:
+        resize_block(block, adapter, head_dim, heads, kv, ch)
+    block.load_state_dict(state_dict)
+
+
+def count_params(model) -> int:
+    """Parameters of the model (tied tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- config / model registration
+
+def _make_classes(base_cfg: type, base_model: type) -> tuple[type, type]:
+    cfg_name = "Layerprune" + base_cfg.__name__
+    ann = {f: list[int] | None for f in _FIELDS}
+    cfg_cls = type(cfg_name, (base_cfg,), {"model_type": PREFIX + base_cfg.model_type, "__annotations__": ann,
+                                          "__module__": __name__, **{f: None for f in _FIELDS}})
+
+    def __init__(self, config):
+        base_model.__init__(self, config)
+        apply_widths(self, config)
+
+    model_cls = type("Layerprune" + base_model.__name__, (base_model,),
+                     {"config_class": cfg_cls, "__init__": __init__, "__module__": __name__})
+    return cfg_cls, model_cls
+
+
+def register() -> None:
+    """Register ``layerprune_<type>`` configs/models with AutoConfig / AutoModelForCausalLM (idempotent), and tell
+    the adapters that they are their base family."""
+    if _CLASSES:
+        return
+    import transformers as T
+
+    bases = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
+             "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM), "gemma3_text": (T.Gemma3TextConfig, T.Gemma3ForCausalLM)}
+    for base_type, (bc, bm) in bases.items():
+        cfg_cls, model_cls = _make_classes(bc, bm)
+        T.AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        T.AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
+        _CLASSES[base_type] = (bc, bm, cfg_cls, model_cls)
+        for a in _adapters.ADAPTERS:
+            if base_type in a.model_types and cfg_cls.model_type not in a.model_types:
+                a.model_types = a.model_types + (cfg_cls.model_type,)
+
+
+def _base_type(model_type: str) -> str:
+    return model_type.removeprefix(PREFIX)
+
+
+def apply_widths(model, config) -> None:
+    """Resize the blocks of a freshly built model to the per-block widths of a ``layerprune_*`` config."""
+    lists = [getattr(config, f, None) for f in _FIELDS]
+    if all(v is None for v in lists):
+        return
+    adapter = get_adapter(config)
+    blocks = adapter.blocks(model)
+    hd = adapter.geometry(config).head_dim
+    if any(v is None or len(v) != len(blocks) for v in lists):
+        raise UserError(f"config lists {', '.join(_FIELDS)} must each have one entry per block ({len(blocks)})")
+    for block, h, kv, ch in zip(blocks, *lists):
+        resize_block(block, adapter, hd, h, kv, ch)
+
+
+def finalize(model) -> dict:
+    """Make the model's config describe its (pruned) blocks; returns the widths written.
+
+    Equal widths everywhere: the stock config (and class) with the new sizes and an explicit head_dim. Otherwise the
+    registered ``layerprune_<type>`` config and class with per-block lists. Works in both directions."""
+    register()
+    adapter = get_adapter(model)
+    old = model.config
+    base_type = _base_type(old.model_type)
+    if base_type not in _CLASSES:
+        raise UserError(f"saving pruned widths is supported for {', '.join(_CLASSES)}, not {old.model_type!r}")
+    base_cfg, base_model, cfg_cls, model_cls = _CLASSES[base_type]
+    hd = adapter.geometry(old).head_dim
+    widths = model_widths(model)
+    d = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "transformers_version", "architectures",
+                                                             *_FIELDS)}
+    d["head_dim"] = hd
+    new = None
+    if len(set(widths)) == 1:
+        h, kv, ch = widths[0]
+        try:
+            new = base_cfg(**{**d, "num_attention_heads": h, "num_key_value_heads": kv, "intermediate_size": ch})
+            cls = base_model
+        except ValueError:  # e.g. hidden_size not a multiple of the head count: keep the per-block form
+            new = None
+    if new is None:
+        new = cfg_cls(**d, **{f: [w[j] for w in widths] for j, f in enumerate(_FIELDS)})
+        cls = model_cls
+    new._attn_implementation = old._attn_implementation
+    for m in model.modules():
+        if getattr(m, "config", None) is old:
+            m.config = new
+    model.__class__ = cls
+    return {"uniform": cls is base_model, "model_type": new.model_type,
+            "heads": [w[0] for w in widths], "kv_heads": [w[1] for w in widths],
+            "intermediate": [w[2] for w in widths]}
