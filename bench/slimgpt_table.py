@@ -68,6 +68,8 @@ def write(results: dict) -> None:
         prune_s = f"{r['prune_s']:.0f}" if r.get("prune_s") is not None else "-"
         lines.append(f"| {r['label']} | {sp} | {r['params'] / 1e6:.2f}M{ratio} | {r['ppl128']:.2f} | "
                      f"{r['ppl512']:.2f} | {r['prefill_ms']:.0f} | {prune_s} |")
+    notes = results["meta"].get("notes", [])
+    lines += [""] + [f"- {n}" for n in notes] if notes else []
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
