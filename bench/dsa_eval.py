@@ -101,7 +101,9 @@ def main() -> None:
             for st, sm in summaries.items()}}
         logs = {st: run_dir(runs, s, st) / "search.jsonl" for st in summaries}
         if logs:
-            plot_curves(logs, out / f"dsa_search_{tag}.png")
+            budgets = "/".join(sorted({f"{sm['settings']['budget_minutes']:g}" for sm in summaries.values()}))
+            plot_curves(logs, out / f"dsa_search_{tag}.png",
+                        title=f"DSA search on SmolLM2-135M, Wanda {tag}%, {budgets} min each")
         for st in summaries:
             src = run_dir(runs, s, st)
             shutil.copy(src / "summary.json", out / f"s{tag}-{st}.summary.json")

@@ -358,22 +358,36 @@ def summarize(log_path) -> dict:
             "best_so_far": curve}
 
 
-def plot_curves(logs: dict, out_png) -> Path:
-    """Best fitness vs candidates evaluated, one line per log ({"evolution": log1, "random": log2}), log y axis."""
+def plot_curves(logs: dict, out_png, title: str | None = None) -> Path:
+    """Best fitness vs candidates evaluated, one line per log ({"evolution": log1, "random": log2}). Left: the whole
+    run, log y axis; right: a zoom on the best region, with every candidate's fitness as a faint dot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, path in logs.items():
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4))
+    lows = []
+    for k, (name, path) in enumerate(logs.items()):
         pts = [(i + 1, y) for i, y in enumerate(summarize(path)["best_so_far"]) if y is not None]
-        if pts:
-            ax.plot(*zip(*pts), label=name, drawstyle="steps-post")
+        if not pts:
+            continue
+        color = f"C{k}"
+        for a in (ax, zoom):
+            a.plot(*zip(*pts), label=name, drawstyle="steps-post", color=color)
+        ok = [(r["i"] + 1, r["fitness"]) for r in read_log(path) if r["status"] == "ok"]
+        zoom.scatter(*zip(*ok), s=4, alpha=0.25, color=color, linewidths=0)
+        lows.append(pts[-1][1])
     ax.set_yscale("log")
-    ax.set_xlabel("candidates evaluated")
-    ax.set_ylabel("best fitness so far")
+    if lows:
+        zoom.set_ylim(0.98 * min(lows), 1.25 * max(lows))
+    for a in (ax, zoom):
+        a.set_xlabel("candidates evaluated")
+        a.grid(alpha=0.3, which="both")
+    ax.set_ylabel("best fitness so far (proxy PPL)")
+    zoom.set_title("zoom; dots: every candidate", fontsize=9)
     ax.legend()
-    ax.grid(alpha=0.3, which="both")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
