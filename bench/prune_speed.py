@@ -2,8 +2,9 @@
 
 The floor is two plain forward passes of all blocks over the same calibration batch (what any
 layer-wise pruner must at least run: one pass to collect statistics, one to propagate pruned
-outputs), timed in the same process. Each configuration runs in a fresh subprocess so that its peak
-RSS is its own. Optionally evaluates WikiText-2 PPL (40 x 512) of each pruned model.
+outputs), timed twice in the same process after pruning (the lower kept). Each configuration runs
+in a fresh subprocess so that its peak RSS is its own (read before the floor is timed). Optionally
+evaluates WikiText-2 PPL (40 x 512) of each pruned model.
 
     python bench/prune_speed.py                       # all configurations -> bench/results/prune_speed.json
     python bench/prune_speed.py --one wanda --offload disk --compute-dtype float32   # one, JSON on stdout
@@ -70,17 +71,17 @@ def run_one(method: str, offload: str, compute_dtype: str, evaluate: bool, nsamp
         model, tok = load_model("smollm2-135m")
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     calib = calibration_set(tok, "c4", nsamples, seqlen, 0)
-    # the floor is timed twice (before and after pruning) and the lower kept, so that a burst of other load on the
-    # machine during one measurement does not flatter the ratio
-    floor = floor_seconds(model, calib.ids, dtype, batch_size) if offload != "disk" else None
+    # the floor is timed twice after pruning (same kernels: pruned weights are still dense tensors) and the lower
+    # kept, so that a burst of other load on the machine during one measurement does not flatter the ratio; it runs
+    # after the peak-RSS reading so that its buffers do not count towards the pruner's peak
     with tempfile.TemporaryDirectory() as tmp:
         rec = prune(model, tok, method=method, sparsity=0.5, calibration=calib, offload=offload,
                     compute_dtype=compute_dtype, batch_size=batch_size, store=store,
                     out_dir=Path(tmp) / "run" if offload == "disk" else None, progress=False)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        floors = [floor]
-        if floor is not None:
-            floors.append(floor_seconds(model, calib.ids, dtype, batch_size))
+        floors, floor = [None], None
+        if offload != "disk":
+            floors = [floor_seconds(model, calib.ids, dtype, batch_size) for _ in range(2)]
             floor = min(floors)
         if offload == "disk":
             store.save_pretrained(model, Path(tmp) / "saved")
