@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DSA allocation-function search on SmolLM2-135M: evolution vs random search at equal time budgets, 70% and 60%,
-# then the full-protocol table (bench/dsa_eval.py). Each step takes the shared heavy-job lock on its own.
+# then the full-protocol table (bench/dsa_eval.py) and the spread-vs-function check at 70% (bench/dsa_spread.py). Each step takes the shared heavy-job lock on its own.
 # Usage: bash bench/dsa_runs.sh [MINUTES_70] [MINUTES_60]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,3 +16,4 @@ for s in 70 60; do
 done
 flock /tmp/lp_heavy.lock .venv/bin/python bench/dsa_eval.py --runs runs/dsa --sparsities 0.7,0.6 \
   --out bench/results/dsa
+flock /tmp/lp_heavy.lock .venv/bin/python bench/dsa_spread.py
