@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # DSA allocation-function search on SmolLM2-135M: evolution vs random search at equal time budgets, 70% and 60%,
-# then the full-protocol table (bench/dsa_eval.py) and the spread-vs-function check at 70% (bench/dsa_spread.py). Each step takes the shared heavy-job lock on its own.
+# then the full-protocol table (bench/dsa_eval.py) and the spread-vs-function check at 70% (bench/dsa_spread.py).
+# Each step takes the shared heavy-job lock on its own.
 # Usage: bash bench/dsa_runs.sh [MINUTES_70] [MINUTES_60]
 set -euo pipefail
 cd "$(dirname "$0")/.."
