@@ -322,35 +322,45 @@ def _wanda_scores(adapter, block, names, collectors) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def dense_input_norms(model, adapter, hidden, kwargs, batch_size, device, dtype, store, skip, offload="none",
+                      progress=False, desc="allocation statistics"):
+    """One dense pass: block inputs propagated through the *unpruned* blocks. Yields (i, block, collectors) per
+    block, the collectors holding sq_norm (sum over tokens of x_j^2) of every prunable linear's input; the block is
+    onloaded while the caller uses it and offloaded afterwards."""
+    buf = ActivationBuffer(hidden, "cpu" if offload == "none" else offload, device)
+    blocks = adapter.blocks(model)
+    names = [n for n in adapter.linear_names() if n not in skip]
+    try:
+        for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, leave=False):
+            store.onload(model, i, device)
+            block = blocks[i]
+            fwd = _forward_copy(block, dtype)
+            mods = adapter.linears(fwd)
+            with HookSet({n: mods[n] for n in names}, {"sq_norm"}, sample_rows=0) as hs:
+                _forward_all(fwd, buf, kwargs[i], batch_size, keep=True)
+            del fwd
+            yield i, block, {n: hs.collectors[n] for n in names}
+            buf.swap()
+            store.offload(model, i)
+    finally:
+        buf.close()
+
+
 def prepass_scores(model, adapter, allocator, hidden, kwargs, cfg, device, dtype, store, skip, progress):
-    """One dense pass (inputs propagated through the *unpruned* blocks, as DLP/OWL do): per block, the
-    allocator's statistic of the block's Wanda scores |W| * ||X_j||.
+    """One dense pass (``dense_input_norms``, as DLP/OWL do): per block, the allocator's statistic of the block's
+    Wanda scores |W| * ||X_j||.
 
     ``allocator`` may also be a dict {key: allocator}: then one pass serves them all and the result is
     {key: [statistic per block]} (the allocation sweep uses this to share the pass)."""
     many = isinstance(allocator, dict)
     allocators = allocator if many else {None: allocator}
-    buf = ActivationBuffer(hidden, "cpu" if cfg.offload == "none" else cfg.offload, device)
     stats = {k: [] for k in allocators}
-    blocks = adapter.blocks(model)
-    try:
-        for i in tqdm(range(len(blocks)), desc="allocation statistics", disable=not progress, leave=False):
-            store.onload(model, i, device)
-            block = blocks[i]
-            fwd = _forward_copy(block, dtype)
-            names = [n for n in adapter.linear_names() if n not in skip]
-            mods = adapter.linears(fwd)
-            with HookSet({n: mods[n] for n in names}, {"sq_norm"}, sample_rows=0) as hs:
-                _forward_all(fwd, buf, kwargs[i], cfg.batch_size, keep=True)
-            scores = _wanda_scores(adapter, block, names, hs.collectors)
-            for k, a in allocators.items():
-                stats[k].append(float(a.block_statistic(scores)))
-            del scores
-            buf.swap()
-            del fwd
-            store.offload(model, i)
-    finally:
-        buf.close()
+    for _, block, collectors in dense_input_norms(model, adapter, hidden, kwargs, cfg.batch_size, device, dtype,
+                                                   store, skip, cfg.offload, progress):
+        scores = _wanda_scores(adapter, block, list(collectors), collectors)
+        for k, a in allocators.items():
+            stats[k].append(float(a.block_statistic(scores)))
+        del scores
     return stats if many else stats[None]
 
 

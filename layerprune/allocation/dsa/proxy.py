@@ -1,8 +1,8 @@
 """The cheap fitness of a DSA candidate: perplexity on a few WikiText-2 *validation* windows after one-shot Wanda.
 
 Once per (model, calibration):
-  1. one dense pass (block inputs propagated through the *unpruned* blocks, as the allocation pre-pass of
-     ``engine.prepass_scores`` does, same batching) collects sq_norm_j = sum_t x_tj^2 for every block linear
+  1. one dense pass (``engine.dense_input_norms``, the allocation pre-pass: block inputs propagated through the
+     *unpruned* blocks, same batching) collects sq_norm_j = sum_t x_tj^2 for every block linear
      (cached on disk with ``norms_path``, keyed by a fingerprint of the model config and the calibration ids);
   2. per linear: a float32 copy of the dense weight W and the rank of every Wanda score S_ij = |W_ij| * ||X_j||_2
      inside its row (stable sort, the order of the Wanda solver), kept as int16/int32;
@@ -29,10 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layerprune.allocation.dsa.functions import AllocationFunction, InvalidCandidate, StageCache, allocate, resolve
-from layerprune.engine import ActivationBuffer, capture_inputs
+from layerprune.engine import capture_inputs, dense_input_norms
+from layerprune.offload import MemoryStore
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import perplexity
-from layerprune.hooks import HookSet
 from layerprune.models.adapters import get_adapter
 from layerprune.solvers.common import prune_count
 
@@ -56,21 +56,10 @@ def dense_norms(model, calib: torch.Tensor, batch_size: int = 8, device=None) ->
     adapter = get_adapter(model)
     dtype = next(model.parameters()).dtype
     hidden, kwargs = capture_inputs(model, adapter, calib, device, dtype, batch_size)
-    buf = ActivationBuffer(hidden, "cpu", device)
-    out = {}
-    try:
-        for i, block in enumerate(adapter.blocks(model)):
-            mods = adapter.linears(block)
-            args, kw = kwargs[i]
-            with HookSet(mods, {"sq_norm"}, sample_rows=0) as hs:
-                for s, x in buf.batches(batch_size):
-                    y = block(x, *args, **kw)
-                    buf.write(s, y[0] if isinstance(y, (tuple, list)) else y)
-            buf.swap()
-            out.update({f"{i}.{n}": hs.collectors[n].sq_norm.float().cpu() for n in mods})
-    finally:
-        buf.close()
-    return out
+    return {f"{i}.{n}": c.sq_norm.float().cpu()
+            for i, _, cols in dense_input_norms(model, adapter, hidden, kwargs, batch_size, device, dtype,
+                                                MemoryStore(), set())
+            for n, c in cols.items()}
 
 
 class Proxy:
