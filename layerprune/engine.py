@@ -35,6 +35,8 @@ from .offload import MemoryStore
 from .solvers import get_solver, relative_error
 from .solvers.nm import check_nm
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # compute dtypes by name
+
 log = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("none", "cpu", "disk")
@@ -370,7 +372,7 @@ def allocation_statistics(model, calib: torch.Tensor, allocators: dict, *, batch
     ``prune_model(block_stats=...)``). The model is not changed."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     cfg = PruneConfig(batch_size=batch_size, compute_dtype=compute_dtype)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
+    dtype = DTYPES[compute_dtype]
     adapter = get_adapter(model)
     hidden, kwargs = capture_inputs(model, adapter, calib, device, dtype, batch_size)
     return prepass_scores(model, adapter, allocators, hidden, kwargs, cfg, device, dtype, MemoryStore(), set(skip),
@@ -386,7 +388,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     cfg.validate()
     t_start = time.perf_counter()
     device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.compute_dtype]
+    dtype = DTYPES[cfg.compute_dtype]
     adapter = get_adapter(model)
     solver = get_solver(cfg.method)
     block_level = getattr(solver, "block_level", False)

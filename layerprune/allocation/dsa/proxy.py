@@ -29,15 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layerprune.allocation.dsa.functions import AllocationFunction, InvalidCandidate, StageCache, allocate, resolve
-from layerprune.engine import capture_inputs, dense_input_norms
+from layerprune.engine import DTYPES, capture_inputs, dense_input_norms
 from layerprune.offload import MemoryStore
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapters import get_adapter
 from layerprune.solvers.common import prune_count
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _fingerprint(model, calib: torch.Tensor, batch_size: int) -> str:
     h = hashlib.sha256()
