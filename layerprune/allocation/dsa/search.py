@@ -26,6 +26,7 @@ non-finite is logged as failed with fitness inf and the search goes on.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -368,13 +369,13 @@ def plot_curves(logs: dict, out_png, title: str | None = None) -> Path:
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4))
     lows = []
     for k, (name, path) in enumerate(logs.items()):
-        pts = [(i + 1, y) for i, y in enumerate(summarize(path)["best_so_far"]) if y is not None]
-        if not pts:
+        ok = [(r["i"] + 1, r["fitness"]) for r in read_log(path) if r["status"] == "ok"]
+        if not ok:
             continue
+        pts = list(zip([x for x, _ in ok], itertools.accumulate([y for _, y in ok], min)))
         color = f"C{k}"
         for a in (ax, zoom):
             a.plot(*zip(*pts), label=name, drawstyle="steps-post", color=color)
-        ok = [(r["i"] + 1, r["fitness"]) for r in read_log(path) if r["status"] == "ok"]
         zoom.scatter(*zip(*ok), s=4, alpha=0.25, color=color, linewidths=0)
         lows.append(pts[-1][1])
     ax.set_yscale("log")
