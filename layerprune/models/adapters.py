@@ -60,6 +60,20 @@ class Adapter:
     def lm_head(self, model: nn.Module) -> nn.Module:
         return _get(model, self.lm_head_path)
 
+    def body(self, model: nn.Module) -> nn.Module:
+        """The module holding the blocks; it returns the final hidden states the lm_head reads (norm applied)."""
+        return _get(model, self.blocks_path.rsplit(".", 1)[0])
+
+    def head_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states, as the model's own forward computes them after its body."""
+        logits = self.lm_head(model)(hidden)
+        cfg = model.config
+        if getattr(cfg, "logits_scaling", None):  # granite
+            logits = logits / cfg.logits_scaling
+        if getattr(cfg, "final_logit_softcapping", None):  # gemma 2/3
+            logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+        return logits
+
     def linear_names(self) -> list[str]:
         return [n for g in self.input_groups for n in g]
 
