@@ -27,7 +27,7 @@ def calibration_set(tokenizer, calib: str = "c4", nsamples: int = 128, seqlen: i
     return get_calibration(tokenizer, pool, nsamples, seqlen, seed)
 
 
-def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float = 0.5, nm=None,
+def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | None = None, nm=None,
           allocation: str = "uniform", allocation_options: dict | None = None, solver_options: dict | None = None,
           calibration: CalibrationSet | torch.Tensor | None = None, calib: str = "c4", nsamples: int = 128,
           seqlen: int = 2048, seed: int = 0, data_dir=None, device=None, offload: str = "none",

@@ -45,7 +45,7 @@ OFFLOAD_MODES = ("none", "cpu", "disk")
 @dataclass
 class PruneConfig:
     method: str = "wanda"
-    sparsity: float = 0.5
+    sparsity: float | None = 0.5  # None: 0.5, or n/m with ``nm``
     nm: tuple[int, int] | None = None  # (n pruned, of m)
     allocation: str = "uniform"
     allocation_options: dict = field(default_factory=dict)
@@ -57,6 +57,15 @@ class PruneConfig:
     skip: tuple[str, ...] = ()  # linear names (e.g. "mlp.down_proj") left dense
 
     def validate(self) -> None:
+        if self.nm is not None:  # N:M fixes the sparsity: n/m, recorded as such
+            n, m = check_nm(self.nm, 0)
+            if self.sparsity is None:
+                self.sparsity = n / m
+            elif abs(self.sparsity - n / m) > 1e-9:
+                raise UserError(f"--sparsity {self.sparsity} conflicts with --nm {n}:{m}, which prunes {n / m:g}: "
+                                "drop --sparsity (N:M sets it)")
+        if self.sparsity is None:
+            self.sparsity = 0.5
         if not (0.0 <= self.sparsity < 1.0):
             raise UserError(f"--sparsity {self.sparsity} is outside [0, 1): use e.g. 0.5 for 50%")
         if self.offload not in OFFLOAD_MODES:
@@ -214,7 +223,13 @@ class Checkpoint:
         p = self.folder / "state.json"
         if not p.is_file():
             return None
-        state = json.loads(p.read_text())
+        try:
+            state = json.loads(p.read_text())
+            if not isinstance(state, dict) or not (self.folder / state["activations"]).is_file():
+                raise ValueError("incomplete")
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{p} is corrupt or incomplete, so the run cannot be resumed: rerun with --force "
+                            "to start over") from None
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"{self.folder} belongs to a run with other settings (model, method, sparsity, allocation "
                             "or calibration differ): rerun with the same settings, or use --force to start over")
@@ -237,11 +252,11 @@ class Checkpoint:
         self._atomic(f"block_{i:04d}.safetensors", lambda p: save_file(sd, str(p)))
         name = f"acts_{i + 1:04d}.safetensors"
         self._atomic(name, lambda p: save_file({"x": acts.detach().to("cpu").contiguous()}, str(p)))
-        old = state.get("activations")
         state = {**state, "fingerprint": self.fingerprint, "next_block": i + 1, "activations": name}
         self._atomic("state.json", lambda p: p.write_text(json.dumps(state)))
-        if old and old != name:
-            (self.folder / old).unlink(missing_ok=True)
+        for old in self.folder.glob("acts_*.safetensors"):  # only the latest block's inputs are needed to resume
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -379,26 +394,19 @@ def allocation_statistics(model, calib: torch.Tensor, allocators: dict, *, batch
                           progress=False)
 
 
-def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, out_dir: Path | None = None,
-                resume: bool = False, store=None, progress: bool = True, block_stats: list[float] | None = None) -> dict:
-    """Prune ``model`` in place, block by block. Returns the run record (see ``record.py``).
-
-    ``block_stats``: the allocator's per-block statistics when already known (from ``prepass_scores`` on the same
-    model and calibration); skips the dense pre-pass."""
+def preflight(model, cfg: PruneConfig) -> list[LayerInfo]:
+    """Every check that needs only the model's structure (a weightless meta skeleton will do): the solver's
+    constraints, --skip names, N:M widths, and the allocation's census checks (e.g. a user list's length).
+    Returns the layer census."""
     cfg.validate()
-    t_start = time.perf_counter()
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = DTYPES[cfg.compute_dtype]
     adapter = get_adapter(model)
     solver = get_solver(cfg.method)
-    block_level = getattr(solver, "block_level", False)
-    blocks = adapter.blocks(model)
-    nblocks = len(blocks)
     skip = set(cfg.skip)
-    if block_level and (cfg.nm is not None or skip or cfg.offload == "disk"):
+    if getattr(solver, "block_level", False) and (cfg.nm is not None or skip or cfg.offload == "disk"):
         raise UserError(f"{cfg.method} prunes whole blocks and changes their shapes: --nm, --skip and --offload disk "
                         "do not apply; drop them")
-    params_before = sum(p.numel() for p in model.parameters())
+    if hasattr(solver, "check_model"):  # e.g. SlimGPT: removable heads, and a config for every outcome
+        solver.check_model(model, adapter, cfg.solver_options)
     unknown = skip - set(adapter.linear_names())
     if unknown:
         raise UserError(f"--skip names {', '.join(sorted(unknown))} are not linears of this model: "
@@ -407,6 +415,28 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     if cfg.nm is not None:
         for info in infos:
             check_nm(cfg.nm, info.shape[1])
+    allocator = get_allocator(cfg.allocation, **cfg.allocation_options)
+    allocator.check(cfg.sparsity, AllocationContext(infos, len(adapter.blocks(model))))
+    return infos
+
+
+def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, out_dir: Path | None = None,
+                resume: bool = False, store=None, progress: bool = True, block_stats: list[float] | None = None) -> dict:
+    """Prune ``model`` in place, block by block. Returns the run record (see ``record.py``).
+
+    ``block_stats``: the allocator's per-block statistics when already known (from ``prepass_scores`` on the same
+    model and calibration); skips the dense pre-pass."""
+    t_start = time.perf_counter()
+    infos = preflight(model, cfg)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = DTYPES[cfg.compute_dtype]
+    adapter = get_adapter(model)
+    solver = get_solver(cfg.method)
+    block_level = getattr(solver, "block_level", False)
+    blocks = adapter.blocks(model)
+    nblocks = len(blocks)
+    skip = set(cfg.skip)
+    params_before = sum(p.numel() for p in model.parameters())
     store = store or MemoryStore()
     timers = Timers()
     ckpt = Checkpoint(out_dir / ".checkpoint", fingerprint(model, calib, cfg)) if out_dir is not None else None
@@ -432,7 +462,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
                 ctx.block_stats = prepass_scores(model, adapter, allocator, hidden, kwargs, cfg, device, dtype,
                                                  store, skip, progress)
         ctx.weights = lambda b, n: adapter.get_weight(adapter.linears(blocks[b])[n]).detach().float()
-        target = cfg.sparsity if cfg.nm is None else cfg.nm[0] / cfg.nm[1]
+        target = cfg.sparsity
         alloc = allocator.allocate(target, ctx)
         layer_sparsity = alloc.layer_sparsity
         allocation = {"name": cfg.allocation, "options": cfg.allocation_options, "target": target,
@@ -444,6 +474,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             allocation["block_nm"] = [[n, cfg.nm[1]] for n in n_blocks]
     block_nm = [tuple(x) for x in allocation["block_nm"]] if cfg.nm is not None else [None] * nblocks
 
+    prev_total = (state or {}).get("timings", {}).get("total", 0.0)  # wall time of the interrupted process(es)
     layers: list[dict] = state["layers"] if state else []
     start = state["next_block"] if state else 0
     buf = ActivationBuffer(hidden, cfg.offload, device, folder=out_dir)
@@ -458,7 +489,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             store.offload(model, i)
         buf.a.copy_(ckpt.activations(state).to(buf.a.dtype))
         for k, v in state.get("timings", {}).items():
-            timers.t[k] += v
+            if k != "total":
+                timers.t[k] += v
         log.info("resuming at block %d of %d", start, nblocks)
 
     # 3. block by block
@@ -510,8 +542,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             del fwd
             if ckpt is not None:  # before the offload: with --offload disk the block leaves memory there
                 with timers("checkpoint"):
-                    ckpt.save(i, block, buf.inputs, {"allocation": allocation, "layers": layers,
-                                                     "timings": dict(timers.t)})
+                    ckpt.save(i, block, buf.inputs, {"allocation": allocation, "layers": layers, "timings": {
+                        **timers.t, "total": time.perf_counter() - t_start + prev_total}})
             with timers("offload"):
                 store.offload(model, i)
             errs = [r["rel_error"] for r in layers if r["block"] == i and r["rel_error"] is not None]
@@ -519,7 +551,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     finally:
         buf.close()
     extra = solver.finish(model, adapter) if block_level else {}
-    timers.t["total"] = time.perf_counter() - t_start + (state or {}).get("timings", {}).get("total", 0.0)
+    timers.t["total"] = time.perf_counter() - t_start + prev_total
     return {
         **extra,
         "params": {"before": params_before, "after": sum(p.numel() for p in model.parameters())},

@@ -31,7 +31,8 @@ from torch import nn
 
 from .errors import UserError
 from .models.adapters import get_adapter
-from .models.loading import BUILTIN, _cache_ok, builtin_gguf, gguf_cache_dir, load_gguf, parse_dtype
+from .models.loading import BUILTIN, _cache_ok, builtin_gguf, check_complete, gguf_cache_dir, keep_use_cache, load_gguf, \
+    parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +126,23 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, device="cpu") -> torch.Tensor:
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
     """Checkpoint key -> safetensors file holding it, for a single-file or sharded checkpoint."""
+    from safetensors import SafetensorError
+
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{index} is corrupt: re-save or re-download the model") from None
         return {k: folder / f for k, f in weight_map.items()}
     single = folder / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {k: single for k in f.keys()}
+        except SafetensorError as e:
+            raise UserError(f"{single} is corrupt or truncated ({str(e)[:100]}): re-save or re-download "
+                            "the model") from None
     raise UserError(f"{folder} holds no model.safetensors or {INDEX_NAME}: disk offload needs safetensors "
                     "weights (re-save the model with save_pretrained)")
 
@@ -150,8 +160,14 @@ def read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, tor
     data_offsets}}``, then the raw bytes. ``safe_open`` would memory-map the file instead, so every page
     read counts in RSS on top of the copy until the map is closed; plain reads cost only the tensor."""
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not an object")
+        except (ValueError, MemoryError, OverflowError):
+            raise UserError(f"{path} is corrupt or truncated (unreadable safetensors header): re-save or "
+                            "re-download the model") from None
         out = {}
         for k in (keys if keys is not None else [k for k in header if k != "__metadata__"]):
             meta = header[k]
@@ -317,6 +333,8 @@ def resolve_safetensors_dir(spec: str | Path, dtype: str | torch.dtype = "float3
 
 
 def _source_dir(source: str | Path, dtype: torch.dtype) -> Path:
+    if Path(source).expanduser().is_dir():
+        check_complete(Path(source).expanduser())
     folder = resolve_safetensors_dir(source, dtype)
     if folder is not None:
         return folder
@@ -374,7 +392,7 @@ def load_model_lazy(source: str | Path, dtype: str | torch.dtype = "float32", wo
                         "with save_pretrained")
     release_free_memory()
     model.eval()
-    model.config.use_cache = False
+    keep_use_cache(model)
     tok = None
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(folder)

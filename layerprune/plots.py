@@ -41,6 +41,6 @@ def plot_block_sparsity(records: dict[str, dict], out_png: Path) -> Path:
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
+    fig.savefig(out_png, dpi=120, metadata={"Software": "layerprune"})
     plt.close(fig)
     return out_png

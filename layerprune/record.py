@@ -8,8 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
-
-RECORD_NAME = "layerprune.json"
+from .outputs import CHECKPOINT_NAME, RECORD_NAME
 
 
 def versions() -> dict:
@@ -22,34 +21,22 @@ def versions() -> dict:
     return out
 
 
-def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
-    """Refuse to overwrite a non-empty directory unless --force (start over) or --resume (continue its checkpoint)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is a file: choose a directory path")
-    if out.is_dir() and any(out.iterdir()):
-        if resume:
-            if not (out / ".checkpoint" / "state.json").is_file():
-                if (out / RECORD_NAME).is_file():
-                    raise UserError(f"{out} holds a finished run, nothing to resume: use another --out or --force")
-                raise UserError(f"{out} has no checkpoint to resume: use another --out or --force")
-            return
-        if not force:
-            raise UserError(f"output directory {out} already exists: choose another --out, "
-                            "pass --resume to continue an interrupted run, or --force to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def save_run(model, tokenizer, out: Path, record: dict, store=None) -> None:
-    """Weights (safetensors, loadable by stock ``from_pretrained``), tokenizer, and the run record."""
-    if store is not None:
-        store.save_pretrained(model, out)
-    else:
-        model.save_pretrained(out)
+    """Weights (safetensors, loadable by stock ``from_pretrained``), tokenizer, and the run record (written last:
+    a directory with a record is complete). The config keeps the model's own ``use_cache``."""
+    use_cache = model.config.use_cache
+    model.config.use_cache = getattr(model, "layerprune_use_cache", True)
+    try:
+        if store is not None:
+            store.save_pretrained(model, out)
+        else:
+            model.save_pretrained(out)
+    finally:
+        model.config.use_cache = use_cache
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     write_record(out, record)
-    shutil.rmtree(out / ".checkpoint", ignore_errors=True)
+    shutil.rmtree(out / CHECKPOINT_NAME, ignore_errors=True)
 
 
 def write_record(out: Path, record: dict) -> None:
@@ -61,5 +48,11 @@ def write_record(out: Path, record: dict) -> None:
 def read_record(run_dir: Path) -> dict:
     p = Path(run_dir) / RECORD_NAME
     if not p.is_file():
+        from .models.loading import check_complete
+
+        check_complete(Path(run_dir))
         raise UserError(f"{run_dir} is not a layerprune run directory (no {RECORD_NAME}): pass the --out of a prune run")
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise UserError(f"{p} is corrupt ({e}): rerun the run that wrote it") from None

@@ -265,7 +265,7 @@ def test_cli_prune_save_reload_eval(tmp_path, tiny_model_dir, text_corpus, capsy
     # an existing run is never overwritten without --force
     before = (out / "layerprune.json").read_text()
     assert main(args) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds a layerprune run" in capsys.readouterr().err
     assert (out / "layerprune.json").read_text() == before
     assert main(args + ["--resume"]) == 2  # finished run: nothing to resume
 

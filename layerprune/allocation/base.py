@@ -83,6 +83,10 @@ class BoundedAllocator:
             raise UserError("the model has no prunable linear layers to allocate sparsity to")
         return target
 
+    def check(self, target: float, ctx: AllocationContext) -> None:
+        """What can be checked from the layer census alone (no statistics, no weights), before any work."""
+        self.check_target(target, ctx)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # budget math

@@ -47,6 +47,9 @@ class User(BoundedAllocator):
             raise UserError("the 'user' allocation needs sparsities: 'user:0.4,0.5,...' or 'user:path/to/file.json'")
         self.values = parse_sparsities(sparsities)
 
+    def check(self, target: float, ctx: AllocationContext) -> None:
+        self.allocate(target, ctx)  # needs only the census: length, bounds and budget
+
     def allocate(self, target: float, ctx: AllocationContext) -> Allocation:
         target = self.check_target(target, ctx)
         v = self.values

@@ -125,6 +125,16 @@ def hub_c4_pool() -> list[str]:
 
 
 def _user_file_docs(path: Path) -> list[str]:
+    try:
+        return _read_user_file(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): convert it to UTF-8, "
+                        "e.g. with iconv") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path} ({e}): pass a readable .txt, .jsonl or .jsonl.gz file") from None
+
+
+def _read_user_file(path: Path) -> list[str]:
     if path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
         opener = gzip.open if path.suffix == ".gz" else open
         docs = []
@@ -149,18 +159,19 @@ def corpus_rows(name: str, data_dir: Path | None) -> tuple[list[str], str]:
         raise UserError(f"unknown dataset {name!r}: use one of {', '.join(CORPORA)} or a path to a .txt/.jsonl file")
     corpus = CORPORA[name]
     local = data_dir / corpus.local if data_dir is not None else None
+    if local is not None and not local.is_file():  # a data directory in use is never silently replaced by the hub
+        raise UserError(f"{local} is missing from the data directory {data_dir}: copy it there, or point --data-dir "
+                        "(or LAYERPRUNE_DATA) to a directory that has it")
     if name == "c4":
-        if local is not None and local.is_file():
+        if local is not None:
             docs = c4_documents(data_dir)
             return [docs[i] for i in C4_EVAL_DOCS], corpus.joiner
         return _hub_rows(name), corpus.joiner
-    if local is not None and local.is_file():
+    if local is not None:
         text = local.read_text(encoding="utf-8")
         if name.startswith("wikitext2"):
             return _wikitext_rows(text), corpus.joiner
         return [line for line in text.split("\n") if line], corpus.joiner  # PTB sentences as the HF rows
-    if local is not None and data_dir is not None:
-        raise UserError(f"{local} is missing from the data directory {data_dir}: copy it there or use another --data-dir")
     return _hub_rows(name), corpus.joiner
 
 
@@ -172,7 +183,7 @@ def load_text(name: str, data_dir: Path | None) -> str:
 def calibration_pool(source: str, data_dir: Path | None) -> list[str]:
     """Documents to draw calibration windows from. Never a test split."""
     if source == "c4":
-        if data_dir is not None and (data_dir / CORPORA["c4"].local).is_file():
+        if data_dir is not None:  # c4_documents names the missing file; no silent switch to the hub's pool
             docs = c4_documents(data_dir)
             return [docs[i] for i in C4_POOL_DOCS]
         return hub_c4_pool()

@@ -10,6 +10,7 @@ Tensors travel as float32 (numpy has no bfloat16), so the model is converted to 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .accounting import unit_params
@@ -61,6 +63,7 @@ class FedConfig:
     out_dir: str | None = None
     name: str | None = None         # output file stem (default fed_<scheme>)
     progress: bool = True
+    verbose: bool = False           # Flower's DEBUG log lines
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -71,8 +74,17 @@ class FedConfig:
             raise UserError("--clients and --rounds must be at least 1")
         if self.masks not in ("auto", "on", "off"):
             raise UserError(f"--masks {self.masks!r}: use auto, on or off")
+        if self.depth_flag is not None and not 1 <= int(self.depth_flag) <= self.n_levels:
+            raise UserError(f"--depth-flag {self.depth_flag} is not a depth level: use u or a level in 1..{self.n_levels}")
         self.eval_sets = tuple(self.eval_sets)
         self.fail_clients = tuple(int(x) for x in self.fail_clients)
+
+    def output_files(self) -> list[Path]:
+        """The result JSON and plot this run writes (none without ``out_dir``)."""
+        if not self.out_dir:
+            return []
+        stem = self.name or f"fed_{self.scheme}"
+        return [Path(self.out_dir) / f"{stem}.json", Path(self.out_dir) / f"{stem}.png"]
 
     def train_dict(self) -> dict:
         return {"local_steps": self.local_steps, "batch_size": self.batch_size, "seqlen": self.seqlen,
@@ -206,21 +218,26 @@ def prepare(cfg: FedConfig, model=None, tokenizer=None, domains=None, eval_texts
         sizes[layout.unit(k)] = sizes.get(layout.unit(k), 0) + v.numel()
     prep = SimpleNamespace(cfg=cfg, model=model, tokenizer=tokenizer, layout=layout, strategy=strategy, masks=masks,
                            initial=ArrayRecord.from_torch_state_dict(state), evals=[], levels=levels, depths=depths,
-                           unit_sizes=sizes, shards=None, partition_counts=[], t0=time.time())
+                           unit_sizes=sizes, shards=None, partition_counts=[], t0=time.time(), bar=None)
 
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         ppl = {name: _ppl(model, ids, cfg.eval_seqlen, cfg.eval_windows) for name, ids in ev.items()}
         prep.evals.append({"round": rnd, "ppl": ppl, "elapsed_s": time.time() - prep.t0})
         if cfg.progress:
+            if prep.bar is None:
+                prep.bar = tqdm(total=cfg.rounds, desc=f"fed {cfg.scheme}", unit="round")
+            prep.bar.update(1 if rnd else 0)
             h = strategy.history[-1] if rnd and strategy.history else None
             comm = ""
             if h:
                 moved = sum(c.get("down_bytes", 0) + c.get("up_bytes", 0) for c in h["clients"])
                 comm = (f" | {h['accepted']}/{len(h['clients'])} clients ok | moved {moved / 2**20:.2f} MiB "
                         f"(fedavg {sum(c.get('fedavg_bytes', 0) for c in h['clients']) / 2**20:.2f}) | {h['seconds']:.1f}s")
-            print(f"[fed {cfg.scheme}] round {rnd}/{cfg.rounds} " + " ".join(f"{k} ppl {v:.2f}" for k, v in ppl.items())
-                  + comm, file=sys.stderr, flush=True)
+            prep.bar.write(f"[fed {cfg.scheme}] round {rnd}/{cfg.rounds} "
+                           + " ".join(f"{k} ppl {v:.2f}" for k, v in ppl.items()) + comm, file=sys.stderr)
+            if rnd >= cfg.rounds:
+                prep.bar.close()
         return MetricRecord({f"ppl-{k}": v for k, v in ppl.items()})
 
     prep.evaluate = evaluate
@@ -295,19 +312,27 @@ def plot(results: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": "layerprune"})
     plt.close(fig)
 
 
 def write(result: dict, cfg: FedConfig) -> dict:
+    from ..outputs import write_json
+
     if cfg.out_dir:
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = cfg.name or f"fed_{cfg.scheme}"
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-        plot([result], out / f"{stem}.png")
-        result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.png")]
+        js, png = cfg.output_files()
+        js.parent.mkdir(parents=True, exist_ok=True)
+        write_json(js, result)
+        plot([result], png)
+        result["files"] = [str(js), str(png)]
     return result
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Each Flower log line once (its logger has its own handler: no propagation to ours); DEBUG only if verbose."""
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False
+    flwr_log.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def run_federated(config: FedConfig | dict, model=None, tokenizer=None, domains: dict[str, list[str]] | None = None,
@@ -320,6 +345,7 @@ def run_federated(config: FedConfig | dict, model=None, tokenizer=None, domains:
     from flwr.simulation import run_simulation
 
     cfg = config if isinstance(config, FedConfig) else FedConfig(**config)
+    quiet_flower(cfg.verbose)
     prep = prepare(cfg, model, tokenizer, domains, eval_texts)
     out: dict = {}
     server = make_server_app(prep.strategy, prep.initial, cfg.rounds, prep.evaluate, cfg.round_timeout, out)

@@ -148,10 +148,61 @@ def load_pretrained(source, dtype: torch.dtype, **kw):
 
     from ..structured import register
 
+    from safetensors import SafetensorError
+
     register()  # structurally pruned runs with per-block widths have config type layerprune_<family>
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    except SafetensorError as e:
+        raise UserError(f"the weights in {source} are corrupt or truncated ({str(e)[:100]}): re-save or re-download "
+                        "the model (a layerprune run: rerun it)") from None
     tok = AutoTokenizer.from_pretrained(source, **kw)
     return model, tok
+
+
+def check_complete(folder: Path) -> None:
+    """A run directory whose save was interrupted (its checkpoint is still there) is not a model yet."""
+    from ..outputs import CHECKPOINT_NAME, RECORD_NAME, STAGING_SUFFIX
+
+    folder = Path(folder)
+    staged = folder.name.startswith(".") and folder.name.endswith(STAGING_SUFFIX)
+    if staged or ((folder / CHECKPOINT_NAME).is_dir() and not (folder / RECORD_NAME).is_file()):
+        out = folder.parent / folder.name[1:-len(STAGING_SUFFIX)] if staged else folder
+        raise UserError(f"{folder} is an interrupted run, not a model: rerun `layerprune prune` with the same "
+                        f"settings and --resume --out {out}")
+
+
+def load_skeleton(spec: str, dtype: str | torch.dtype = "float32"):
+    """The model's structure with no weights (parameters on the meta device), read from its config alone, for
+    checks before the expensive load; None when the config is not at hand without that load."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..structured import register
+
+    dtype = parse_dtype(dtype)
+    path = Path(spec).expanduser()
+    try:
+        if spec in BUILTIN or (path.is_file() and path.suffix.lower() == ".gguf"):
+            folder = gguf_cache_dir(builtin_gguf(spec) if spec in BUILTIN else path, dtype)
+        elif path.is_dir():
+            folder = path
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            cfg = try_to_load_from_cache(spec, "config.json")
+            folder = Path(cfg).parent if isinstance(cfg, str) else None
+        if folder is None or not (folder / "config.json").is_file():
+            return None
+        register()
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except UserError:
+        raise
+    except Exception as e:  # the real load reports what is wrong with the model
+        log.debug("no skeleton for %s: %s", spec, e)
+        return None
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "float32", use_cache: bool = True):
@@ -169,6 +220,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", use_cache: bool 
             raise UserError(f"{spec} is a file but not a model: pass a .gguf file, a model directory or a hub id")
         model, tok = load_gguf(path, dtype, use_cache)
     elif path.is_dir():
+        check_complete(path)
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             hint = f" (did you mean {ggufs[0]}?)" if ggufs else ""
@@ -179,9 +231,15 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", use_cache: bool 
             raise UserError(f"model path {spec} does not exist: check the path")
         model, tok = _load_hub_or_dir(spec, dtype)
     model.eval()
-    model.config.use_cache = False
+    keep_use_cache(model)
     log.info("loaded %s in %.1fs", spec, time.time() - t0)
     return model, tok
+
+
+def keep_use_cache(model) -> None:
+    """Turn the KV cache off for layer-wise work, remembering the model's own setting for saving."""
+    model.layerprune_use_cache = getattr(model.config, "use_cache", True)
+    model.config.use_cache = False
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

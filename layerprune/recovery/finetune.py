@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from layerprune.errors import UserError
+from layerprune.outputs import finish_dir, prepare_dir
 from layerprune.recovery.lora import finetune_lora, masks_of
 
 IN_PLACE_HINT = "pass --out DIR for a new run directory, or --force to overwrite RUN_DIR in place"
@@ -27,8 +28,7 @@ def output_dir(run_dir, out=None, force=False):
             raise UserError(f"finetuning would overwrite the run in {run_dir}: {IN_PLACE_HINT}")
         return run_dir
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"output directory {out} already exists: choose another --out or pass --force to overwrite it")
+    prepare_dir(out, force, inputs=[run_dir], create=False)  # refuses before any work; replaces only a run
     return out
 
 
@@ -43,10 +43,9 @@ def _save(model, tok, run_dir, out, record):
     from layerprune.record import save_run
 
     if out != run_dir:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        save_run(model, tok, out, record)
+        work = prepare_dir(out, force=True, inputs=[run_dir])  # checked before the work; written beside, swapped in
+        save_run(model, tok, work, record)
+        finish_dir(work, out)
         return
     # in place: write next to it first, then move the files over (the loaded weights may be mapped from the old files)
     tmp = run_dir.parent / f".{run_dir.name}.finetune-tmp"

@@ -392,6 +392,6 @@ def plot_curves(logs: dict, out_png, title: str | None = None) -> Path:
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, metadata={"Software": "layerprune"})
     plt.close(fig)
     return out

@@ -22,6 +22,17 @@ FILES = {
 }
 
 
+def _file(data_dir, task, k=0):
+    """A task file under `data_dir`: the project data dir (its zeroshot/ subfolder) or that subfolder itself."""
+    root = Path(data_dir).expanduser()
+    if (root / "zeroshot").is_dir():
+        root = root / "zeroshot"
+    path = root / FILES[task][k]
+    if not path.is_file():
+        raise FileNotFoundError(f"{task}: {path} is missing; pass the data directory that holds zeroshot/{FILES[task][k]}")
+    return path
+
+
 def _jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -34,14 +45,14 @@ def _split(name, rows):
 def load_boolq(data_dir, **kwargs):
     """SuperGLUE BoolQ validation -> {passage, question, label: 0 no / 1 yes} (label is a bool or "true"/"false")."""
     rows = [{"passage": r["passage"], "question": r["question"], "label": int(str(r["label"]).lower() == "true")}
-            for r in _jsonl(Path(data_dir) / FILES["boolq"][0])]
+            for r in _jsonl(_file(data_dir, "boolq"))]
     return _split("validation", rows)
 
 
 def load_rte(data_dir, **kwargs):
     """SuperGLUE RTE validation -> GLUE layout {sentence1, sentence2, label: 0 entailment / 1 not_entailment}."""
     rows = [{"sentence1": r["premise"], "sentence2": r["hypothesis"], "label": 0 if r["label"] in ("entailment", 0) else 1}
-            for r in _jsonl(Path(data_dir) / FILES["rte"][0])]
+            for r in _jsonl(_file(data_dir, "rte"))]
     return _split("validation", rows)
 
 
@@ -56,17 +67,17 @@ def _arc(path):
 
 
 def load_arc_easy(data_dir, **kwargs):
-    return _arc(Path(data_dir) / FILES["arc_easy"][0])
+    return _arc(_file(data_dir, "arc_easy"))
 
 
 def load_arc_challenge(data_dir, **kwargs):
-    return _arc(Path(data_dir) / FILES["arc_challenge"][0])
+    return _arc(_file(data_dir, "arc_challenge"))
 
 
 def load_openbookqa(data_dir, **kwargs):
     """OpenBookQA Main TSV (ID, stem, "(A) .. (B) ..", complete question, key) -> allenai/openbookqa layout."""
     rows = []
-    with open(Path(data_dir) / FILES["openbookqa"][0], encoding="utf-8", newline="") as f:
+    with open(_file(data_dir, "openbookqa"), encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         next(reader)  # header
         for rid, stem, choices, _, key in reader:
@@ -78,7 +89,7 @@ def load_openbookqa(data_dir, **kwargs):
 
 def load_piqa(data_dir, **kwargs):
     """PIQA dev.jsonl + dev-labels.lst (one 0/1 per line) -> {goal, sol1, sol2, label}."""
-    data, labels = (Path(data_dir) / p for p in FILES["piqa"])
+    data, labels = _file(data_dir, "piqa"), _file(data_dir, "piqa", 1)
     docs = _jsonl(data)
     labs = [int(x) for x in labels.read_text().split()]
     if len(docs) != len(labs):

@@ -1,0 +1,168 @@
+"""Where layerprune writes, and the one rule for it: nothing the user owns is ever deleted or overwritten.
+
+- A directory may be written when it is absent or empty. ``--force`` replaces it only when layerprune wrote it
+  (it holds a ``layerprune.json`` run record or a ``.checkpoint``); any other directory is refused, force or not.
+- A forced run is written *beside* the old one (``.NAME.layerprune-new``) and swapped in by ``finish_dir`` at the
+  end, so a failed or killed run leaves the old one intact; ``--resume`` continues that staging folder.
+- A file may be replaced with ``--force`` only when layerprune wrote it (a JSON record carrying ``MARK``, a PNG
+  carrying it in its metadata).
+- An output may not be the input, lie inside it, or contain it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+RECORD_NAME = "layerprune.json"
+CHECKPOINT_NAME = ".checkpoint"
+MARK = "layerprune"  # files carry {"written_by": MARK} (JSON) or Software=MARK (PNG)
+STAGING_SUFFIX = ".layerprune-new"
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}{STAGING_SUFFIX}"
+
+
+def is_run_dir(d: Path) -> bool:
+    """A directory layerprune wrote: a run record or a resume checkpoint."""
+    return (d / RECORD_NAME).is_file() or (d / CHECKPOINT_NAME).is_dir()
+
+
+def _listing(d: Path, n: int = 3) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in d.iterdir())
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_apart(out: Path, inputs, flag: str = "--out") -> None:
+    """Refuse an output equal to, inside, or containing any of the local input paths."""
+    o = Path(out).expanduser().resolve()
+    for src in inputs:
+        if src is None or not Path(src).expanduser().exists():
+            continue
+        s = Path(src).expanduser().resolve()
+        if o == s or s in o.parents or o in s.parents:
+            rel = "is" if o == s else ("is inside" if s in o.parents else "contains")
+            raise UserError(f"{flag} {out} {rel} the input {src}: write the output to a separate directory")
+
+
+def prepare_dir(out, force: bool = False, resume: bool = False, inputs=(), flag: str = "--out",
+                create: bool = True) -> Path:
+    """Check ``out`` and return the folder to write into (``out`` or its staging twin), created when ``create``.
+
+    Raises a one-line UserError, and touches nothing, when the directory may not be written. Call it once with
+    ``create=False`` before any expensive work, and again when the work is about to write."""
+    out = Path(out).expanduser()
+    check_apart(out, inputs, flag)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} exists and is a file: choose a directory path")
+    stage = staging_dir(out)
+    if resume:
+        for d in (stage, out):
+            if (d / CHECKPOINT_NAME / "state.json").is_file():
+                return d
+        if (out / RECORD_NAME).is_file():
+            raise UserError(f"{out} holds a finished run, nothing to resume: use another {flag}, or --force to redo it")
+        raise UserError(f"{out} has no checkpoint to resume: drop --resume, or use another {flag}")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_run_dir(out):
+            raise UserError(f"{flag} {out} holds files layerprune did not write ({_listing(out)}); --force only "
+                            f"replaces a layerprune run: choose another {flag}")
+        if not force:
+            raise UserError(f"{flag} {out} already holds a layerprune run: choose another {flag}, pass --resume "
+                            "to continue an interrupted run, or --force to replace it")
+        if create:
+            if stage.exists():
+                shutil.rmtree(stage)  # our own leftover from an earlier forced attempt
+            stage.mkdir(parents=True)
+        return stage
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def finish_dir(work: Path, out: Path) -> None:
+    """Swap a staged run in: the old run is moved aside, the new one renamed into place, then the old one removed."""
+    work, out = Path(work), Path(out).expanduser()
+    if work == out:
+        return
+    old = out.parent / f".{out.name}.layerprune-old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _written_by_us(p: Path) -> bool:
+    try:
+        if p.suffix == ".json":
+            data = json.loads(p.read_text(encoding="utf-8"))
+            return isinstance(data, dict) and data.get("written_by") == MARK
+        head = p.read_bytes()[:4096]
+        return b"Software\x00" + MARK.encode() in head
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_file(path, force: bool = False, inputs=(), flag: str = "--out") -> Path | None:
+    """Check an output file before the work: absent, or written by layerprune and ``force`` given."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    check_apart(p, inputs, flag)
+    if p.is_dir():
+        raise UserError(f"{flag} {p} is a directory: give a file path")
+    if p.exists():
+        if not _written_by_us(p):
+            raise UserError(f"{flag} {p} exists and layerprune did not write it; --force only replaces layerprune's "
+                            f"own files: choose another {flag}")
+        if not force:
+            raise UserError(f"{flag} {p} already exists: choose another path or pass --force to replace it")
+    if not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def write_json(path: Path | None, data: dict) -> None:
+    """Write a JSON result (marked as ours) atomically; ``path`` must have passed ``prepare_file``."""
+    if path is None:
+        return
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps({"written_by": MARK, **data}, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse, with the numbers, when the file system of ``folder`` has less than ``need`` bytes free."""
+    folder = Path(folder).expanduser()
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        gib = 2 ** 30
+        raise UserError(f"not enough disk space in {probe}: {what} needs about {need / gib:.2f} GiB and "
+                        f"{free / gib:.2f} GiB are free; free some space or choose another --out")
+
+
+def run_disk_need(model, nsamples: int, seqlen: int, act_dtype, offload: str) -> tuple[int, int]:
+    """Peak bytes a prune run writes: (under --out, in the disk-offload folder).
+
+    Under --out: the checkpoint (every pruned block, plus the latest and the next block inputs while the latter is
+    written), disk-offloaded activation buffers (two), and the saved run (the model once more). The offload folder
+    holds every block once it was offloaded."""
+    import torch
+
+    from .models.adapters import get_adapter
+
+    size = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731 (meta tensors too)
+    model_bytes = size(model.parameters())
+    block_bytes = sum(size(b.parameters()) for b in get_adapter(model).blocks(model))
+    acts = nsamples * seqlen * model.config.hidden_size * torch.empty((), dtype=act_dtype).element_size()
+    under_out = block_bytes + 2 * acts + model_bytes + (2 * acts if offload == "disk" else 0)
+    return under_out, (block_bytes if offload == "disk" else 0)
