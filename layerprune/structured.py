@@ -58,8 +58,9 @@ def model_widths(model) -> list[tuple[int, int, int]]:
 
 def check_structured(adapter: Adapter) -> None:
     if not adapter.structured:
-        raise UserError(f"structured pruning needs separate q/k/v/o projections and a gated MLP; the {adapter.family} "
-                        "family has fused or missing ones: use an unstructured method (wanda, sparsegpt)")
+        why = adapter.not_structured or "it has fused or missing q/k/v/o or gate/up/down projections"
+        raise UserError(f"structured pruning (heads/channels) is not available for the {adapter.family} family: "
+                        f"{why}; use an unstructured method (magnitude, wanda, sparsegpt, --nm 2:4)")
 
 
 @torch.no_grad()
@@ -201,22 +202,23 @@ def _make_classes(base_cfg: type, base_model: type) -> tuple[type, type]:
 
 
 def register() -> None:
-    """Register ``layerprune_<type>`` configs/models with AutoConfig / AutoModelForCausalLM (idempotent), and tell
-    the adapters that they are their base family."""
+    """Register ``layerprune_<type>`` configs/models with AutoConfig / AutoModelForCausalLM for every family whose
+    adapter supports structured pruning (idempotent), and tell the adapters that they are their base family."""
     if _CLASSES:
         return
     import transformers as T
+    from transformers.models.auto import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
 
-    bases = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
-             "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM), "gemma3_text": (T.Gemma3TextConfig, T.Gemma3ForCausalLM)}
-    for base_type, (bc, bm) in bases.items():
-        cfg_cls, model_cls = _make_classes(bc, bm)
-        T.AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
-        T.AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
-        _CLASSES[base_type] = (bc, bm, cfg_cls, model_cls)
-        for a in _adapters.ADAPTERS:
-            if base_type in a.model_types and cfg_cls.model_type not in a.model_types:
-                a.model_types = a.model_types + (cfg_cls.model_type,)
+    for a in _adapters.ADAPTERS:
+        if not a().structured:
+            continue
+        for base_type in [t for t in a.model_types if not t.startswith(PREFIX) and t in CONFIG_MAPPING]:
+            bc = CONFIG_MAPPING[base_type]
+            cfg_cls, model_cls = _make_classes(bc, MODEL_FOR_CAUSAL_LM_MAPPING[bc])
+            T.AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+            T.AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
+            _CLASSES[base_type] = (bc, MODEL_FOR_CAUSAL_LM_MAPPING[bc], cfg_cls, model_cls)
+            a.model_types = a.model_types + (cfg_cls.model_type,)
 
 
 def _base_type(model_type: str) -> str:
@@ -237,34 +239,62 @@ def apply_widths(model, config) -> None:
         resize_block(block, adapter, hd, h, kv, ch)
 
 
+def _config(cls, old, **fields):
+    """A config of class `cls`: `old`'s settings, an explicit head_dim, and `fields`; None when the class refuses it
+    (transformers validates e.g. hidden_size % num_attention_heads, raising a strict-dataclass error)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    d = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "transformers_version", "architectures",
+                                                             *_FIELDS)}
+    d["head_dim"] = get_adapter(old).geometry(old).head_dim
+    try:
+        return cls(**{**d, **fields})
+    except (ValueError, TypeError, StrictDataclassError):
+        return None
+
+
+def _classes(config) -> tuple[type, type, type, type]:
+    register()
+    base_type = _base_type(config.model_type)
+    if base_type not in _CLASSES:
+        raise UserError(f"saving pruned widths is supported for {', '.join(_CLASSES)}, not {config.model_type!r}")
+    return _CLASSES[base_type]
+
+
+def _per_block(config, widths):
+    cfg_cls = _classes(config)[2]
+    return _config(cfg_cls, config, **{f: [w[j] for w in widths] for j, f in enumerate(_FIELDS)})
+
+
+def check_expressible(model) -> None:
+    """Before any work: the model's heads/channels can be removed and any resulting widths saved as a config (the
+    per-block ``layerprune_<type>`` form is built here from the current widths; it holds every outcome). Needs only
+    the structure (a meta skeleton will do)."""
+    adapter = get_adapter(model)
+    check_structured(adapter)
+    if _per_block(model.config, model_widths(model)) is None:
+        raise UserError(f"the {model.config.model_type} config cannot describe per-block widths; structured pruning "
+                        "of this model is not supported")
+
+
 def finalize(model) -> dict:
     """Make the model's config describe its (pruned) blocks; returns the widths written.
 
-    Equal widths everywhere: the stock config (and class) with the new sizes and an explicit head_dim. Otherwise the
-    registered ``layerprune_<type>`` config and class with per-block lists. Works in both directions."""
-    register()
-    adapter = get_adapter(model)
+    Equal widths everywhere: the stock config (and class) with the new sizes and an explicit head_dim, when the
+    stock config accepts them. Otherwise (unequal widths, or e.g. a head count that does not divide hidden_size where
+    the family validates that) the registered ``layerprune_<type>`` config and class with per-block lists. Works in
+    both directions."""
     old = model.config
-    base_type = _base_type(old.model_type)
-    if base_type not in _CLASSES:
-        raise UserError(f"saving pruned widths is supported for {', '.join(_CLASSES)}, not {old.model_type!r}")
-    base_cfg, base_model, cfg_cls, model_cls = _CLASSES[base_type]
-    hd = adapter.geometry(old).head_dim
+    base_cfg, base_model, cfg_cls, model_cls = _classes(old)
     widths = model_widths(model)
-    d = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "transformers_version", "architectures",
-                                                             *_FIELDS)}
-    d["head_dim"] = hd
-    new = None
+    new, cls = None, base_model
     if len(set(widths)) == 1:
         h, kv, ch = widths[0]
-        try:
-            new = base_cfg(**{**d, "num_attention_heads": h, "num_key_value_heads": kv, "intermediate_size": ch})
-            cls = base_model
-        except ValueError:  # e.g. hidden_size not a multiple of the head count: keep the per-block form
-            new = None
+        new = _config(base_cfg, old, num_attention_heads=h, num_key_value_heads=kv, intermediate_size=ch)
     if new is None:
-        new = cfg_cls(**d, **{f: [w[j] for w in widths] for j, f in enumerate(_FIELDS)})
-        cls = model_cls
+        new, cls = _per_block(old, widths), model_cls
+    if new is None:  # check_expressible() refuses such models before any work
+        raise UserError(f"the {old.model_type} config cannot describe the pruned widths {widths}")
     new._attn_implementation = old._attn_implementation
     for m in model.modules():
         if getattr(m, "config", None) is old:

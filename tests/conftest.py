@@ -14,31 +14,68 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 VOCAB = 256
 
 
-def tiny_config(family: str, layers: int = 3):
+# Each family's real quirks at toy size (the real model each row mimics in the comment): GQA ratios 1, 3, 4 and 7,
+# head_dim decoupled from hidden/heads, qkv biases, o biases where real, tied and untied heads, sliding and global
+# layers, q/k norms, fused projections, Conv1D, learned positions. llama, mistral and qwen2 default to a plain form
+# (hidden 64, 4 query / 2 KV heads of 16, FFN 128) that older unit tests count heads on; real=True gives their quirks.
+_PLAIN = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, tie_word_embeddings=True)
+_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+REAL = {
+    # SmolLM2-135M / Llama-3.2: GQA 3 (9/3 heads), tied
+    "llama": (T.LlamaConfig, dict(hidden_size=96, intermediate_size=256, num_attention_heads=6, num_key_value_heads=2,
+                                  tie_word_embeddings=True)),
+    # Mistral-Nemo: GQA 4, head_dim 128 with hidden 5120 / 32 heads (decoupled), untied
+    "mistral": (T.MistralConfig, dict(hidden_size=64, intermediate_size=160, num_attention_heads=8,
+                                      num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    # Qwen2-0.5B / 7B: GQA 7 (14/2, 28/4), q/k/v biases (always on in Qwen2), untied 152k head
+    "qwen2": (T.Qwen2Config, dict(hidden_size=112, intermediate_size=192, num_attention_heads=14,
+                                  num_key_value_heads=2, tie_word_embeddings=False)),
+    # Qwen3-4B: GQA 4 (32/8), head_dim 128 with hidden 2560 (decoupled), per-head q/k RMSNorm, tied
+    "qwen3": (T.Qwen3Config, dict(hidden_size=64, intermediate_size=192, num_attention_heads=8, num_key_value_heads=2,
+                                  head_dim=16, tie_word_embeddings=True)),
+    # Gemma-3-270m: 4 query / 1 KV head (GQA 4) of 256 with hidden 640, sliding + global layers, q/k norms, tied
+    "gemma3": (T.Gemma3TextConfig, dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                                        tie_word_embeddings=True)),
+    # Phi-3-mini: MHA (32/32), fused qkv_proj and gate_up_proj, untied
+    "phi3": (T.Phi3Config, dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                                tie_word_embeddings=False)),
+    # Granite-3-2b: GQA 4 (32/8), embedding / residual / attention multipliers and logits scaling, tied
+    "granite": (T.GraniteConfig, dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=1, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                      attention_multiplier=0.0625, logits_scaling=8.0, tie_word_embeddings=True)),
+    # OLMo-2-1B: MHA (16/16), q/k RMSNorm over all heads together, norms after attention / MLP, untied
+    "olmo2": (T.Olmo2Config, dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                                  tie_word_embeddings=False)),
+}
+
+
+def tiny_config(family: str, layers: int = 3, real: bool = False):
     common = dict(vocab_size=VOCAB, num_hidden_layers=layers)
-    if family in ("llama", "mistral", "qwen2"):
+    if family in ("llama", "mistral", "qwen2") and not real:
         cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[family]
-        return cls(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                   max_position_embeddings=256, tie_word_embeddings=True, **common)
-    if family == "gemma3":
-        return T.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                  head_dim=16, sliding_window=8, max_position_embeddings=256,
-                                  layer_types=(["sliding_attention", "full_attention"] * layers)[:layers], **common)
-    if family == "opt":
+        return cls(**_PLAIN, **common)
+    if family in REAL:
+        cls, kw = REAL[family]
+        if family == "gemma3":  # Gemma-3 alternates 5 sliding-window layers with 1 global one
+            kw = {**kw, "layer_types": (["sliding_attention", "full_attention"] * layers)[:layers]}
+        return cls(max_position_embeddings=256, **_IDS, **kw, **common)
+    if family == "opt":  # OPT-125m: MHA, learned positions (offset 2), biases everywhere (out_proj too), tied
         return T.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
                            max_position_embeddings=256, **common)
-    if family == "gpt2":
+    if family == "gpt2":  # GPT-2: Conv1D weights stored [in, out], fused c_attn, learned positions, biases, tied
         return T.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=256,
                             bos_token_id=0, eos_token_id=0)
     raise KeyError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "opt", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "opt", "gpt2", "qwen3", "phi3", "granite", "olmo2"]
 
 
-def tiny_model(family: str = "llama", layers: int = 3, seed: int = 0):
+def tiny_model(family: str = "llama", layers: int = 3, seed: int = 0, real: bool = False):
     torch.manual_seed(seed)
-    return T.AutoModelForCausalLM.from_config(tiny_config(family, layers)).eval()
+    return T.AutoModelForCausalLM.from_config(tiny_config(family, layers, real)).eval()
 
 
 def tiny_tokenizer():

@@ -96,10 +96,13 @@ class Adapter:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return AttentionGeometry(heads, kv, head_dim)
 
+    # Why heads/channels cannot be removed (structured pruning) from this family; "" when they can.
+    not_structured = ""
+
     @property
     def structured(self) -> bool:
         """Whether heads/channels can be removed (separate q/k/v/o and gated MLP)."""
-        return all((self.q, self.k, self.v, self.o, self.gate, self.up, self.down))
+        return not self.not_structured and all((self.q, self.k, self.v, self.o, self.gate, self.up, self.down))
 
     # --- weights, always [out, in] --------------------------------------------------------
     def get_weight(self, module: nn.Module) -> torch.Tensor:
@@ -133,9 +136,35 @@ class Gemma3Adapter(Adapter):
     model_types = ("gemma3_text",)
 
 
+class Qwen3Adapter(Adapter):
+    family = "qwen3"
+    model_types = ("qwen3",)
+
+
+class GraniteAdapter(Adapter):
+    family = "granite"
+    model_types = ("granite",)
+
+
+class Olmo2Adapter(Adapter):
+    family = "olmo2"
+    model_types = ("olmo2",)
+    not_structured = "its q_norm/k_norm normalise all heads together (removing heads would need them resized)"
+
+
+class Phi3Adapter(Adapter):
+    family = "phi3"
+    model_types = ("phi3",)
+    input_groups = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
+    q = k = v = gate = None  # fused into qkv_proj / gate_up_proj
+    up = "mlp.gate_up_proj"
+    not_structured = "q/k/v are fused in self_attn.qkv_proj and gate/up in mlp.gate_up_proj (no fused-row removal)"
+
+
 class OPTAdapter(Adapter):
     family = "opt"
     model_types = ("opt",)
+    not_structured = "its MLP is not gated (fc1/fc2)"
     blocks_path = "model.decoder.layers"
     embedding_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions")
     final_norm_path = "model.decoder.final_layer_norm"
@@ -164,12 +193,14 @@ class GPT2Adapter(Adapter):
     o = "attn.c_proj"
     gate, up, down = None, "mlp.c_fc", "mlp.c_proj"
     transposed = True
+    not_structured = "q/k/v are fused in attn.c_attn and its MLP is not gated"
 
     def geometry(self, config) -> AttentionGeometry:
         return AttentionGeometry(config.n_head, config.n_head, config.n_embd // config.n_head)
 
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, MistralAdapter, Qwen2Adapter, Gemma3Adapter, OPTAdapter, GPT2Adapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, MistralAdapter, Qwen2Adapter, Gemma3Adapter, OPTAdapter, GPT2Adapter,
+                                 Qwen3Adapter, Phi3Adapter, GraniteAdapter, Olmo2Adapter]
 
 
 def supported() -> list[str]:

@@ -394,6 +394,12 @@ class SlimGPT:
         plan_block(0.0, 1, 1, 1, 1, 2, gqa=o["gqa"], budget=o["budget"])  # validates the two modes
         return o
 
+    def check_model(self, model, adapter, options: dict) -> None:
+        """Before any work (the engine's preflight; a meta skeleton will do): the options, whether heads/channels can
+        be removed from this family, and whether every outcome can be saved as a config."""
+        self.check_options(options)
+        structured.check_expressible(model)
+
     def prune_block(self, block, adapter, collect, ratio: float, geometry, **options) -> list[dict]:
         """Prune one block in place. collect(names, needs) -> {name: LayerStats} runs the block as it is now over
         the calibration inputs. Returns one record row per linear (shape after, achieved = removed fraction)."""
