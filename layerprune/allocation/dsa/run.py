@@ -35,15 +35,16 @@ TRAJECTORY = ("model", "sparsity", "strategy", "seed", "population", "tournament
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub id")
     p.add_argument("--sparsity", type=float, default=0.7, help="global target sparsity in (0, 1)")
-    p.add_argument("--strategy", default="evolutionary", choices=["evolutionary", "random"])
+    p.add_argument("--strategy", default="evolutionary", choices=["evolutionary", "random"],
+                   help="evolutionary search, or the random-search baseline at the same budget")
     p.add_argument("--budget-minutes", type=float, default=30.0, help="search time of this run (setup excluded)")
     p.add_argument("--generations", type=int, default=1000, help="evolution: generations after the random first one")
     p.add_argument("--max-candidates", type=int, default=None, help="stop after this many candidates")
     p.add_argument("--population", type=int, default=20, help="evolution: population size")
     p.add_argument("--tournament", type=int, default=3, help="evolution: tournament size")
     p.add_argument("--elitism", type=int, default=2, help="evolution: best candidates kept as they are")
-    p.add_argument("--crossover-prob", type=float, default=0.5)
-    p.add_argument("--mutation-prob", type=float, default=0.5)
+    p.add_argument("--crossover-prob", type=float, default=0.5, help="evolution: probability of crossover")
+    p.add_argument("--mutation-prob", type=float, default=0.5, help="evolution: probability of mutation")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--lam", type=float, default=0.08, help="DSA lambda: per-block sparsity spread 2*lambda")
     p.add_argument("--calib", default="c4", help="calibration source (c4 pool, wikitext2-valid, ptb-valid, file)")
@@ -99,7 +100,10 @@ def _check(args) -> None:
 
 
 def _prepare_out(args, settings: dict) -> Path:
+    from layerprune.outputs import check_apart
+
     out = Path(args.out)
+    check_apart(out, [args.model])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a directory")
     if args.resume:
@@ -112,6 +116,9 @@ def _prepare_out(args, settings: dict) -> Path:
             raise UserError(f"--resume with other settings than the logged search ({', '.join(diff)}): use the same "
                             "values, or --force to start over")
     elif out.is_dir() and any(out.iterdir()):
+        if not (out / "settings.json").is_file():
+            raise UserError(f"--out {out} holds files layerprune did not write; --force only replaces a search: "
+                            "choose another --out")
         if not args.force:
             raise UserError(f"{out} already exists: pass --resume to continue its search, --force to start over, "
                             "or another --out")

@@ -1,0 +1,172 @@
+"""Nothing the user owns is lost: --force replaces only layerprune's own runs, a forced run is staged beside the old
+one and swapped in at the end, the checkpoint stays bounded, and the disk is checked before the work."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from layerprune import prune
+from layerprune.cli import main
+from layerprune.engine import Checkpoint
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    tiny_model("llama", layers=3).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def _args(model_dir, data, out, *extra):
+    return ["prune", "--model", str(model_dir), "--data-dir", str(data), "--nsamples", "2", "--seqlen", "16",
+            "--eval", "", "--out", str(out), *extra]
+
+
+def test_force_never_deletes_a_users_folder(tmp_path, model_dir, text_corpus, capsys):
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("notes")
+    (mine / "sub" / "data.csv").write_text("1,2")
+    before = _tree(mine)
+    assert main(_args(model_dir, text_corpus, mine, "--force")) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert _tree(mine) == before
+
+
+def test_disk_offload_out_equal_to_model_is_refused(tmp_path, model_dir, text_corpus, capsys):
+    before = _tree(model_dir)
+    assert main(_args(model_dir, text_corpus, model_dir, "--force", "--offload", "disk")) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert _tree(model_dir) == before
+
+
+def test_force_replaces_a_run_and_a_failed_forced_run_keeps_the_old_one(tmp_path, model_dir, text_corpus,
+                                                                       monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, text_corpus, out, "--sparsity", "0.5")) == 0
+    old = _tree(out)
+
+    import layerprune.api as api
+
+    real = api.prune_model
+
+    def dies(*a, **k):  # the forced rerun fails midway (e.g. out of memory, Ctrl-C)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "prune_model", dies)
+    assert main(_args(model_dir, text_corpus, out, "--sparsity", "0.6", "--force")) == 130
+    assert _tree(out) == old  # the user still has the old run, untouched
+    monkeypatch.setattr(api, "prune_model", real)
+    capsys.readouterr()
+
+    assert main(_args(model_dir, text_corpus, out, "--sparsity", "0.6", "--force")) == 0
+    rec = json.loads((out / "layerprune.json").read_text())
+    assert rec["sparsity"] == 0.6 and abs(rec["measured_sparsity"] - 0.6) < 1e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model", "run"]  # no staging left behind
+
+
+def test_killed_forced_run_resumes_from_its_staging_folder(tmp_path, model_dir, text_corpus, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, text_corpus, out)) == 0
+    old = _tree(out)
+    real_save = Checkpoint.save
+
+    def save_then_die(self, i, *a, **k):
+        real_save(self, i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_die)
+    assert main(_args(model_dir, text_corpus, out, "--force", "--method", "sparsegpt")) == 130
+    assert _tree(out) == old
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    assert main(_args(model_dir, text_corpus, out, "--resume", "--method", "sparsegpt")) == 0
+    rec = json.loads((out / "layerprune.json").read_text())
+    assert rec["method"] == "sparsegpt" and rec["resumed_from_block"] == 2
+    t = rec["timings"]
+    assert t["total"] >= sum(v for k, v in t.items() if k != "total") - 1e-6  # the interrupted time counts too
+
+
+def test_checkpoint_keeps_only_the_latest_activations(tmp_path, monkeypatch):
+    seen = []
+    real_save = Checkpoint.save
+
+    def spy(self, i, block, acts, state):
+        real_save(self, i, block, acts, state)
+        seen.append((sorted(p.name for p in self.folder.glob("acts_*")),
+                     sum(p.stat().st_size for p in self.folder.iterdir())))
+
+    monkeypatch.setattr(Checkpoint, "save", spy)
+    model = tiny_model("llama", layers=6)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    prune(model, calibration=calib, method="wanda", sparsity=0.5, out_dir=tmp_path, progress=False)
+    assert len(seen) == 6
+    assert all(len(names) == 1 for names, _ in seen), seen  # one activation file, whatever the depth
+    block_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    acts_bytes = 4 * 32 * model.config.hidden_size * 4
+    for i, (_, size) in enumerate(seen):  # i+1 pruned blocks + one activation file (+ headers and state)
+        assert size <= (i + 1) * block_bytes + acts_bytes + 64 * 1024
+
+
+def test_short_disk_is_refused_before_the_work(tmp_path, model_dir, text_corpus, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "run"
+    assert main(_args(model_dir, text_corpus, out)) == 2
+    err = capsys.readouterr().err
+    assert "not enough disk space" in err and "GiB" in err
+    assert not out.exists()
+
+
+def test_saved_run_keeps_use_cache_and_nm_records_what_was_done(tmp_path, model_dir, text_corpus):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, text_corpus, out, "--nm", "2:4")) == 0
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True  # stock generate() stays fast
+    rec = json.loads((out / "layerprune.json").read_text())
+    assert rec["sparsity"] == 0.5 and rec["nm"] == [2, 4]
+    assert main(_args(model_dir, text_corpus, tmp_path / "r2", "--nm", "1:4")) == 0
+    assert json.loads((tmp_path / "r2" / "layerprune.json").read_text())["sparsity"] == 0.25
+
+
+def test_structured_table_shows_parameters(tmp_path, model_dir, text_corpus, capsys):
+    out = tmp_path / "slim"
+    assert main(_args(model_dir, text_corpus, out, "--method", "slimgpt", "--sparsity", "0.3")) == 0
+    text = capsys.readouterr().out
+    assert "params ratio" in text and "parameters " in text and " -> " in text
+    assert "sparsity" not in text.splitlines()[0]
+
+
+def test_eval_takes_model_as_option_and_results_are_marked(tmp_path, model_dir, text_corpus):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    base = ["--data-dir", str(text_corpus), "--seqlen", "16", "--max-windows", "2"]
+    assert main(["eval", str(model_dir), "--out", str(a)] + base) == 0
+    assert main(["eval", "--model", str(model_dir), "--out", str(b)] + base) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["written_by"] == "layerprune" and ra["results"][0]["ppl"] == rb["results"][0]["ppl"]
+    assert main(["eval", str(model_dir), "--out", str(a), "--force"] + base) == 0  # ours: replaced
+
+
+def test_local_tasks_accept_the_data_dir_or_its_zeroshot_folder(tmp_path):
+    from layerprune.evaluation.tasks.local_data import load_rte
+
+    d = tmp_path / "data" / "zeroshot" / "rte"
+    d.mkdir(parents=True)
+    (d / "val.jsonl").write_text(json.dumps({"premise": "a", "hypothesis": "b", "label": "entailment"}) + "\n")
+    for root in (tmp_path / "data", tmp_path / "data" / "zeroshot"):
+        assert load_rte(str(root))["validation"][0]["label"] == 0
+    with pytest.raises(FileNotFoundError, match="zeroshot/rte/val.jsonl"):
+        load_rte(str(tmp_path))
