@@ -20,8 +20,9 @@ Saving. When every block ends with the same widths the model keeps its stock con
 ``AutoModelForCausalLM.from_pretrained`` loads, when the family's config accepts them (llama and gemma3 validate
 hidden_size % num_attention_heads; mistral, qwen2/3 and granite do not). Otherwise the config becomes
 ``layerprune_<model_type>`` (registered with the ``transformers`` Auto classes by ``register()``, which
-``layerprune.load_model`` calls): the stock config plus per-block lists ``layer_heads``, ``layer_kv_heads``, ``layer_intermediate``; its model class is the stock class,
-which builds the dense model and resizes each block after init (no forked modeling code).
+``layerprune.load_model`` calls): the stock config plus per-block lists ``layer_heads``, ``layer_kv_heads``,
+``layer_intermediate``; its model class is the stock class, which builds the dense model and resizes each block after
+init (no forked modeling code).
 """
 from __future__ import annotations
 
