@@ -88,8 +88,9 @@ def test_no_bos_tokenizer_gets_the_old_calibration_windows(text_corpus):
 
 # --- the NLL from hidden states, a chunk of logits at a time ------------------------------------------
 
-VARIANTS = [(f, {}) for f in FAMILIES] + [("gemma3", {"final_logit_softcapping": 3.0}),
-                                           ("opt", {"word_embed_proj_dim": 32}), ("qwen2", {"tie_word_embeddings": False})]
+VARIANTS = [(f, {}) for f in FAMILIES] + [
+    ("gemma3", {"final_logit_softcapping": 3.0}), ("opt", {"word_embed_proj_dim": 32}),
+    ("qwen2", {"tie_word_embeddings": False})]
 
 
 def _model(family, **extra):
