@@ -22,9 +22,10 @@ from .solvers.nm import parse_nm
 
 
 def calibration_set(tokenizer, calib: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                    data_dir=None) -> CalibrationSet:
+                    data_dir=None, bos: bool | None = None) -> CalibrationSet:
+    """``bos``: start every window with BOS (True), never (False), or as the tokenizer does (None)."""
     pool = calibration_pool(calib, resolve_data_dir(data_dir))
-    return get_calibration(tokenizer, pool, nsamples, seqlen, seed)
+    return get_calibration(tokenizer, pool, nsamples, seqlen, seed, bos=bos)
 
 
 def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | None = None, nm=None,
@@ -55,7 +56,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         calibration = calibration_set(tokenizer, calib, nsamples, seqlen, seed, data_dir)
     if isinstance(calibration, CalibrationSet):
         calib_info = {"source": calib, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
-                      "seed": calibration.seed, "pool_size": calibration.pool_size, "draws": calibration.draws}
+                      "seed": calibration.seed, "pool_size": calibration.pool_size, "draws": calibration.draws, "bos": calibration.bos}
         ids = calibration.ids
     else:
         ids = calibration

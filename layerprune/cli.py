@@ -130,7 +130,7 @@ def cmd_eval(args) -> int:
         r = evaluate_ppl(model, tok, ds, args.seqlen, data_dir, args.max_windows, args.batch_size or 1)
         row = {"model": args.model, **r.to_dict(), "sparsity": sparsity}
         results.append(row)
-        print(f"{ds:16s} seqlen {r.seqlen:5d}  windows {r.windows:4d}  ppl {r.ppl:10.3f}  "
+        print(f"{ds:16s} seqlen {r.seqlen:5d}  windows {r.windows:4d}  ppl {r.ppl:10.3f}  bos {'yes' if r.bos else 'no'}  "
               f"({r.seconds:.1f}s, sparsity {sparsity:.4f})")
     report = {"results": results}
     if tasks:
@@ -264,7 +264,7 @@ def cmd_prune(args) -> int:
                        out_dir=work, resume=args.resume, store=store)
     record["model"] = args.model
     if lazy:
-        save_run(model, tok, work, record, store)
+        save_run(model, tok, work, record, store, dtype=args.save_dtype)
         finish_dir(work, out)
         from .models.loading import load_model
 
@@ -279,7 +279,7 @@ def cmd_prune(args) -> int:
     if lazy:
         write_record(out, record)
     else:
-        save_run(model, tok, work, record)
+        save_run(model, tok, work, record, dtype=args.save_dtype)
         finish_dir(work, out)
 
     label = f"{args.method} {args.allocation}" + (f" {args.nm}" if args.nm else "")
@@ -294,12 +294,16 @@ def cmd_prune(args) -> int:
     for row, ev in zip(rows, (before, after)):
         row.update({ds: r["ppl"] for ds, r in ev.items()})
     print(_table(rows, cols + [(f"{ds} ppl", ds) for ds in datasets]))
+    if datasets:
+        print("BOS per evaluation window: " + ("yes" if any(r.get("bos") for r in after.values()) else "no")
+              + f"; per calibration window: {'yes' if calib.bos else 'no'}")
     if params["after"] != params["before"]:
         print(f"parameters {params['before']:,} -> {params['after']:,} "
               f"({params['after'] / params['before']:.3f}x, {1 - params['after'] / params['before']:.1%} removed)")
     t = record["timings"]
     print(f"pruned in {t['total']:.1f}s ("
-          + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total") + f"); saved to {out}")
+          + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total")
+          + f"); saved to {out} in {record['saved']['dtype']}")
     if "quantization" in record:
         q, mib = record["quantization"], 2 ** 20
         print(f"theoretical size, {q['bits']}-bit groupsize {q['groupsize']} (block linears; the rest fp16): "
@@ -507,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where activations (and idle blocks with disk) live")
     s.add_argument("--compute-dtype", default="float32", choices=DTYPES,
                    help="dtype of the forward passes (statistics and solves stay fp32)")
+    s.add_argument("--save-dtype", default="auto", choices=["auto"] + DTYPES,
+                   help="dtype of the saved weights; auto: the input checkpoint's (a bf16 model stays bf16), "
+                        "else --dtype")
     s.add_argument("--true-sequential", action="store_true", help="prune q/k/v, o, gate/up, down in turn")
     s.add_argument("--skip", default=None, help="comma list of linear names left dense, e.g. mlp.down_proj")
     s.add_argument("--blocksize", type=_positive, default=None, help="SparseGPT column block size (default 128)")

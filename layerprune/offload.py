@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import UserError
 from .models.adapters import get_adapter
-from .models.loading import BUILTIN, _cache_ok, builtin_gguf, check_complete, gguf_cache_dir, keep_use_cache, load_gguf, \
+from .models.loading import BUILTIN, _cache_ok, builtin_gguf, check_complete, checkpoint_dtype, gguf_cache_dir, keep_use_cache, load_gguf, \
     parse_dtype
 
 log = logging.getLogger(__name__)
@@ -249,9 +249,10 @@ class DiskStore:
         del state
         release_free_memory()
 
-    def save_pretrained(self, model, out_dir: Path, **kw) -> None:
+    def save_pretrained(self, model, out_dir: Path, dtype: torch.dtype | None = None, **kw) -> None:
         """Write a sharded checkpoint, one block at a time: shard 1 holds the non-block tensors, shard
-        i+2 holds block i. Extra keyword arguments of ``PreTrainedModel.save_pretrained`` are ignored."""
+        i+2 holds block i; floating tensors cast to ``dtype`` when given. Extra keyword arguments of
+        ``PreTrainedModel.save_pretrained`` are ignored."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_NAME]:  # stale shards, as HF does
@@ -269,7 +270,8 @@ class DiskStore:
 
         def write(k_shard: int, tensors: dict[str, torch.Tensor]) -> None:
             nonlocal total
-            tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+            tensors = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().contiguous().cpu()
+                       for k, t in tensors.items()}
             save_file(tensors, out_dir / shard(k_shard), metadata={"format": "pt"})
             for k, t in tensors.items():
                 weight_map[k] = shard(k_shard)
@@ -396,4 +398,5 @@ def load_model_lazy(source: str | Path, dtype: str | torch.dtype = "float32", wo
     tok = None
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(folder)
+    model.layerprune_source_dtype = checkpoint_dtype(folder) if Path(str(source)).expanduser().is_dir() else None
     return model, tok, DiskStore(model, where, dtype, work_dir)

@@ -21,18 +21,58 @@ def versions() -> dict:
     return out
 
 
-def save_run(model, tokenizer, out: Path, record: dict, store=None) -> None:
+def save_dtype(model, dtype=None):
+    """The dtype a run is saved in: ``dtype`` when asked, else the input checkpoint's (a bf16 checkpoint computed in
+    fp32 is saved in bf16 again), else the model's."""
+    import torch
+
+    from .models.loading import parse_dtype
+
+    if dtype is not None and dtype != "auto":
+        return parse_dtype(dtype)
+    return getattr(model, "layerprune_source_dtype", None) or next(
+        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _cast_state(model, dtype) -> dict:
+    """The state dict in ``dtype``; tensors that share storage (tied weights) stay shared."""
+    done: dict = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and v.dtype != dtype:
+            key = (v.data_ptr(), v.shape)
+            v = done.setdefault(key, v.to(dtype))
+        out[k] = v
+    return out
+
+
+def save_run(model, tokenizer, out: Path, record: dict, store=None, dtype=None) -> None:
     """Weights (safetensors, loadable by stock ``from_pretrained``), tokenizer, and the run record (written last:
-    a directory with a record is complete). The config keeps the model's own ``use_cache``."""
+    a directory with a record is complete). The config keeps the model's own ``use_cache``. Weights are saved in
+    ``save_dtype(model, dtype)``, which the record states."""
+    target = save_dtype(model, dtype)
+    current = next((p.dtype for p in model.parameters() if p.is_floating_point()), target)
     use_cache = model.config.use_cache
     model.config.use_cache = getattr(model, "layerprune_use_cache", True)
     try:
         if store is not None:
-            store.save_pretrained(model, out)
+            store.save_pretrained(model, out, dtype=target)
+        elif target != current:
+            model.save_pretrained(out, state_dict=_cast_state(model, target))
         else:
             model.save_pretrained(out)
     finally:
         model.config.use_cache = use_cache
+    name = str(target).removeprefix("torch.")
+    cfg_path = Path(out) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = name
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    src = getattr(model, "layerprune_source_dtype", None)
+    record["saved"] = {"dtype": name, "compute_weights_dtype": str(current).removeprefix("torch."),
+                       "source_dtype": str(src).removeprefix("torch.") if src is not None else None}
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     write_record(out, record)

@@ -170,3 +170,27 @@ def test_local_tasks_accept_the_data_dir_or_its_zeroshot_folder(tmp_path):
         assert load_rte(str(root))["validation"][0]["label"] == 0
     with pytest.raises(FileNotFoundError, match="zeroshot/rte/val.jsonl"):
         load_rte(str(tmp_path))
+
+
+def test_bf16_checkpoint_is_saved_in_bf16_unless_asked(tmp_path, text_corpus):
+    """A bf16 checkpoint pruned with the default fp32 compute is saved in bf16 (not doubled), and the record says so;
+    --save-dtype float32 keeps fp32. The saved bf16 weights are the fp32 result rounded once."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "bf16"
+    tiny_model("llama", layers=2).to(torch.bfloat16).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    for extra, want in (([], "bfloat16"), (["--save-dtype", "float32"], "float32")):
+        out = tmp_path / want
+        assert main(_args(src, text_corpus, out, *extra)) == 0
+        rec = json.loads((out / "layerprune.json").read_text())
+        assert rec["saved"] == {"dtype": want, "compute_weights_dtype": "float32", "source_dtype": "bfloat16"}
+        with safe_open(out / "model.safetensors", "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes == {"BF16" if want == "bfloat16" else "F32"}
+        assert json.loads((out / "config.json").read_text())["dtype"] == want
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "bfloat16", dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "float32", dtype=torch.float32).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k].to(torch.bfloat16).float()), k

@@ -160,6 +160,28 @@ def load_pretrained(source, dtype: torch.dtype, **kw):
     return model, tok
 
 
+ST_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def checkpoint_dtype(folder) -> torch.dtype | None:
+    """The float dtype that holds most of a local safetensors checkpoint's bytes (headers only); None if unknown."""
+    folder = Path(folder)
+    try:
+        index = folder / "model.safetensors.index.json"
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        size: dict[str, int] = {}
+        for name in names:
+            with open(folder / name, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            for k, meta in header.items():
+                if k != "__metadata__" and meta["dtype"] in ST_FLOATS:
+                    size[meta["dtype"]] = size.get(meta["dtype"], 0) + meta["data_offsets"][1] - meta["data_offsets"][0]
+        return ST_FLOATS[max(size, key=size.get)] if size else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_complete(folder: Path) -> None:
     """A run directory whose save was interrupted (its checkpoint is still there) is not a model yet."""
     from ..outputs import CHECKPOINT_NAME, RECORD_NAME, STAGING_SUFFIX
@@ -226,10 +248,15 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", use_cache: bool 
             hint = f" (did you mean {ggufs[0]}?)" if ggufs else ""
             raise UserError(f"{spec} is a directory without config.json, so not a model directory{hint}")
         model, tok = _load_hub_or_dir(str(path), dtype)
+        model.layerprune_source_dtype = checkpoint_dtype(path)
     else:
         if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
             raise UserError(f"model path {spec} does not exist: check the path")
         model, tok = _load_hub_or_dir(spec, dtype)
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = try_to_load_from_cache(spec, "config.json")
+        model.layerprune_source_dtype = checkpoint_dtype(Path(cfg).parent) if isinstance(cfg, str) else None
     model.eval()
     keep_use_cache(model)
     log.info("loaded %s in %.1fs", spec, time.time() - t0)
