@@ -420,5 +420,5 @@ def test_registry_errors():
     with pytest.raises(UserError, match="does not take alpha"):
         get_allocator("owl", alpha=0.1)
     assert get_allocator("owl", alpha=None, lam=0.1).lam == 0.1  # None hparams are ignored
-    with pytest.raises(UserError, match="only 'user'"):
+    with pytest.raises(UserError, match="only 'dsa' and 'user' take an argument"):
         get_allocator("dlp:0.3")

@@ -8,42 +8,48 @@ in [lo, hi] (default [0, 0.99]), rebalancing what clipping removes. See base.py.
     if alloc.needs_scores: ctx.block_stats = [alloc.block_statistic(scores_of_block(b)) for b in blocks]
     allocation = alloc.allocate(0.7, ctx)          # allocation.layer_sparsity[(block, name)]
 
-Registry names: uniform, owl, dlp, dsa ("dsa:<function or preset>"), ipr-log, ipr-log-dec, ipr-lin, ipr-lin-dec, atp, er, erk, global, lamp,
-user ("user:0.4,0.5,..." / "user:file.json" or sparsities=...).
+Every allocator class is registered with ``@register_allocator`` (layerprune.registry) and declares its ``options``;
+the import order below is the registration order (the order of ``--help``): uniform, owl, dlp, dsa
+("dsa:<function or preset>"), ipr-log, ipr-log-dec, ipr-lin, ipr-lin-dec, atp, er, erk, global, lamp, user
+("user:0.4,0.5,..." / "user:file.json" or sparsities=...). A class with ``spec_arg`` takes the text after ':' as that
+keyword.
 """
 from __future__ import annotations
 
-import inspect
-
-from layerprune.allocation.atp import ATP
 from layerprune.allocation.base import (Allocation, AllocationContext, Allocator, LayerInfo, block_median, block_mean,
                                         minmax_recentre, rebalance, solve_clipped)
-from layerprune.allocation.classic import ER, ERK, LAMP, Global
+from layerprune.allocation.uniform import Uniform
+from layerprune.allocation.owl import OWL, nm_per_block, outlier_ratio
 from layerprune.allocation.dlp import DLP
 from layerprune.allocation.dsa import DSA
 from layerprune.allocation.ipr import IPR, IPRLin, IPRLinDec, IPRLogDec, ipr_schedule
-from layerprune.allocation.owl import OWL, nm_per_block, outlier_ratio
-from layerprune.allocation.uniform import Uniform
+from layerprune.allocation.atp import ATP
+from layerprune.allocation.classic import ER, ERK, LAMP, Global
 from layerprune.allocation.user import User
 from layerprune.errors import UserError
+from layerprune.registry import ALLOCATOR_REGISTRY
 
-ALLOCATORS = {cls.name: cls for cls in (Uniform, OWL, DLP, DSA, IPR, IPRLogDec, IPRLin, IPRLinDec, ATP, ER, ERK, Global,
-                                        LAMP, User)}
+ALLOCATORS = ALLOCATOR_REGISTRY  # name -> class
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """"dsa:FUNC" -> ("dsa", "FUNC"); "DLP" -> ("dlp", "")."""
+    name, _, arg = str(spec).strip().partition(":")
+    return name.lower(), arg
 
 
 def get_allocator(spec: str, **hparams) -> Allocator:
     """Build an allocator by registry name. Hyperparameters whose value is None are ignored (so a CLI may pass all of
-    its options); any other name the allocator does not take is an error. "user:<list or file>" passes sparsities."""
-    name, _, arg = str(spec).strip().partition(":")
-    name = name.lower()
-    if name not in ALLOCATORS:
-        raise UserError(f"unknown allocation {spec!r}; known: {', '.join(ALLOCATORS)}")
+    its options); any other name the allocator does not declare is an error. "user:<list or file>" passes sparsities."""
+    name, arg = split_spec(spec)
+    cls = ALLOCATORS.get(name)
+    spec_arg = getattr(cls, "spec_arg", None)
     if arg:
-        if name not in ("user", "dsa"):
-            raise UserError(f"only 'user' and 'dsa' take an argument after ':', got {spec!r}")
-        hparams["sparsities" if name == "user" else "function"] = arg
-    cls = ALLOCATORS[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        if spec_arg is None:
+            takes = [n for n, c in ALLOCATORS.items() if getattr(c, "spec_arg", None)]
+            raise UserError(f"only {' and '.join(repr(n) for n in takes)} take an argument after ':', got {spec!r}")
+        hparams[spec_arg] = arg
+    accepted = ([spec_arg] if spec_arg else []) + [o.name for o in cls.options]
     hparams = {k: v for k, v in hparams.items() if v is not None}
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
@@ -51,6 +57,7 @@ def get_allocator(spec: str, **hparams) -> Allocator:
     return cls(**hparams)
 
 
-__all__ = ["ALLOCATORS", "Allocation", "AllocationContext", "Allocator", "LayerInfo", "get_allocator", "rebalance",
-           "minmax_recentre", "solve_clipped", "block_median", "block_mean", "outlier_ratio", "nm_per_block",
-           "ipr_schedule"]
+__all__ = ["ALLOCATORS", "Allocation", "AllocationContext", "Allocator", "LayerInfo", "get_allocator", "split_spec",
+           "rebalance", "minmax_recentre", "solve_clipped", "block_median", "block_mean", "outlier_ratio",
+           "nm_per_block", "ipr_schedule", "Uniform", "OWL", "DLP", "DSA", "IPR", "IPRLogDec", "IPRLin", "IPRLinDec",
+           "ATP", "ER", "ERK", "Global", "LAMP", "User"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from layerprune.allocation.base import AllocationContext, Allocation, BoundedAllocator, block_weights, from_blocks, \
     rebalance
+from layerprune.registry import Option, register_allocator
 
 
 def atp_beta_max(target: float, num_blocks: int) -> float:
@@ -21,8 +22,12 @@ def atp_schedule(target: float, num_blocks: int, beta: float) -> list[float]:
     return [target - beta * (L - 1) / 2 + beta * i for i in range(L)]
 
 
+@register_allocator
 class ATP(BoundedAllocator):
     name = "atp"
+    options = (Option("beta", float, None, "ATP step"),
+               Option("beta_frac", float, None, "ATP step as a fraction of beta_max, when --beta is not given "
+                      "(default 0.3)"), *BoundedAllocator.options)
 
     def __init__(self, beta: float | None = None, beta_frac: float = 0.3, lo: float = 0.0, hi: float = 0.99):
         super().__init__(lo, hi)

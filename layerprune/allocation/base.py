@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from layerprune.errors import UserError
+from layerprune.registry import Option
 
 
 @dataclass
@@ -67,6 +68,9 @@ class BoundedAllocator:
 
     name = "base"
     needs_scores = False
+    # layerprune.registry: subclasses add theirs: options = (Option("alpha", ...), *BoundedAllocator.options)
+    options = (Option("lo", float, None, "lowest per-layer sparsity allowed (default 0)", flag="--min-sparsity"),
+               Option("hi", float, None, "highest per-layer sparsity allowed (default 0.99)", flag="--max-sparsity"))
 
     def __init__(self, lo: float = 0.0, hi: float = 0.99):
         lo, hi = float(lo), float(hi)

@@ -19,8 +19,10 @@ import torch
 
 from layerprune.allocation.base import AllocationContext, Allocation, BoundedAllocator, from_layers, solve_clipped
 from layerprune.errors import UserError
+from layerprune.registry import Option, register_allocator
 
 
+@register_allocator
 class ER(BoundedAllocator):
     name = "er"
     power = 1.0
@@ -33,8 +35,11 @@ class ER(BoundedAllocator):
         return from_layers(ctx, (1.0 - density).tolist(), {"method": self.name, "target": target, "power": self.power})
 
 
+@register_allocator
 class ERK(ER):
     name = "erk"
+    options = (Option("erk_power", float, None, "ERK exponent of (n_in + n_out) / (n_in * n_out) (default 1)"),
+               *BoundedAllocator.options)
 
     def __init__(self, erk_power: float = 1.0, lo: float = 0.0, hi: float = 0.99):
         super().__init__(lo, hi)
@@ -78,6 +83,7 @@ def threshold_counts(sorted_scores: list[torch.Tensor], target: float, lo: float
     return out.tolist()
 
 
+@register_allocator
 class Global(BoundedAllocator):
     name = "global"
     score = "magnitude"
@@ -108,6 +114,7 @@ def lamp_scores(w: torch.Tensor) -> torch.Tensor:
     return score.sort().values
 
 
+@register_allocator
 class LAMP(Global):
     name = "lamp"
     score = "lamp"

@@ -19,6 +19,7 @@ import torch
 from layerprune.allocation.base import (AllocationContext, Allocation, BoundedAllocator, block_mean, block_median,
                                         block_weights, from_blocks, minmax_recentre)
 from layerprune.errors import UserError
+from layerprune.registry import Option, register_allocator
 
 
 def parse_alpha(alpha) -> float | dict[float, float]:
@@ -44,9 +45,13 @@ def alpha_for(alpha, target: float) -> float:
     return float(alpha)
 
 
+@register_allocator
 class DLP(BoundedAllocator):
     name = "dlp"
     needs_scores = True
+    options = (Option("alpha", float, None, "DLP alpha (spread 2*alpha)"),
+               Option("stat", str, None, "DLP block statistic", choices=("median", "mean"), flag="--dlp-stat"),
+               *BoundedAllocator.options)
 
     def __init__(self, alpha=0.15, stat: str = "median", lo: float = 0.0, hi: float = 0.99):
         super().__init__(lo, hi)

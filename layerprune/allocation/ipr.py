@@ -20,6 +20,7 @@ import numpy as np
 from layerprune.allocation.base import AllocationContext, Allocation, BoundedAllocator, block_weights, from_blocks, \
     rebalance
 from layerprune.errors import UserError
+from layerprune.registry import Option, register_allocator
 
 KINDS = ("log", "log-dec", "lin", "lin-dec")
 
@@ -41,9 +42,13 @@ def ipr_schedule(kind: str, num_blocks: int, r0: float, r_end: float) -> list[fl
     return [r0 + (r_end - r0) * g for g in ipr_shape(kind, num_blocks)]
 
 
+@register_allocator
 class IPR(BoundedAllocator):
     name = "ipr-log"
     kind = "log"
+    options = (Option("r0", float, None, "IPR first-block ratio (with --r-end)"),
+               Option("r_end", float, None, "IPR last-block ratio (with --r0)"),
+               *BoundedAllocator.options)
 
     def __init__(self, r0: float | None = None, r_end: float | None = None, lo: float = 0.0, hi: float = 0.99):
         super().__init__(lo, hi)
@@ -67,13 +72,16 @@ class IPR(BoundedAllocator):
                                      "user_ends": self.r0 is not None, "raw": raw})
 
 
+@register_allocator
 class IPRLogDec(IPR):
     name, kind = "ipr-log-dec", "log-dec"
 
 
+@register_allocator
 class IPRLin(IPR):
     name, kind = "ipr-lin", "lin"
 
 
+@register_allocator
 class IPRLinDec(IPR):
     name, kind = "ipr-lin-dec", "lin-dec"

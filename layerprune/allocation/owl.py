@@ -14,6 +14,7 @@ import torch
 from layerprune.allocation.base import (AllocationContext, Allocation, BoundedAllocator, block_weights, from_blocks,
                                         minmax_recentre, flat_scores)
 from layerprune.errors import UserError
+from layerprune.registry import Option, register_allocator
 
 
 def outlier_ratio(scores_by_layer: dict[str, torch.Tensor], m: float) -> float:
@@ -24,9 +25,13 @@ def outlier_ratio(scores_by_layer: dict[str, torch.Tensor], m: float) -> float:
     return float(sum((t > thr).sum().item() for t in flat) / n)
 
 
+@register_allocator
 class OWL(BoundedAllocator):
     name = "owl"
     needs_scores = True
+    options = (Option("owl_m", float, None, "OWL outlier threshold M"),
+               Option("lam", float, None, "OWL/DSA lambda (spread 2*lambda)"),
+               *BoundedAllocator.options)
 
     def __init__(self, owl_m: float = 5.0, lam: float = 0.08, lo: float = 0.0, hi: float = 0.99):
         super().__init__(lo, hi)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from layerprune.allocation.base import AllocationContext, Allocation, BoundedAllocator, from_blocks
+from layerprune.registry import register_allocator
 
 
+@register_allocator
 class Uniform(BoundedAllocator):
     name = "uniform"
 

@@ -11,6 +11,7 @@ import os
 from layerprune.allocation.base import AllocationContext, Allocation, BoundedAllocator, block_weights, from_blocks, \
     rebalance, weighted_mean
 from layerprune.errors import UserError
+from layerprune.registry import register_allocator
 
 TOLERANCE = 1e-3
 
@@ -38,8 +39,10 @@ def parse_sparsities(spec) -> list[float]:
         raise UserError(f"user sparsities must be numbers, got {spec!r} (a missing file path is read as a list)")
 
 
+@register_allocator
 class User(BoundedAllocator):
     name = "user"
+    spec_arg, usage = "sparsities", "user:LIST|FILE"  # --allocation user:0.4,0.5,... fills `sparsities`
 
     def __init__(self, sparsities=None, lo: float = 0.0, hi: float = 0.99):
         super().__init__(lo, hi)

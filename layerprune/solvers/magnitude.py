@@ -8,14 +8,18 @@ from __future__ import annotations
 import torch
 
 from layerprune.errors import UserError
+from layerprune.registry import Option, register_solver
 from layerprune.solvers.common import check_options, check_sparsity, check_weight, matrix_mask, row_mask
 from layerprune.solvers.nm import check_nm, nm_mask
 from layerprune.stats import LayerStats
 
 
+@register_solver
 class Magnitude:
     name = "magnitude"
     needs: frozenset[str] = frozenset()
+    options = (Option("scope", str, "matrix", "magnitude comparison group", choices=("matrix", "row"),
+                      flag="--magnitude-scope"),)
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, nm=None, scope: str = "matrix",
               **options) -> torch.Tensor:

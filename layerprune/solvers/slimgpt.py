@@ -31,6 +31,7 @@ from torch import Tensor
 
 from layerprune import structured
 from layerprune.errors import UserError
+from layerprune.registry import Option, positive_int, register_solver
 from layerprune.solvers.common import relative_error
 from layerprune.structured import GQA_MODES
 
@@ -364,6 +365,7 @@ def group_magnitude(block, adapter, head_dim: int, q_rm: int, kv_rm: int, ch_rm:
     return heads, kv, sorted(torch.argsort(ch, stable=True)[:ch_rm].tolist())
 
 
+@register_solver
 class SlimGPT:
     """Block-level solver for the engine: heads of o_proj first, then FFN channels of down_proj with statistics
     re-collected through the pruned attention; the block is made physically smaller (layerprune.structured).
@@ -374,8 +376,32 @@ class SlimGPT:
     """
 
     name = "slimgpt"
+    summary = "structured: heads + FFN channels"
     needs = frozenset({"hessian"})
     block_level = True
+    options = (Option("gqa", str, "heads", "slimgpt: remove query heads evenly within KV groups, or whole KV groups",
+                      choices=GQA_MODES),
+               Option("budget", str, "params", "slimgpt: FFN channels fill the block's parameter budget, or use the "
+                      "head ratio", choices=("params", "ratio"), flag="--slim-budget"),
+               Option("score", str, "obs", "slimgpt: OBS error, or the structured-magnitude baseline (L2 norm)",
+                      choices=("obs", "magnitude"), flag="--slim-score"),
+               Option("compensate", bool, True, "slimgpt ablation: no OBS weight update", flag="--no-compensate"),
+               Option("grouped_cholesky", bool, True, "slimgpt ablation: raw diag(H^-1) head score, no grouped "
+                      "Cholesky", flag="--no-gcd"),
+               Option("fixed_group", positive_int, None, "slimgpt ablation: fixed FFN group size instead of Dynamic "
+                      "Group Size"),
+               Option("percdamp", float, None, "damping, fraction of mean diag (0.01)"))
+
+    @classmethod
+    def resolve_options(cls, o: dict) -> dict:
+        """Flag values -> options: a fixed group size turns Dynamic Group Size off."""
+        opts = {k: o[k] for k in ("gqa", "budget", "score", "compensate", "grouped_cholesky")}
+        if o["fixed_group"] is not None:
+            opts.update(dynamic_group_size=False, fixed_group=o["fixed_group"])
+        if o["percdamp"] is not None:
+            opts["percdamp"] = o["percdamp"]
+        return opts
+
     OPTIONS = ("gqa", "budget", "score", "compensate", "grouped_cholesky", "dynamic_group_size", "fixed_group",
                "percdamp")
 

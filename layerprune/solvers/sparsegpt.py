@@ -24,6 +24,7 @@ import torch
 
 from layerprune.errors import UserError
 from layerprune.quant import check_quant, make_column_quantizer
+from layerprune.registry import Option, positive_int, register_solver
 from layerprune.solvers.common import check_options, check_sparsity, check_weight, lowest_k, prune_count
 from layerprune.solvers.nm import check_nm, nm_mask
 from layerprune.stats import LayerStats
@@ -50,9 +51,27 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
                     f"use more calibration samples or a larger percdamp")
 
 
+@register_solver
 class SparseGPT:
     name = "sparsegpt"
     needs = frozenset({"hessian"})
+    options = (Option("blocksize", positive_int, None, "SparseGPT column block size (default 128)"),
+               Option("percdamp", float, None, "SparseGPT damping, fraction of mean diag (0.01)"),
+               Option("wbits", int, None, "SparseGPT only: quantize the kept weights jointly (GPTQ-style) to this many "
+                      "bits", choices=(3, 4, 8)),
+               Option("groupsize", int, None, "with --wbits: one grid per this many input columns (default: one per "
+                      "output channel)"))
+
+    @classmethod
+    def resolve_options(cls, o: dict) -> dict:
+        """Flag values -> options: --groupsize needs --wbits; with --wbits the groupsize is always recorded."""
+        if o["wbits"] is None and o["groupsize"] is not None:
+            raise UserError("--groupsize only applies with --wbits: add e.g. --wbits 4, or drop --groupsize")
+        opts = {k: o[k] for k in ("blocksize", "percdamp") if o[k] is not None}
+        if o["wbits"] is not None:
+            opts.update(wbits=o["wbits"], groupsize=-1 if o["groupsize"] is None else o["groupsize"])
+            check_quant(opts["wbits"], opts["groupsize"])
+        return opts
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, nm=None, blocksize: int = 128,
               percdamp: float = 0.01, wbits: int | None = None, groupsize: int = -1, sym: bool = False,

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import torch
 
+from layerprune.registry import register_solver
 from layerprune.solvers.common import check_options, check_sparsity, check_weight, row_mask
 from layerprune.solvers.nm import check_nm, nm_mask
 from layerprune.stats import LayerStats
 
 
+@register_solver
 class Wanda:
     name = "wanda"
     needs = frozenset({"sq_norm"})
+    options = ()
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, nm=None, **options) -> torch.Tensor:
         check_options(self.name, options, ())

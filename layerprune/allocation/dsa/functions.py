@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from layerprune.allocation.base import (Allocation, AllocationContext, BoundedAllocator, block_weights, flat_scores,
                                         from_blocks, minmax_recentre)
 from layerprune.errors import UserError
+from layerprune.registry import Option, register_allocator
 
 BIG = 1e300  # +-inf -> +-BIG (float64)
 TINY = 1e-30
@@ -368,11 +369,14 @@ def allocate(f: AllocationFunction | str, block_scores, target: float, lam: floa
     return dsa_mapping(evaluate_blocks(resolve(f), block_scores), target, lam, weights, lo, hi)
 
 
+@register_allocator
 class DSA(BoundedAllocator):
     """The ``Allocator`` of a fixed (preset or searched) DSA function; ``block_statistic`` is phi of the block."""
 
     name = "dsa"
     needs_scores = True
+    spec_arg, usage = "function", "dsa[:FUNC]"  # --allocation dsa:FUNC fills `function`
+    options = (Option("lam", float, None, "OWL/DSA lambda (spread 2*lambda)"), *BoundedAllocator.options)
 
     def __init__(self, function: str | AllocationFunction = "dsa-llama1-7b", lam: float = 0.08,
                  lo: float = 0.0, hi: float = 0.99):

@@ -1,11 +1,11 @@
 """``layerprune search-allocation``: search a DSA allocation function for one model at one sparsity.
 
-The fitness is the proxy of ``proxy.py`` (one-shot Wanda with dense statistics, perplexity on a few WikiText-2
-*validation* windows). After the search the ``--rescore-top`` best candidates are scored again in float32 on
+The fitness is the proxy of ``allocation/dsa/proxy.py`` (one-shot Wanda with dense statistics, perplexity on a few
+WikiText-2 *validation* windows). After the search the ``--rescore-top`` best candidates are scored again in float32 on
 ``--rescore-windows`` validation windows and the best of them is the result. Files written to ``--out``:
 
     settings.json             what the fitness and the search trajectory depend on (``--resume`` must match it)
-    search.jsonl              one line per candidate (see ``search.py``); search.jsonl.best.json: best so far
+    search.jsonl              one line per candidate (see dsa/search.py); search.jsonl.best.json: best so far
     dense_norms.safetensors   cached dense calibration statistics (reused by --resume / --force)
     best_function.txt         the chosen function: use it as ``--allocation dsa:"<function>"``
     summary.json              settings, result, throughput, timings, the chosen allocation, the rescored top
@@ -16,12 +16,12 @@ resumed search replays the candidates of its log without evaluating them and goe
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from pathlib import Path
 
+from layerprune.cli.common import _examples
 from layerprune.errors import UserError
 
 OWN_FILES = ("settings.json", "search.jsonl", "search.jsonl.best.json", "best_function.txt", "summary.json",
@@ -32,7 +32,10 @@ TRAJECTORY = ("model", "sparsity", "strategy", "seed", "population", "tournament
               "proxy_dtype")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_parser(sub) -> None:
+    p = sub.add_parser("search-allocation", help="DSA: search an allocation function (evolutionary or random)",
+                       epilog=_examples("layerprune search-allocation --sparsity 0.7 --budget-minutes 20 "
+                                        "--out runs/dsa70"))
     p.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub id")
     p.add_argument("--sparsity", type=float, default=0.7, help="global target sparsity in (0, 1)")
     p.add_argument("--strategy", default="evolutionary", choices=["evolutionary", "random"],
@@ -62,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/dsa-search", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the search logged in --out")
     p.add_argument("--force", action="store_true", help="start over in an existing --out")
+    p.set_defaults(func=run)
 
 
 def _settings(args) -> dict:
@@ -128,7 +132,7 @@ def _prepare_out(args, settings: dict) -> Path:
     return out
 
 
-def main(args) -> int:
+def run(args) -> int:
     import torch
 
     from layerprune.allocation.dsa.proxy import Proxy

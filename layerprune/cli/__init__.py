@@ -1,0 +1,58 @@
+"""``layerprune`` command line: one sub-command per module, each a thin layer over the Python API with
+``add_parser(sub)`` and ``run(args)``.
+
+Bad input ends with one line on stderr and exit code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from layerprune.cli import bench_speed, demo, fed, finetune, info, plot, prune, search_allocation
+from layerprune.cli import eval as eval_
+from layerprune.cli.common import _examples, _Parser
+from layerprune.errors import UserError
+
+COMMANDS = (info, eval_, prune, bench_speed, finetune, plot, fed, demo, search_allocation)  # the order of --help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib import metadata
+
+    p = _Parser(prog="layerprune", description="Layer-wise pruning of causal LMs, with honest numbers.",
+                epilog=_examples("layerprune demo", "layerprune prune --model smollm2-135m --method wanda "
+                                 "--sparsity 0.5 --out runs/wanda50", "layerprune eval runs/wanda50"))
+    p.add_argument("-v", "--verbose", action="store_true", help="log INFO (and Flower's DEBUG) messages")
+    try:
+        version = metadata.version("layerprune")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    p.add_argument("--version", action="version", version=f"layerprune {version}", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+        if not args.verbose:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()  # ours (blocks, windows) stay; loading/saving bars go
+        return args.func(args)
+    except UserError as e:
+        print(f"layerprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerprune: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["main", "build_parser", "COMMANDS"]

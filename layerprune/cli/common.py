@@ -1,0 +1,135 @@
+"""Helpers shared by the sub-commands: the parser and help format, model/device arguments, tables, and the flags
+that the method registries declare (``_method_flags`` / ``_method_options``)."""
+from __future__ import annotations
+
+import argparse
+
+from layerprune.errors import UserError
+from layerprune.registry import Registry, positive_int, resolve
+
+DATA_DIR_HELP = "data directory (default: $LAYERPRUNE_DATA, else ../shared/data when present, else the hub)"
+DTYPES = ["float32", "bfloat16", "float16"]
+_positive = positive_int
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option shows its default; examples in the epilog keep their line breaks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _Help)
+        super().__init__(*a, **kw)
+
+    def error(self, message):  # one line, exit 2
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {x}" for x in lines)
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (bfloat16/float16 mainly for GPUs)")
+    p.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cuda when present)")
+    p.add_argument("--no-cache", action="store_true", help="do not use the dequantized GGUF cache")
+
+
+def _model_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """The model as a positional argument or as --model (prune takes --model; both work everywhere)."""
+    p.add_argument("model", nargs="?", default=None, help=help)
+    p.add_argument("--model", dest="model_opt", default=None, metavar="MODEL", help="the same as the positional MODEL")
+
+
+def _model_spec(args) -> str:
+    a, b = args.model, getattr(args, "model_opt", None)
+    if a and b and a != b:
+        raise UserError(f"two models given ({a} and --model {b}): pass one")
+    if not (a or b):
+        raise UserError("no model given: pass MODEL or --model MODEL (e.g. smollm2-135m or a run directory)")
+    args.model = a or b
+    return args.model
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for but no CUDA device is present: use --device cpu")
+    return dev
+
+
+def _load(args):
+    from layerprune.models.loading import load_model
+
+    device = _device(args.device)  # checked before the load
+    model, tok = load_model(args.model, args.dtype, use_cache=not args.no_cache)
+    return model.to(device), tok
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    cells = [[h for h, _ in cols]] + [[_fmt(r.get(k)) for _, k in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+def _eval_all(model, tok, datasets, seqlen, data_dir, max_windows, batch_size) -> dict:
+    from layerprune.evaluation.perplexity import evaluate_ppl
+
+    return {ds: evaluate_ppl(model, tok, ds, seqlen, data_dir, max_windows, batch_size).to_dict() for ds in datasets}
+
+
+
+def _method_list(registry: Registry, last: str = ", or ") -> str:
+    """"a, b, or c (summary)": the registered names (or their ``usage``), for the --method / --allocation help."""
+    items = [getattr(cls, "usage", name) + (f" ({cls.summary})" if getattr(cls, "summary", None) else "")
+             for name, cls in registry.items()]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + last + items[-1]
+
+
+def _method_flags(p: argparse.ArgumentParser, registry: Registry) -> None:
+    """One flag per option declared by the registry's methods, in a help group named after the methods declaring it
+    ("sparsegpt options"; "allocation options" when every method does)."""
+    groups = {}
+    for flag, (o, owners) in registry.options().items():
+        title = f"{registry.kind} options" if len(owners) == len(registry) > 1 else f"{', '.join(owners)} options"
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        if o.type is bool:  # a flag that flips the default
+            groups[title].add_argument(flag, dest=o.dest, action="store_true", help=o.help)
+        else:
+            groups[title].add_argument(flag, dest=o.dest, type=o.type, default=o.default, choices=o.choices,
+                                       help=o.help)
+
+
+def _flag_value(o, args):
+    v = getattr(args, o.dest)
+    return (not o.default if v else o.default) if o.type is bool else v
+
+
+def _method_options(registry: Registry, select: str, name: str, args) -> dict:
+    """The keyword options of method ``name`` from the parsed flags; a flag that only other methods declare is
+    refused when it was given (``select`` is the flag choosing the method, e.g. --method)."""
+    cls = registry.get(name)
+    mine = {o.cli_flag for o in cls.options}
+    for flag, (o, owners) in registry.options().items():
+        if flag not in mine and _flag_value(o, args) != o.default:
+            raise UserError(f"{flag} needs {select} {' or '.join(owners)}, not {name}")
+    return resolve(cls, {o.name: _flag_value(o, args) for o in cls.options})
