@@ -31,8 +31,9 @@ from torch import nn
 
 from .errors import UserError
 from .models.adapters import get_adapter
-from .models.loading import BUILTIN, _cache_ok, builtin_gguf, check_complete, checkpoint_dtype, gguf_cache_dir, keep_use_cache, load_gguf, \
-    parse_dtype
+from .passes import cast
+from .models.loading import BUILTIN, builtin_gguf, cache_ok, check_complete, checkpoint_dtype, gguf_cache_dir, \
+    keep_use_cache, load_gguf, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,6 @@ def _move_real_buffers(block: nn.Module, device) -> None:
 
 def _is_real(block: nn.Module) -> bool:
     return all(t.device.type != "meta" for t in block.state_dict().values())
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype, device="cpu") -> torch.Tensor:
-    """``t`` on ``device``; floating tensors take ``dtype``."""
-    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -226,7 +222,7 @@ class DiskStore:
         p = self.prefix(i)
         block = self.adapter.blocks(model)[i]
         names = [p + k for k in block.state_dict()]
-        return {n[len(p):]: _cast(t, self.dtype, device) for n, t in _read(self.where, names).items()}
+        return {n[len(p):]: cast(t, device, self.dtype) for n, t in _read(self.where, names).items()}
 
     def onload(self, model, i: int, device) -> None:
         block = self.adapter.blocks(model)[i]
@@ -301,7 +297,7 @@ def _gguf_cache_dir(gguf: Path, dtype: torch.dtype) -> Path | None:
     root, sha = want.parent, want.name.split("-")[0]
     names = [want.name, f"{sha}-float32"] + sorted(p.name for p in root.glob(f"{sha}-*"))
     for name in dict.fromkeys(names):
-        if (root / name).is_dir() and _cache_ok(root / name):
+        if (root / name).is_dir() and cache_ok(root / name):
             return root / name
     return None
 
@@ -386,7 +382,7 @@ def load_model_lazy(source: str | Path, dtype: str | torch.dtype = "float32", wo
 
     in_block = lambda k: k.startswith(adapter.blocks_path + ".")  # noqa: E731
     for k, t in _read(where, [k for k in want if k in where and not in_block(k)]).items():
-        _set_tensor(model, k, _cast(t, dtype))
+        _set_tensor(model, k, cast(t, "cpu", dtype))
     model.tie_weights()
     left = [k for k, t in model.state_dict().items() if t.device.type == "meta" and not in_block(k)]
     if left:

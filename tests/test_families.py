@@ -15,7 +15,7 @@ from layerprune.models.adapters import get_adapter
 from layerprune.models.info import measure_sparsity
 from layerprune.offload import MemoryStore
 from layerprune.record import save_run
-from layerprune.structured import count_params, model_widths, register
+from layerprune.models.structured import count_params, model_widths, register
 
 METHODS = {"magnitude": dict(method="magnitude"), "wanda": dict(method="wanda"),
            "sparsegpt": dict(method="sparsegpt"), "sparsegpt-2:4": dict(method="sparsegpt", nm="2:4"),

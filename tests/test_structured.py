@@ -1,4 +1,4 @@
-"""Physical head / channel removal (layerprune/structured.py): equality with the zero-masked model, GQA validity,
+"""Physical head / channel removal (layerprune/models/structured.py): equality with the zero-masked model, GQA validity,
 saving with a stock config (equal widths) or a registered per-block config (unequal widths), and the block budget."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from layerprune import load_model
 from layerprune.errors import UserError
 from layerprune.models.adapters import get_adapter
 from layerprune.solvers.slimgpt import plan_block
-from layerprune.structured import count_params, finalize, load_block, model_widths, register, remove_channels, \
+from layerprune.models.structured import count_params, finalize, load_block, model_widths, register, remove_channels, \
     remove_heads
 
 FAMS = ["llama", "qwen2", "mistral"]

