@@ -1,14 +1,14 @@
 """Tune the allocation hyperparameters on WikiText-2 VALID (never on test): SmolLM2-135M, Wanda, 70% (issue 4).
 
-    python bench/allocation_tune.py                  # -> bench/results/allocation_tune.{json,md} (resumable)
-    python bench/allocation_tune.py --windows 16 --max-minutes 12
+    python -m bench.allocation_tune                  # -> bench/results/allocation_tune.{json,md} (resumable)
+    python -m bench.allocation_tune --windows 16 --max-minutes 12
 
 Grid: DLP alpha in {0.05, 0.1, 0.15, 0.2} (median, the paper's statistic; ``--with-mean`` also tunes the released
 code's mean), OWL lambda in {0.04, 0.08, 0.12} (M = 5), ATP beta in {0.15, 0.3, 0.6, 0.8, 1.0} x beta_max (beta_max =
 min(2S, 2(1 - S)) / (L - 1) = 0.0207 at 70% for L = 30 blocks), plus uniform as the reference. The paper defaults run
 first, so a run cut short by ``--max-minutes`` still has them. Same calibration (32 x 512 C4 pool, seed 0) and the same
-cached dense statistics as bench/allocation_sweep.py. The value with the lowest valid PPL is "chosen" per method; the
-report prints the sweep command that uses them.
+cached dense statistics as bench.allocation_sweep (whose setup and runs it uses). The value with the lowest valid PPL
+is "chosen" per method; the report prints the sweep command that uses them.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import argparse
 import json
 import time
 
-from allocation_sweep import (RESULTS, cmdline, hyperparams, prune_and_eval, read_json, run_key, setup,
-                              write_atomic)
+from .allocation_sweep import hyperparams, prune_and_eval, run_key, setup
+from .common import RESULTS, cmdline, code_line, code_version, read_json, write_atomic, write_json
 
 SPARSITY, SOLVER = 0.7, "wanda"
 GRID = {"dlp-median": ("alpha", [0.15, 0.05, 0.1, 0.2]), "owl": ("lam", [0.08, 0.04, 0.12]),
@@ -40,7 +40,7 @@ def plan(with_mean: bool) -> list[tuple[str, dict]]:
 def write_markdown(data: dict) -> None:
     runs = list(data["runs"].values())
     uni = next((r["ppl"] for r in runs if r["allocation"] == "uniform"), None)
-    lines = [f"Command: `{data['command']}`", "",
+    lines = [f"Command: `{data['command']}`. {code_line()} (the last run; each run's JSON entry has its own)", "",
              f"SmolLM2-135M fp32, {SOLVER} at {SPARSITY:.0%}, calibration 32 x 512 C4 pool seed 0, WikiText-2 "
              f"**validation** PPL over the first {data['windows']} windows of 512 tokens (the test split is never "
              f"used here). Uniform: {uni:.2f}." if uni else "", "",
@@ -57,7 +57,7 @@ def write_markdown(data: dict) -> None:
                      f"{(r['ppl'] / uni - 1) * 100:+.1f}% | {min(bt):.3f}..{max(bt):.3f} | {r['prune_s']:.0f} |")
     lines += ["", "Chosen (lowest valid PPL): " + ", ".join(f"{k} {GRID[k][0]} = {v:g}" for k, v in
                                                            data["chosen"].items())]
-    lines += ["", "`python bench/allocation_sweep.py --tuned` uses the chosen values (DLP's alpha for both statistics)."]
+    lines += ["", "`python -m bench.allocation_sweep --tuned` uses the chosen values (DLP's alpha for both statistics)."]
     write_atomic(RESULTS / "allocation_tune.md", "\n".join(lines) + "\n")
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.time()
     out_json = RESULTS / "allocation_tune.json"
-    data = read_json(out_json, {"command": "python bench/allocation_tune.py", "invocations": [], "solver": SOLVER,
+    data = read_json(out_json, {"command": "python -m bench.allocation_tune", "invocations": [], "solver": SOLVER,
                                 "sparsity": SPARSITY, "dataset": "wikitext2-valid", "windows": args.windows,
                                 "runs": {}, "chosen": {}})
     if data["windows"] != args.windows:
@@ -85,12 +85,12 @@ def main() -> None:
             print("time budget reached; rerun to continue", flush=True)
             break
         r = prune_and_eval(model, tok, calib, SOLVER, SPARSITY, label, hp, stats, "wikitext2-valid", args.windows)
-        data["runs"][key] = r
+        data["runs"][key] = {**r, "code": code_version()}
         for lab, (name, _) in GRID.items():
             done = [x for x in data["runs"].values() if x["allocation"] == lab]
             if done:
                 data["chosen"][lab] = min(done, key=lambda x: x["ppl"])["hp"][name]
-        write_atomic(out_json, json.dumps(data, indent=1))
+        write_json(out_json, data)
         write_markdown(data)
         print(f"{label:10s} {json.dumps(hp)}  valid ppl {r['ppl']:.2f}  prune {r['prune_s']:.0f} s  "
               f"eval {r['eval_s']:.0f} s", flush=True)

@@ -7,7 +7,7 @@ norms, 8 WikiText-2 validation windows, the search's dtype) to show how the prox
 Writes to --out: dsa_table.md, dsa_table.json, dsa_search_<S>.png (best fitness vs candidates, evolution vs random),
 the searches' summaries and logs (< 1 MB).
 
-    flock /tmp/lp_heavy.lock .venv/bin/python bench/dsa_eval.py --runs runs/dsa --sparsities 0.7,0.6 \
+    flock /tmp/lp_heavy.lock .venv/bin/python -m bench.dsa_eval --runs runs/dsa --sparsities 0.7,0.6 \
         --out bench/results/dsa
 """
 from __future__ import annotations
@@ -25,10 +25,11 @@ from layerprune import evaluate_ppl, load_model, prune
 from layerprune.allocation.dsa import PRESETS
 from layerprune.allocation.dsa.proxy import Proxy
 from layerprune.allocation.dsa.search import plot_curves
-from layerprune.api import calibration_set
 from layerprune.data import resolve_data_dir
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import tokenize_corpus
+
+from .common import MODEL, calibration, code_line, write_json
 
 STRATEGIES = ("evolutionary", "random")
 
@@ -47,14 +48,14 @@ def main() -> None:
     torch.set_num_threads(2)
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dense, tok = load_model("smollm2-135m", "float32")
-    calib = calibration_set(tok, "c4", 32, 512, 0)
+    dense, tok = load_model(MODEL, "float32")
+    calib = calibration(tok)
     data_dir = resolve_data_dir(None)
     valid = tokenize_corpus(tok, "wikitext2-valid", data_dir, 512)
     t0 = time.perf_counter()
     dense_ppl = evaluate_ppl(dense, tok, "wikitext2", 512, data_dir, args.windows, progress=False).ppl
     print(f"dense: {dense_ppl:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    table = {"model": "smollm2-135m", "protocol": f"Wanda, calibration 32x512 C4 pool seed 0, WikiText-2 test "
+    table = {"model": MODEL, "protocol": f"Wanda, calibration 32x512 C4 pool seed 0, WikiText-2 test "
              f"{args.windows}x512", "dense_ppl": dense_ppl, "sparsities": {},
              "proxy": {"eval_windows": 8, "proxy_dtype": "bfloat16"}}
     for s in [float(x) for x in args.sparsities.split(",")]:
@@ -110,7 +111,7 @@ def main() -> None:
             if (src / "search.jsonl").stat().st_size < 1 << 20:
                 shutil.copy(src / "search.jsonl", out / f"s{tag}-{st}.search.jsonl")
         del proxy
-    (out / "dsa_table.json").write_text(json.dumps(table, indent=1) + "\n")
+    write_json(out / "dsa_table.json", table)
     (out / "dsa_table.md").write_text(markdown(table, args.windows))
     print((out / "dsa_table.md").read_text())
 
@@ -120,7 +121,7 @@ def markdown(table: dict, windows: int) -> str:
              f"Wanda, calibration 32 x 512 tokens from the C4 pool (seed 0), WikiText-2 **test** perplexity over "
              f"{windows} windows x 512. Dense: {table['dense_ppl']:.2f}. *proxy*: the search fitness (one-shot Wanda "
              f"with dense input norms, first {table['proxy']['eval_windows']} WikiText-2 **validation** windows x 512, "
-             f"{table['proxy']['proxy_dtype']}).", ""]
+             f"{table['proxy']['proxy_dtype']}). {code_line()}", ""]
     for tag, sec in table["sparsities"].items():
         uni = next((r["test_ppl"] for r in sec["results"] if r["allocation"] == "uniform" and "test_ppl" in r), None)
         lines += [f"## {tag}% sparsity", "", "| allocation | function | test PPL | vs uniform | proxy PPL |",

@@ -4,7 +4,7 @@ DSA's mapping spreads the per-block sparsities over 2*lambda (lambda 0.08 -> 0.1
 0.30). This crosses the two: the searched DSA functions (from bench/results/dsa/s70-*.summary.json) and DLP-median,
 each at spread 0.16 and 0.30, Wanda, calibration 32 x 512 C4 pool seed 0, WikiText-2 TEST PPL over 40 x 512.
 
-    flock /tmp/lp_heavy.lock .venv/bin/python bench/dsa_spread.py       # about 8 minutes here
+    flock /tmp/lp_heavy.lock .venv/bin/python -m bench.dsa_spread       # about 8 minutes here
 Writes bench/results/dsa/dsa_spread.{md,json}.
 """
 from __future__ import annotations
@@ -12,22 +12,22 @@ from __future__ import annotations
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
 
 from layerprune import evaluate_ppl, load_model, prune
-from layerprune.api import calibration_set
 from layerprune.data import resolve_data_dir
 
-OUT = Path(__file__).resolve().parent / "results" / "dsa"
+from .common import MODEL, RESULTS, calibration, code_line, write_json
+
+OUT = RESULTS / "dsa"
 SPARSITY, HALF_SPREADS = 0.7, (0.08, 0.15)
 
 
 def main() -> None:
     torch.set_num_threads(2)
-    dense, tok = load_model("smollm2-135m", "float32")
-    calib = calibration_set(tok, "c4", 32, 512, 0)
+    dense, tok = load_model(MODEL, "float32")
+    calib = calibration(tok)
     data_dir = resolve_data_dir(None)
     rows = [("DLP-median", "dlp", "alpha", {"stat": "median"})]
     for st in ("evolutionary", "random"):
@@ -47,10 +47,10 @@ def main() -> None:
             print(f"{name} {key}={h}: test {ppl:.2f} (spread {max(block) - min(block):.3f}, "
                   f"{time.perf_counter() - t0:.0f}s)", flush=True)
             del model
-    (OUT / "dsa_spread.json").write_text(json.dumps({"sparsity": SPARSITY, "results": results}, indent=1) + "\n")
-    lines = ["Command: `python bench/dsa_spread.py` — SmolLM2-135M, Wanda 70%, calibration 32 x 512 C4 pool seed 0, "
+    write_json(OUT / "dsa_spread.json", {"sparsity": SPARSITY, "results": results})
+    lines = ["Command: `python -m bench.dsa_spread` — SmolLM2-135M, Wanda 70%, calibration 32 x 512 C4 pool seed 0, "
              "WikiText-2 **test** PPL (40 x 512). Half-spread = DLP's alpha / DSA's lambda (per-block sparsities span "
-             "2 x that around 70%).", "",
+             f"2 x that around 70%). {code_line()}", "",
              "| allocation function | half-spread 0.08 | half-spread 0.15 |", "|---|---|---|"]
     for name, *_ in rows:
         cells = [f"{r['test_ppl']:.2f}" for r in results if r["allocation"] == name]

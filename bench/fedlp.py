@@ -1,7 +1,7 @@
 """FedLP on a small real model: FedAvg vs FedLP-Homo(p) vs FedLP-Hetero(u), PPL vs measured communication.
 
-    python bench/fedlp.py --quick            # ~2-4 min on 2 CPU cores (SmolLM2-135M cut to 2 blocks)
-    python bench/fedlp.py                    # the default experiment (see FULL below)
+    python -m bench.fedlp --quick            # ~2-4 min on 2 CPU cores (SmolLM2-135M cut to 2 blocks)
+    python -m bench.fedlp                    # the default experiment (see FULL below)
 
 Writes bench/results/fedlp.json (one record per scheme, as run_federated returns it), fedlp.md (table)
 and fedlp.png (PPL vs cumulative MiB). Each scheme starts its own Flower simulation (Ray, ~20 s).
@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from layerprune.federated.run import FedConfig, load, plot, run_federated
 
-from layerprune.federated.run import FedConfig, load, plot, run_federated  # noqa: E402
+from .common import MODEL, RESULTS, code_line, write_json
 
 QUICK = dict(num_blocks=2, clients=4, rounds=2, local_steps=2, batch_size=2, seqlen=64, eval_seqlen=128,
              eval_windows=4, max_client_tokens=4000, fail_clients=(3,))
@@ -36,13 +35,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny run (2 blocks, 4 clients, 2 rounds, one failing client)")
     ap.add_argument("--medium", action="store_true",
                     help="4 blocks, 6 clients, 4 rounds (the committed table)")
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=MODEL)
     ap.add_argument("--num-blocks", type=int, default=None, help="override how many leading blocks to keep")
     ap.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--schemes", default="fedavg,homo0.5,homo0.7,hetero",
                     help="comma list out of fedavg, homo0.5, homo0.7, homo0.3, hetero")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     base = FedConfig(model=args.model, data_dir=args.data_dir, partition=args.partition, lr=1e-4,
                      **(QUICK if args.quick else MEDIUM if args.medium else FULL))
@@ -59,8 +58,8 @@ def main() -> None:
         results.append(run_federated(cfg, copy.deepcopy(model), tok))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fedlp.json").write_text(json.dumps({"quick": args.quick, "medium": args.medium, "wall_s": round(time.time() - t0, 1),
-                                                "runs": results}, indent=1, default=str))
+    write_json(out / "fedlp.json", {"quick": args.quick, "medium": args.medium, "wall_s": round(time.time() - t0, 1),
+                                    "runs": results}, default=str)
     plot(results, out / "fedlp.png")
     lines = ["| scheme | " + " | ".join(f"{k} PPL (start -> end)" for k in results[0]["summary"]["final_ppl"])
              + " | bytes / client / round (measured) | predicted fp32 bytes | vs FedAvg | wall s |",
@@ -76,7 +75,8 @@ def main() -> None:
     head = (f"# FedLP on {cfg['model']} (first {cfg['num_blocks']} blocks), {cfg['clients']} clients, {cfg['rounds']} rounds, "
             f"{cfg['partition']} shards, {cfg['local_steps']} AdamW steps x {cfg['batch_size']} x {cfg['seqlen']} tokens"
             f"{' (quick)' if args.quick else ' (medium)' if args.medium else ''}\n\nFailing clients: {list(cfg['fail_clients']) or 'none'}. "
-            "Bytes are the serialized ArrayRecords (download + upload) per sampled client per round.\n\n")
+            "Bytes are the serialized ArrayRecords (download + upload) per sampled client per round. "
+            f"{code_line()}\n\n")
     (out / "fedlp.md").write_text(head + "\n".join(lines) + "\n")
     print((out / "fedlp.md").read_text())
 

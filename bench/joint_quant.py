@@ -1,30 +1,28 @@
 """SparseGPT 50% + 4-bit (groupsize 128, joint) next to SparseGPT 50% alone and 4-bit alone on SmolLM2 (issue 8).
 
-    python bench/joint_quant.py   # -> bench/results/joint_quant.{json,md}
+    python -m bench.joint_quant   # -> bench/results/joint_quant.{json,md}
 
 WikiText-2 test PPL (40 windows x 512 tokens) of the dequantized weights, and the theoretical size (layerprune.quant:
 block linears packed at `bits` with an fp16 scale + `bits`-bit zero per group, a 1-bit mask when sparse; embeddings,
 norms and the tied head at fp16). "4-bit alone" is the same solver at sparsity 0 (GPTQ); "round-to-nearest" puts every weight on the same grid
 without error compensation (layerprune.quant.quantize_weight, no calibration), as a reference. Calibration 32 x 512 C4 pool,
-seed 0. The dense PPL is taken from bench/results/solvers_50.json (same protocol); SparseGPT 50% comes from the cache
-of bench/zeroshot_table.py when present (else it is pruned here) and its PPL is measured again.
+seed 0. The dense PPL is taken from bench/results/solvers_50.json (same protocol); SparseGPT 50% comes from the bench
+cache (bench/common.py, shared with bench/zeroshot_table.py) when present (else it is pruned here) and its PPL is
+measured again.
 """
 from __future__ import annotations
 
 import copy
 import json
 import time
-from pathlib import Path
 
-from zeroshot_table import cached_prune
-
-from layerprune import evaluate_ppl, load_model, measure_sparsity
-from layerprune.api import calibration_set
+from layerprune import load_model, measure_sparsity
 from layerprune.models.adapters import get_adapter
 from layerprune.quant import model_size_bytes, quantize_weight
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results"
+from .common import MODEL, RESULTS, cached_prune, calibration, code_line, wikitext_ppl, write_json
+
+OUT = RESULTS
 BITS, GROUP = 4, 128
 RUNS = [  # label, cache key, sparsity, solver options, storage format of the size column
     ("sparsegpt 50%", "sparsegpt_50", 0.5, {}, "sparse_fp16"),
@@ -47,29 +45,29 @@ def round_to_nearest(model, bits, groupsize):
 
 
 def write(rows, total_s, other_params):
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "joint_quant.json").write_text(json.dumps({"command": "python bench/joint_quant.py", "rows": rows,
-                                                      "total_seconds": total_s}, indent=1))
+    write_json(OUT / "joint_quant.json", {"command": "python -m bench.joint_quant", "rows": rows,
+                                          "total_seconds": total_s})
     lines = ["| run | measured zeros | WikiText-2 PPL (40x512) | storage format | theoretical size MiB | vs fp16 | prune s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         ps = "-" if r["prune_seconds"] is None else f"{r['prune_seconds']:.0f}"
         lines.append(f"| {r['run']} | {r['sparsity']:.4f} | {r['ppl']:.2f} | {r['format']} | "
                      f"{r['size_bytes'] / 2**20:.1f} | {r['size_ratio']:.3f} | {ps} |")
-    text = ("Command: `python bench/joint_quant.py` (SmolLM2-135M fp32 compute, calibration 32 x 512 C4 pool seed 0, "
+    text = ("Command: `python -m bench.joint_quant` (SmolLM2-135M fp32 compute, calibration 32 x 512 C4 pool seed 0, "
             f"asymmetric min-max grid, {BITS} bits, groupsize {GROUP}). Sizes: block linears in the given format, the "
             f"embeddings/norms/head ({other_params / 1e6:.1f} M params) at fp16 in every row. measured zeros: fraction "
             "of exact zeros in the block linears (with quantization, a few kept weights also round to 0). prune s '-': reused from "
-            f"the zero-shot bench cache. Total {total_s / 60:.1f} min on 2 CPU cores.\n\n" + "\n".join(lines) + "\n")
+            f"the zero-shot bench cache. Total {total_s / 60:.1f} min on 2 CPU cores. {code_line()}\n\n"
+            + "\n".join(lines) + "\n")
     (OUT / "joint_quant.md").write_text(text)
     print(text, flush=True)
 
 
 def main() -> None:
     t0 = time.time()
-    model, tok = load_model("smollm2-135m")
-    calib = calibration_set(tok, "c4", 32, 512, 0)
-    ppl = lambda m: evaluate_ppl(m, tok, "wikitext2", 512, max_windows=40, batch_size=8, progress=False).ppl  # noqa: E731
+    model, tok = load_model(MODEL)
+    calib = calibration(tok)
+    ppl = lambda m: wikitext_ppl(m, tok, batch_size=8)  # noqa: E731
     dense = json.loads((OUT / "solvers_50.json").read_text())["rows"][0]
     size = model_size_bytes(model, BITS, GROUP)
     rows = [{"run": "dense", "sparsity": dense["sparsity"], "ppl": dense["ppl"], "format": "dense_fp16",

@@ -1,6 +1,6 @@
 """LoRA recovery of a Wanda 60%-pruned SmolLM2-135M with the mask fixed (issue 8), through `layerprune finetune`'s code.
 
-    python bench/lora_recovery.py --sparsity 0.6 --steps 40 --lr 1e-3   # -> bench/results/lora_recovery.{json,md}
+    python -m bench.lora_recovery --sparsity 0.6 --steps 40 --lr 1e-3   # -> bench/results/lora_recovery.{json,md}
 
 1. Wanda, uniform, calibration 32 x 512 C4 pool seed 0, saved as a run directory (under $LP_BENCH_CACHE).
 2. recovery.finetune_run = `layerprune finetune RUN --steps N --lr LR --nsamples N --seqlen 512 --max-windows 40
@@ -11,20 +11,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
-from zeroshot_table import CACHE
 
 from layerprune import load_model, prune
-from layerprune.api import calibration_set
 from layerprune.record import save_run
 from layerprune.recovery import finetune_run, masks_of
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results"
+from .common import CACHE, MODEL, RESULTS, calibration, code_line, write_json
+
+OUT = RESULTS
 
 
 def main() -> None:
@@ -38,10 +35,9 @@ def main() -> None:
     pct = round(args.sparsity * 100)
     run, new = CACHE / f"wanda{pct}-run", CACHE / f"wanda{pct}-run-lora"
     if not (run / "layerprune.json").is_file():
-        model, tok = load_model("smollm2-135m")
-        rec = prune(model, tok, method="wanda", sparsity=args.sparsity, calibration=calibration_set(tok, "c4", 32, 512, 0),
-                    progress=False)
-        rec["model"] = "smollm2-135m"
+        model, tok = load_model(MODEL)
+        rec = prune(model, tok, method="wanda", sparsity=args.sparsity, calibration=calibration(tok), progress=False)
+        rec["model"] = MODEL
         run.mkdir(parents=True, exist_ok=True)
         save_run(model, tok, run, rec)
         del model
@@ -54,13 +50,12 @@ def main() -> None:
     f = rec["finetune"]
     cmd = (f"layerprune finetune RUN --steps {args.steps} --lr {args.lr} --rank {args.rank} --lora-alpha {2 * args.rank}"
            f" --nsamples {args.steps} --seqlen 512 --max-windows 40 --out RUN-lora")
-    res = {"command": f"python bench/lora_recovery.py --sparsity {args.sparsity} --steps {args.steps} --lr {args.lr}",
+    res = {"command": f"python -m bench.lora_recovery --sparsity {args.sparsity} --steps {args.steps} --lr {args.lr}",
            "equivalent_cli": cmd, "sparsity_target": args.sparsity, "prune_seconds": prune_s,
            "ppl_before": f["eval"]["before"]["wikitext2"]["ppl"], "ppl_after": f["eval"]["after"]["wikitext2"]["ppl"],
            "sparsity_before": f["sparsity_before"], "sparsity_after": f["sparsity_after"],
            "zero_pattern_identical_on_disk": same, "finetune": f, "total_seconds": time.time() - t0}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "lora_recovery.json").write_text(json.dumps(res, indent=1))
+    write_json(OUT / "lora_recovery.json", res)
     text = (f"Command: `{res['command']}` (= `{cmd}` on a Wanda {pct}% uniform run; SmolLM2-135M fp32, calibration "
             f"32 x 512 C4 pool seed 0; LoRA rank {f['rank']}, alpha {f['alpha']}, AdamW constant lr {f['lr']}, "
             f"{f['steps']} steps x {f['batch_size']} x {f['seqlen']} tokens of the C4 pool, "
@@ -73,7 +68,8 @@ def main() -> None:
             f"{f['max_abs_refilled']:.2e}). Training {f['train_seconds']:.0f}s ({f['seconds_per_step']:.1f} s/step), "
             f"finetune total incl. 2 PPL evaluations {f['total_seconds']:.0f}s, bench total {res['total_seconds'] / 60:.1f}"
             " min on 2 CPU cores. Training loss (C4 windows): first "
-            f"{f['losses'][0]:.3f}, mean of the last 10 steps {sum(f['losses'][-10:]) / len(f['losses'][-10:]):.3f}.\n")
+            f"{f['losses'][0]:.3f}, mean of the last 10 steps {sum(f['losses'][-10:]) / len(f['losses'][-10:]):.3f}.\n\n"
+            f"{code_line()}\n")
     (OUT / "lora_recovery.md").write_text(text)
     print(text, flush=True)
 

@@ -1,12 +1,12 @@
 """SlimGPT structured pruning of SmolLM2-135M at 20% and 50% (issue 6): schedules, baseline and ablations.
 
-    flock /tmp/lp_heavy.lock /work/main/.venv/bin/python bench/slimgpt_table.py   # -> bench/results/slimgpt.{json,md}
+    flock /tmp/lp_heavy.lock /work/main/.venv/bin/python -m bench.slimgpt_table   # -> bench/results/slimgpt.{json,md}
 
-Calibration 32 x 512 tokens from the C4 pool (documents 1000-1999 of the local sample), seed 0, fp32. WikiText-2 test
-PPL with the two protocols: 40 windows x 512 tokens, and the first 160 windows x 128 tokens (LLM-Pruner / SlimGPT
-protocol, same 20,480 tokens). Prefill latency: batch 1 x 512 tokens, logits of the last position only, median of 5
-after a warm-up, measured in this process (2 CPU threads, not isolated from other load; `layerprune bench-speed` gives
-the interleaved dense-vs-pruned ratio). The script is resumable: rows already in the JSON are not run again.
+Calibration 32 x 512 tokens from the C4 pool (bench/common.py), seed 0, fp32. WikiText-2 test PPL with the two
+protocols: 40 windows x 512 tokens, and the first 160 windows x 128 tokens (LLM-Pruner / SlimGPT protocol, same 20,480
+tokens). Prefill latency: batch 1 x 512 tokens, logits of the last position only, median of 5 after a warm-up,
+measured in this process (2 CPU threads, not isolated from other load; `layerprune bench-speed` gives the interleaved
+dense-vs-pruned ratio). The script is resumable: rows already in the JSON are not run again.
 """
 from __future__ import annotations
 
@@ -15,16 +15,15 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from layerprune import evaluate_ppl, load_model, prune
-from layerprune.api import calibration_set
 from layerprune.speed import prefill_seconds
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results" / "slimgpt"
+from .common import MODEL, RESULTS, calibration, code_line, code_version, wikitext_ppl, write_json
+
+OUT = RESULTS / "slimgpt"
 RUNS = []  # key, label, sparsity, allocation, solver options
 for sp in (0.2, 0.5):
     p = int(sp * 100)
@@ -48,16 +47,17 @@ def latency(model, ids, repeats=5) -> float:
 
 def evaluate(model, tok, ids) -> dict:
     t0 = time.time()
-    ppl512 = evaluate_ppl(model, tok, "wikitext2", 512, max_windows=40, progress=False).ppl
+    ppl512 = wikitext_ppl(model, tok)
     ppl128 = evaluate_ppl(model, tok, "wikitext2", 128, max_windows=160, progress=False).ppl
     return {"ppl128": ppl128, "ppl512": ppl512, "params": sum(p.numel() for p in model.parameters()),
             "prefill_ms": 1000 * latency(model, ids), "eval_s": time.time() - t0}
 
 
 def write(results: dict) -> None:
-    OUT.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_json(OUT.with_suffix(".json"), results)
     dense = results["rows"].get("dense")
-    lines = [f"Command: `flock /tmp/lp_heavy.lock python bench/slimgpt_table.py` — {results['meta']['setup']}", "",
+    lines = [f"Command: `flock /tmp/lp_heavy.lock python -m bench.slimgpt_table` — {results['meta']['setup']}", "",
+             code_line() + " (the last run; each row's JSON entry has the commit that produced it)", "",
              "| run | sparsity | params | WT2 PPL seq 128 (160 win) | WT2 PPL seq 512 (40 win) | prefill ms (1x512) "
              "| prune s |", "|---|---|---|---|---|---|---|"]
     order = ["dense"] + [run[0] for run in RUNS]
@@ -80,13 +80,14 @@ def main() -> None:
     results["meta"]["setup"] = ("SmolLM2-135M-Instruct fp32, calibration 32 x 512 C4-pool tokens, seed 0; WikiText-2 "
                                 "test PPL over 40 x 512 and the first 160 x 128 windows; prefill = median of 5")
     only = set(sys.argv[1:])
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(MODEL)
     ids = torch.randint(0, model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     if "dense" not in results["rows"]:
-        results["rows"]["dense"] = {"label": "dense", "sparsity": 0.0, **evaluate(model, tok, ids)}
+        results["rows"]["dense"] = {"label": "dense", "sparsity": 0.0, **evaluate(model, tok, ids),
+                                    "code": code_version()}
         write(results)
         print("dense", results["rows"]["dense"], flush=True)
-    calib = calibration_set(tok, "c4", 32, 512, 0)
+    calib = calibration(tok)
     for key, label, sp, alloc, opts in RUNS:
         if key in results["rows"] or (only and key not in only):
             continue
@@ -96,7 +97,7 @@ def main() -> None:
                     progress=False)
         row = {"label": label, "sparsity": sp, "allocation": alloc, "options": opts, "prune_s": time.time() - t0,
                "timings": rec["timings"], "block_ratio": rec["allocation"]["block"], "structure": rec["structure"],
-               "params_record": rec["params"], **evaluate(m, tok, ids)}
+               "params_record": rec["params"], **evaluate(m, tok, ids), "code": code_version()}
         results["rows"][key] = row
         write(results)
         print(key, {k: row[k] for k in ("ppl128", "ppl512", "params", "prefill_ms", "prune_s", "eval_s")}, flush=True)

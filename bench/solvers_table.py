@@ -1,20 +1,18 @@
 """SmolLM2 at 50% and 2:4 with every solver: WikiText-2 PPL (40 x 512) and exactness (issue: engine).
 
-    python bench/solvers_table.py   # -> bench/results/solvers_50.{json,md}
+    python -m bench.solvers_table   # -> bench/results/solvers_50.{json,md}
 
-Calibration: 32 x 512 tokens from the C4 pool (documents 1000-1999 of the local sample), seed 0.
+Protocol: bench/common.py (calibration 32 x 512 C4 pool seed 0, WikiText-2 test 40 x 512).
 """
 from __future__ import annotations
 
 import copy
-import json
 import time
-from pathlib import Path
 
-from layerprune import evaluate_ppl, load_model, measure_sparsity, prune
-from layerprune.api import calibration_set
+from layerprune import load_model, measure_sparsity, prune
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import MODEL, RESULTS, calibration, code_line, wikitext_ppl, write_json
+
 RUNS = [  # label, method, nm, solver options
     ("magnitude (per matrix)", "magnitude", None, {"scope": "matrix"}),
     ("magnitude (per row)", "magnitude", None, {"scope": "row"}),
@@ -27,9 +25,9 @@ RUNS = [  # label, method, nm, solver options
 
 
 def main() -> None:
-    model, tok = load_model("smollm2-135m")
-    calib = calibration_set(tok, "c4", 32, 512, 0)
-    ppl = lambda m: evaluate_ppl(m, tok, "wikitext2", 512, max_windows=40, progress=False).ppl  # noqa: E731
+    model, tok = load_model(MODEL)
+    calib = calibration(tok)
+    ppl = lambda m: wikitext_ppl(m, tok)  # noqa: E731
     rows = [{"run": "dense", "sparsity": measure_sparsity(model)["overall"], "ppl": ppl(model)}]
     for label, method, nm, opts in RUNS:
         m = copy.deepcopy(model)
@@ -40,17 +38,16 @@ def main() -> None:
                      "max_abs(achieved-target)": dev, "prune_s": time.time() - t0})
         print(rows[-1], flush=True)
         del m
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "solvers_50.json").write_text(json.dumps({"command": "python bench/solvers_table.py", "rows": rows}, indent=1))
+    out = RESULTS
+    write_json(out / "solvers_50.json", {"command": "python -m bench.solvers_table", "rows": rows})
     lines = ["| run | measured sparsity | WikiText-2 PPL (40x512) | max abs(achieved - target) | prune s |",
              "|---|---|---|---|---|"]
     for r in rows:
         dev = r.get("max_abs(achieved-target)")
         lines.append(f"| {r['run']} | {r['sparsity']:.4f} | {r['ppl']:.2f} | "
                      f"{'-' if dev is None else f'{dev:.1e}'} | {r.get('prune_s', 0):.0f} |")
-    (out / "solvers_50.md").write_text("Command: `python bench/solvers_table.py` (SmolLM2-135M fp32, calibration "
-                                       "32 x 512 C4 pool, seed 0)\n\n" + "\n".join(lines) + "\n")
+    (out / "solvers_50.md").write_text("Command: `python -m bench.solvers_table` (SmolLM2-135M fp32, calibration "
+                                       f"32 x 512 C4 pool, seed 0). {code_line()}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,32 +1,26 @@
 """Zero-shot accuracy of SmolLM2-135M: dense, Wanda 50% uniform, Wanda 50% + DLP, SparseGPT 50% (issue 8).
 
-    python bench/zeroshot_table.py --limit 100   # -> bench/results/zeroshot_50.{json,md}
+    python -m bench.zeroshot_table --limit 100   # -> bench/results/zeroshot_50.{json,md}
 
 lm-eval 0.4.13 on the in-memory model, 0-shot, the six tasks with local data (boolq, rte, arc_easy, arc_challenge,
 openbookqa, piqa), the first --limit examples of each (the full sets take hours on 2 CPU cores).
-Calibration: 32 x 512 tokens from the C4 pool (documents 1000-1999 of the local sample), seed 0. DLP alpha 0.15, median.
-The pruned weights are cached (state dicts under $LP_BENCH_CACHE, default /tmp/layerprune-bench-cache) so the
-other bench scripts reuse the same SparseGPT 50% model.
+Calibration: 32 x 512 tokens from the C4 pool (bench/common.py), seed 0. DLP alpha 0.15, median.
+The pruned weights are cached (``common.cached_prune``: state dicts under $LP_BENCH_CACHE, default
+/tmp/layerprune-bench-cache) so the other bench scripts reuse the same SparseGPT 50% model.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import time
-from pathlib import Path
 
-import torch
-
-from layerprune import load_model, measure_sparsity, prune
-from layerprune.api import calibration_set
+from layerprune import load_model, measure_sparsity
 from layerprune.data.corpora import resolve_data_dir
 from layerprune.evaluation.zeroshot import LOCAL_TASKS, zeroshot
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results"
-CACHE = Path(os.environ.get("LP_BENCH_CACHE", "/tmp/layerprune-bench-cache"))
+from .common import MODEL, RESULTS, cached_prune, calibration, code_line, write_json
+
+OUT = RESULTS
 RUNS = {  # label -> prune() keyword arguments (sparsity 0.5, calibration added by cached_prune)
     "wanda 50% uniform": {"method": "wanda"},
     "wanda 50% + DLP": {"method": "wanda", "allocation": "dlp", "allocation_options": {"alpha": 0.15, "stat": "median"}},
@@ -34,32 +28,14 @@ RUNS = {  # label -> prune() keyword arguments (sparsity 0.5, calibration added 
 }
 
 
-def cached_prune(model, tok, key, calib=None, **kw):
-    """A pruned copy of `model` (prune(**kw) on calibration 32 x 512 C4 pool seed 0), cached by `key` as a state dict.
-    Returns (model, prune seconds or None when loaded from the cache)."""
-    m = copy.deepcopy(model)
-    path = CACHE / f"{key}.pt"
-    if path.is_file():
-        m.load_state_dict(torch.load(path, weights_only=True))
-        return m, None
-    calib = calib if calib is not None else calibration_set(tok, "c4", 32, 512, 0)
-    t0 = time.time()
-    prune(m, tok, calibration=calib, progress=False, **kw)
-    secs = time.time() - t0
-    CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save(m.state_dict(), path)
-    return m, secs
-
-
 def key_of(label):
     return label.replace(" ", "_").replace("%", "").replace("+", "plus")
 
 
 def write(rows, tasks, limit, total_s):
-    OUT.mkdir(parents=True, exist_ok=True)
-    cmd = f"python bench/zeroshot_table.py --limit {limit}"
-    (OUT / "zeroshot_50.json").write_text(json.dumps({"command": cmd, "limit": limit, "tasks": tasks, "rows": rows,
-                                                      "total_seconds": total_s}, indent=1))
+    cmd = f"python -m bench.zeroshot_table --limit {limit}"
+    write_json(OUT / "zeroshot_50.json", {"command": cmd, "limit": limit, "tasks": tasks, "rows": rows,
+                                          "total_seconds": total_s})
     head = "| model | sparsity | " + " | ".join(tasks) + " | mean acc | mean acc_norm* | eval s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -77,7 +53,7 @@ def write(rows, tasks, limit, total_s):
             + ", ".join(f"{t} {x['n']}" for t, x in n.items())
             + f"), so each accuracy has a standard error of about 0.05. Cells are acc / acc_norm (acc_norm where the "
             f"task defines it). *mean acc_norm: acc_norm where reported, else acc. Total run time {total_s / 60:.1f} min "
-            f"on 2 CPU cores (eval s: zero-shot time per model).\n\n" + "\n".join(lines) + "\n")
+            f"on 2 CPU cores (eval s: zero-shot time per model). {code_line()}\n\n" + "\n".join(lines) + "\n")
     (OUT / "zeroshot_50.md").write_text(text)
     print(text, flush=True)
 
@@ -90,8 +66,8 @@ def main() -> None:
     tasks = args.tasks.split(",")
     t0 = time.time()
     data_dir = resolve_data_dir()
-    model, tok = load_model("smollm2-135m")
-    calib = calibration_set(tok, "c4", 32, 512, 0)
+    model, tok = load_model(MODEL)
+    calib = calibration(tok)
     rows = []
     for label, kw in [("dense", None), *RUNS.items()]:
         m, secs = (model, None) if kw is None else cached_prune(model, tok, key_of(label), calib, sparsity=0.5, **kw)
