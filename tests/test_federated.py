@@ -175,6 +175,57 @@ def tiny_llama(layers=3, seed=0):
     return LlamaForCausalLM(cfg)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt", "gpt2"])
+def test_truncation_keeps_the_first_blocks(family):
+    """--num-blocks: the adapter keeps the first n blocks in place and the config follows (gemma3: its layer_types);
+    a fresh model of the truncated config (a hetero client's prefix) holds exactly those tensors and computes the same."""
+    from conftest import tiny_model
+
+    from layerprune.federated.depth import prefix_model
+    from layerprune.federated.run import truncate_blocks
+
+    model = tiny_model(family, layers=4, real=True).float()
+    config, dense = model.config.to_dict(), shared_state(model)
+    assert truncate_blocks(model, 2) is model and layout_of(model).n_blocks == model.config.num_hidden_layers == 2
+    if family == "gemma3":
+        assert model.config.layer_types == config["layer_types"][:2]
+    kept = shared_state(model)
+    assert {layout_of(model).unit(k) for k in kept} == {"embed", "block.0", "block.1", "exit"}
+    assert all(torch.equal(v, dense[k]) for k, v in kept.items())
+    prefix = prefix_model(type(model.config)(**config), 2)
+    assert prefix.config.to_dict() == model.config.to_dict() and prefix.load_state_dict(kept, strict=False)[1] == []
+    x = torch.randint(3, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(prefix.eval()(x).logits, model.eval()(x).logits, rtol=0, atol=0)
+    with pytest.raises(UserError, match="--num-blocks 3 is outside 1..2"):
+        truncate_blocks(model, 3)
+
+
+def test_unsupported_family_is_refused_without_fallback():
+    model = tiny_llama()
+    model.config.model_type = "mystery"  # LLaMA paths, but no adapter claims it
+    with pytest.raises(UserError, match="architecture 'mystery' is not supported"):
+        layout_of(model)
+
+
+def test_flower_app_components_exist():
+    """The deployment app definition names the deploy module's apps (imports: deploy -> run -> apps)."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    import layerprune.federated as fed
+
+    toml = tomllib.loads((Path(fed.__file__).parent / "flwr_app" / "pyproject.toml").read_text())
+    comp = toml["tool"]["flwr"]["app"]["components"]
+    for key, cls in (("serverapp", ServerApp), ("clientapp", ClientApp)):
+        module, attr = comp[key].split(":")
+        assert isinstance(getattr(importlib.import_module(module), attr), cls)
+
+
 def train_msg(state, depth, scheme="fedavg", **cfg):
     conf = ConfigRecord({"server-round": 1, "scheme": scheme, "keep-prob": 0.5, "depth": depth, **cfg})
     return RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state), "config": conf})

@@ -14,9 +14,10 @@ from layerprune.cli import main
 from layerprune.data import calibration_pool, corpus_rows, load_text, resolve_data_dir, sample_windows
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import check_seqlen, perplexity
-from layerprune.models.adapters import get_adapter, supported
+from layerprune.models.adapters import ADAPTERS, get_adapter, supported
 from layerprune.models.info import measure_sparsity, model_info
 from layerprune.models.loading import load_model
+from layerprune.models.structured import register
 
 
 # --- adapters ---------------------------------------------------------------------------------------
@@ -50,6 +51,21 @@ def test_gpt2_weights_are_transposed_views():
     assert w.shape == (256, 64)  # [out, in] although Conv1D stores [in, out]
     a.set_weight(mod, torch.zeros_like(w))
     assert mod.weight.abs().sum() == 0
+
+
+def test_saved_structured_type_is_its_base_family():
+    """A run saved as ``layerprune_<type>`` (per-block widths) gets its base family's adapter, with no registration
+    step and without anything rewriting the adapters' model types."""
+    class Cfg:
+        model_type = "layerprune_gemma3_text"
+
+    before = [a.model_types for a in ADAPTERS]
+    assert get_adapter(Cfg()).family == "gemma3"
+    register()
+    assert [a.model_types for a in ADAPTERS] == before and get_adapter(Cfg()).family == "gemma3"
+    Cfg.model_type = "layerprune_mamba"
+    with pytest.raises(UserError, match="'layerprune_mamba' is not supported"):
+        get_adapter(Cfg())
 
 
 def test_unknown_architecture_lists_supported():
@@ -152,8 +168,10 @@ def test_perplexity_matches_plain_transformers_loop():
     assert perplexity(model, ids, 16, max_windows=4, progress=False).windows == 4
 
 
-def test_seqlen_limits():
-    model = tiny_model("llama")  # 256 positions
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seqlen_limits(family):
+    model = tiny_model(family)  # 256 positions, under each family's own config key (GPT-2: n_positions)
+    assert get_adapter(model).max_positions(model.config) == 256
     assert check_seqlen(model, None) == 256  # default 2048 capped
     with pytest.raises(UserError, match="maximum of 256"):
         check_seqlen(model, 512)
