@@ -7,8 +7,9 @@
 Calibration: 32 x 512 tokens from the C4 pool (documents 1000-1999 of the local sample), seed 0, drawn once.
 Evaluation: WikiText-2 test, 40 non-overlapping windows of 512 tokens.
 The per-block statistics of OWL (outlier ratio, M = 5) and DLP (median / mean of the block's Wanda scores) do not
-depend on the sparsity or on alpha / lambda: they come from ONE dense pass (``engine.allocation_statistics``), cached in
-bench/results/allocation_stats.json, and are handed to every run (``prune(block_stats=...)``).
+depend on the sparsity or on alpha / lambda: they come from ONE dense pass (``allocation.plan.allocation_statistics``),
+cached in bench/results/allocation_stats.json, and are handed to every run (``prune(block_stats=...)``). The expected
+per-block targets come from the engine's own planning (``allocation.plan.make_plan``).
 Results go to bench/results/allocation_sweep.{json,md} after every run (a killed run keeps what it finished).
 
 Hyperparameters (defaults = the papers'): OWL M = 5, lambda = 0.08; DLP alpha = 0.15 at every sparsity (the value of
@@ -30,9 +31,11 @@ from pathlib import Path
 
 
 from layerprune import evaluate_ppl, load_model, measure_sparsity, prune
-from layerprune.allocation import AllocationContext, LayerInfo, get_allocator
+from layerprune.allocation import get_allocator
+from layerprune.allocation.base import LayerInfo
+from layerprune.allocation.plan import allocation_statistics, layer_census, make_plan
 from layerprune.api import calibration_set
-from layerprune.engine import allocation_statistics
+from layerprune.config import PruneConfig
 from layerprune.models.adapters import get_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,21 +87,12 @@ def hp_suffix(label: str, hp: dict) -> str:
     return "" if not changed else " (" + ", ".join(f"{k}={v:g}" for k, v in sorted(changed.items())) + ")"
 
 
-def layer_infos(model) -> list[LayerInfo]:
-    adapter = get_adapter(model)
-    out = []
-    for b, block in enumerate(adapter.blocks(model)):
-        for name, mod in adapter.linears(block).items():
-            shape = tuple(adapter.get_weight(mod).shape)
-            out.append(LayerInfo(b, name, shape[0] * shape[1], shape))
-    return out
-
-
 def block_targets(infos: list[LayerInfo], stats: dict, label: str, hp: dict, sparsity: float) -> list[float]:
-    """The per-block targets the engine will use, computed from the cached statistics without pruning."""
+    """The per-block targets the engine will use (its plan), from the cached statistics, without pruning."""
     spec, _, key = METHODS[label]
-    ctx = AllocationContext(infos, infos[-1].block + 1, block_stats=stats[key] if key else None)
-    return get_allocator(spec, **hp).allocate(sparsity, ctx).block_sparsity
+    cfg = PruneConfig(sparsity=sparsity, allocation=spec, allocation_options=hp)
+    plan = make_plan(cfg, get_allocator(spec, **hp), infos, infos[-1].block + 1, stats[key] if key else None)
+    return plan.allocation["block"]
 
 
 def setup():
@@ -262,7 +256,7 @@ def main() -> None:
     model, tok, calib, stats = setup()
     data["statistics_seconds"] = read_json(STATS_JSON, {}).get("seconds")
     data["block_statistics"] = stats
-    infos = layer_infos(model)
+    infos = layer_census(model, get_adapter(model))
     save = lambda: (write_atomic(out_json, json.dumps(data, indent=1)), write_markdown(data))  # noqa: E731
     if not args.plot_only:
         if data.get("dense_ppl") is None:

@@ -14,7 +14,8 @@ import torch
 
 from .data import calibration_pool, get_calibration, resolve_data_dir
 from .data.calibration import CalibrationSet
-from .engine import PruneConfig, prune_model
+from .config import PruneConfig
+from .engine import prune_model
 from .errors import UserError
 from .models.info import measure_sparsity
 from .record import versions
@@ -39,7 +40,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
 
     ``calibration`` may be given directly (a CalibrationSet or a LongTensor [n, seqlen]); otherwise
     ``nsamples`` windows of ``seqlen`` tokens are drawn from ``calib`` with ``seed`` like the reference code.
-    ``block_stats``: the allocator's per-block statistics if already computed (``engine.prepass_scores``).
+    ``block_stats``: the allocator's per-block statistics if already computed (``allocation.plan.allocation_statistics``
+    on the same model and calibration): the dense pre-pass is skipped.
     """
     if isinstance(nm, str):
         nm = parse_nm(nm)

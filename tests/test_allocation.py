@@ -11,6 +11,7 @@ from layerprune.allocation import (ALLOCATORS, AllocationContext, LayerInfo, blo
 from layerprune.allocation.atp import atp_beta_max
 from layerprune.allocation.classic import lamp_scores
 from layerprune.errors import UserError
+from layerprune.stats import LayerStats
 
 # DLP's released keep ratios for Llama-2-7b at sparsity 0.7, alpha 0.15 (papers.md §1.2)
 LLAMA2_7B_KEEP = [0.4652, 0.4497, 0.4235, 0.4038, 0.3947, 0.3845, 0.3723, 0.3639, 0.3583, 0.3511, 0.3458, 0.3391,
@@ -102,21 +103,27 @@ def test_dlp_alpha_table_interpolates():
     assert get_allocator("dlp", alpha={0.7: 0.15}).allocate(0.7, ctx).stats["alpha"] == 0.15
 
 
-def test_dlp_llama2_7b_fixture():
-    keep = np.array(LLAMA2_7B_KEEP)
-    assert len(keep) == 32
-    assert abs((keep.max() - keep.min()) - 0.300) <= 0.001
-    assert abs(keep.mean() - 0.300) <= 0.0005
-    fixture = 1.0 - keep  # sparsities, ~0.535 .. 0.835
-    # R_l is an increasing affine function of the block statistic S_l, so feeding S = the fixture's sparsities must give
-    # the fixture back, recentred on the target (its range is exactly 2*alpha = 0.3).
+def test_dlp_from_weights_and_input_norms_gives_the_llama2_7b_ratios():
+    """DLP's whole chain from what the pre-pass hands it: per block the Wanda scores |W| * ||X_j|| of (weight,
+    LayerStats), their exact lower median, importance, sparsity. Each block is built so that its median score is the
+    released Llama-2-7b sparsity of that block (papers.md: 70%, alpha 0.15), so DLP must give the released ratios back
+    (to the file's 4 decimals) with mean exactly 0.7. The input norms differ per block and per column and the scores'
+    mean is far from their median: ||X||^2 for ||X||, the mean for the median, a flipped direction or a wrong spread
+    all give other ratios."""
+    fixture = 1.0 - np.array(LLAMA2_7B_KEEP)  # sparsities 0.535 .. 0.835
+    alloc = get_allocator("dlp", alpha=0.15)
+    values = []
+    for b, s in enumerate(fixture):
+        norm = torch.tensor([1.0, 2.0 + b, 100.0, 1.0], dtype=torch.float64)  # ||X_j|| of the 4 input columns
+        score = torch.tensor([s / 4, s, 2 * s, 50.0 + b], dtype=torch.float64)  # lower median (2nd of 4): s
+        weight = (score / norm).float()[None, :]
+        values.append(alloc.statistic({"lin": weight}, {"lin": LayerStats(8, norm.square().float())}))
+    assert values == pytest.approx(fixture.tolist(), rel=1e-6)
     ctx = make_ctx(num_blocks=32, seed=5)
-    ctx.block_stats = fixture.tolist()
-    a = get_allocator("dlp", alpha=0.15).allocate(0.7, ctx)
-    out = np.array(a.block_sparsity)
-    assert np.abs(out - (fixture - fixture.mean() + 0.7)).max() < 1e-9
+    ctx.block_stats = values
+    out = np.array(alloc.allocate(0.7, ctx).block_sparsity)
     assert np.abs(out - fixture).max() < 0.0005
-    assert abs(out.max() - out.min() - 0.3) < 1e-9 and abs(out.mean() - 0.7) < 1e-12
+    assert abs(out.mean() - 0.7) < 1e-12 and abs(out.max() - out.min() - 0.3) < 1e-9
 
 
 def test_dlp_direction_small_median_means_low_sparsity():

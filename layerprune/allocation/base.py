@@ -21,8 +21,11 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from layerprune.allocation.scores import NEEDS as SCORE_NEEDS
+from layerprune.allocation.scores import block_scores
 from layerprune.errors import UserError
 from layerprune.registry import Option
+from layerprune.stats import LayerStats
 
 
 @dataclass
@@ -41,7 +44,7 @@ class AllocationContext:
 
     layers: list[LayerInfo]  # all prunable linears in model order
     num_blocks: int
-    # Filled by the engine only when the allocator's ``needs_scores`` is True: one ``block_statistic`` per block.
+    # Filled only when the allocator ``needs`` a dense pre-pass: its ``statistic`` of every block.
     block_stats: list[float] | None = None
     # (block, name) -> dense weight [out, in]; used by the magnitude-based classics (global, lamp).
     weights: Callable[[int, str], torch.Tensor] | None = None
@@ -56,9 +59,9 @@ class Allocation:
 
 class Allocator(Protocol):
     name: str
-    needs_scores: bool
+    needs: frozenset[str]  # LayerStats fields its statistic reads (a dense pre-pass collects them); empty: none
 
-    def block_statistic(self, scores_by_layer: dict[str, torch.Tensor]) -> float: ...
+    def statistic(self, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> float: ...
 
     def allocate(self, target: float, ctx: AllocationContext) -> Allocation: ...
 
@@ -67,7 +70,7 @@ class BoundedAllocator:
     """Base of all allocators: holds the clip range [lo, hi] and checks the target against it."""
 
     name = "base"
-    needs_scores = False
+    needs_scores = False  # True: the statistic is ``block_statistic`` of the block's Wanda scores (scores.py)
     # layerprune.registry: subclasses add theirs: options = (Option("alpha", ...), *BoundedAllocator.options)
     options = (Option("lo", float, None, "lowest per-layer sparsity allowed (default 0)", flag="--min-sparsity"),
                Option("hi", float, None, "highest per-layer sparsity allowed (default 0.99)", flag="--max-sparsity"))
@@ -90,6 +93,15 @@ class BoundedAllocator:
     def check(self, target: float, ctx: AllocationContext) -> None:
         """What can be checked from the layer census alone (no statistics, no weights), before any work."""
         self.check_target(target, ctx)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The input statistics (LayerStats fields) of the dense pre-pass ``statistic`` reads; empty: no pre-pass."""
+        return SCORE_NEEDS if self.needs_scores else frozenset()
+
+    def statistic(self, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> float:
+        """One block's statistic from its dense weights {name: [out, in]} and their input statistics."""
+        return self.block_statistic(block_scores(weights, stats))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

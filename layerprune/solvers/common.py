@@ -73,18 +73,30 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """
     rows, cols = score.shape
     k = prune_count(sparsity, score.numel())
-    base, extra = divmod(k, rows)
+    base = k // rows
     if base >= cols:
         return torch.ones_like(score, dtype=torch.bool)
-    counts = torch.full((rows,), base, dtype=torch.long, device=score.device)
-    nxt = torch.kthvalue(score, base + 1, dim=1).values if extra else None
+    counts, up, nxt = row_counts(k, rows, lambda b: torch.kthvalue(score, b + 1, dim=1).values, score.device)
     kth = torch.kthvalue(score, base, dim=1).values if base > 0 else torch.zeros(rows, dtype=score.dtype,
                                                                                   device=score.device)
-    if extra:
-        up = torch.sort(nxt, stable=True).indices[:extra]
-        counts[up] += 1
+    if up is not None:
         kth[up] = nxt[up]
     return _first_k_per_row(score, counts, kth)
+
+
+def row_counts(k: int, rows: int, next_lowest, device=None):
+    """How many of its lowest scores each row prunes for a matrix total of k (``row_mask``): base = k // rows in every
+    row, one more in the k % rows rows whose next candidate is lowest (ties: lower row). ``next_lowest(base)`` gives
+    every row's (base+1)-th lowest score [rows]; it is called only when k % rows > 0.
+    Returns (counts [rows], the rows that prune one more or None, next_lowest(base) or None)."""
+    base, extra = divmod(k, rows)
+    counts = torch.full((rows,), base, dtype=torch.long, device=device)
+    if not extra:
+        return counts, None, None
+    nxt = next_lowest(base)
+    up = torch.sort(nxt, stable=True).indices[:extra]
+    counts[up] += 1
+    return counts, up, nxt
 
 
 def relative_error(weight_dense: torch.Tensor, weight_pruned: torch.Tensor, stats: LayerStats) -> float:

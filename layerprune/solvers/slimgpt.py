@@ -20,8 +20,9 @@ diagonal -> 1), recompute H⁻¹ and re-score, so every choice sees the compensa
     Group Size schedule (dgs_schedule).
 All math is fp32; the returned weight has the input dtype/device and the removed columns exactly zero.
 
-`SlimGPT` (bottom) is the engine's block-level solver: per block it prunes heads (o_proj Hessian), re-collects the
-down_proj Hessian through the pruned attention, prunes channels, and removes the pruned rows/columns physically.
+`SlimGPT` (bottom) is the solver the engine finds by name; its block program (`SlimGPTProgram`, the interface of
+layerprune.solvers.program) per block prunes heads (o_proj Hessian), re-collects the down_proj Hessian through the
+pruned attention, prunes channels, and removes the pruned rows/columns physically.
 """
 import math
 import warnings
@@ -40,6 +41,11 @@ SCORES = ("obs", "magnitude", "exact")
 
 # ----------------------------------------------------------------------------- numerics
 
+# Not sparsegpt.inverse_cholesky on purpose: SparseGPT damps one Hessian out of place (H + p*mean(diag)*I, p x10 per
+# retry, each from the undamped H) and factors its inverse once; here H is symmetrised first, factored again after
+# every greedy removal (masked H), and Cholesky also runs on blocks of H^-1 (grouped scores, joint OBS updates), so a
+# failing matrix gets its extra damping in place and keeps it for the later iterations. One shared policy would change
+# the results of one solver or the other.
 def _cholesky(A: Tensor, upper: bool = False, damp: float = 1e-2) -> Tensor:
     """Cholesky of a (batch of) symmetric matrix. If it fails, add 10·damp·mean(diag)·I to A *in place* (×10 per
     retry, with a warning) so the damping sticks for later iterations; damp=0 starts at 1e-6."""
@@ -405,10 +411,6 @@ class SlimGPT:
     OPTIONS = ("gqa", "budget", "score", "compensate", "grouped_cholesky", "dynamic_group_size", "fixed_group",
                "percdamp")
 
-    def prune(self, weight, stats, sparsity, nm=None, **options):
-        raise UserError("slimgpt prunes whole blocks (heads and channels), not one matrix: run it through "
-                        "layerprune.prune / `layerprune prune --method slimgpt`")
-
     def check_options(self, options: dict) -> dict:
         unknown = set(options) - set(self.OPTIONS)
         if unknown:
@@ -426,12 +428,30 @@ class SlimGPT:
         self.check_options(options)
         structured.check_expressible(model)
 
-    def prune_block(self, block, adapter, collect, ratio: float, geometry, **options) -> list[dict]:
-        """Prune one block in place. collect(names, needs) -> {name: LayerStats} runs the block as it is now over
-        the calibration inputs. Returns one record row per linear (shape after, achieved = removed fraction)."""
-        o = self.check_options(options)
+    def program(self, model, adapter, cfg) -> "SlimGPTProgram":
+        """The engine's block program for one run (layerprune.solvers.program)."""
+        return SlimGPTProgram(self, adapter, adapter.geometry(model.config), cfg.solver_options)
+
+
+class SlimGPTProgram:
+    """SlimGPT on one block at a time: heads of o_proj first (its Hessian collected from the block as it is), then FFN
+    channels of down_proj (Hessian re-collected through the pruned attention); the rows/columns are removed."""
+
+    changes_shapes = True
+
+    def __init__(self, solver: SlimGPT, adapter, geometry, options: dict):
+        self.solver, self.adapter, self.geometry, self.options = solver, adapter, geometry, options
+
+    def check(self, model) -> None:
+        self.solver.check_model(model, self.adapter, self.options)
+
+    def run(self, block, collect, targets) -> list[dict]:
+        """Prune one block in place to ``targets.ratio``. Returns one record row per linear (shape after, achieved =
+        removed fraction)."""
+        adapter, ratio = self.adapter, targets.ratio
+        o = self.solver.check_options(self.options)
         structured.check_structured(adapter)
-        hd = geometry.head_dim
+        hd = self.geometry.head_dim
         before = {n: tuple(adapter.get_weight(m).shape) for n, m in adapter.linears(block).items()}
         nh, nkv, nch = structured.block_widths(block, adapter, hd)
         q_rm, kv_rm, ch_rm = plan_block(ratio, nh, nkv, hd, before[adapter.q][1], nch, gqa=o["gqa"],
@@ -448,7 +468,7 @@ class SlimGPT:
             if q_rm:  # attention first: OBS on the o_proj input columns, one head (or KV group) per iteration
                 rep = nh // nkv
                 groups = [list(range(g * rep, (g + 1) * rep)) for g in range(nkv)]
-                w, st = self._weight_and_stats(block, adapter, collect, adapter.o)
+                w, st = self._weight_and_stats(block, collect, adapter.o)
                 kw = dict(compensate=o["compensate"], grouped_cholesky=o["grouped_cholesky"], percdamp=o["percdamp"])
                 if kv_rm:
                     new, gone = prune_kv_groups(w, st.hessian, hd, kv_rm, groups, **kw)
@@ -459,7 +479,7 @@ class SlimGPT:
                 adapter.set_weight(adapter.linears(block)[adapter.o], new)
                 structured.remove_heads(block, adapter, hd, heads, gone)
             if ch_rm:  # then the FFN, its Hessian collected through the pruned attention
-                w, st = self._weight_and_stats(block, adapter, collect, adapter.down)
+                w, st = self._weight_and_stats(block, collect, adapter.down)
                 new, chans = prune_channels(w, st.hessian, ch_rm, dynamic_group_size=o["dynamic_group_size"],
                                             fixed_group=o["fixed_group"], compensate=o["compensate"],
                                             percdamp=o["percdamp"])
@@ -476,15 +496,14 @@ class SlimGPT:
                          "rel_error": errors.get(name), **info.get(name, {})})
         return rows
 
-    @staticmethod
-    def _weight_and_stats(block, adapter, collect, name):
-        w = adapter.get_weight(adapter.linears(block)[name]).detach()
+    def _weight_and_stats(self, block, collect, name):
+        w = self.adapter.get_weight(self.adapter.linears(block)[name]).detach()
         return w, collect([name], {"hessian"})[name]
 
-    def load_block(self, block, adapter, geometry, state_dict) -> None:
+    def load_block(self, block, state_dict) -> None:
         """Resume: load a pruned block's saved weights into a block of any width."""
-        structured.load_block(block, adapter, geometry.head_dim, state_dict)
+        structured.load_block(block, self.adapter, self.geometry.head_dim, state_dict)
 
-    def finish(self, model, adapter) -> dict:
+    def finish(self, model) -> dict:
         """After the last block: make the model's config describe the new widths."""
         return {"structure": structured.finalize(model)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from layerprune.allocation.scores import wanda_score
 from layerprune.registry import register_solver
 from layerprune.solvers.common import check_options, check_sparsity, check_weight, row_mask
 from layerprune.solvers.nm import check_nm, nm_mask
@@ -24,8 +25,7 @@ class Wanda:
         check_weight(weight)
         if stats.sq_norm is None or stats.sq_norm.shape != (weight.shape[1],):
             raise ValueError(f"wanda needs stats.sq_norm of shape [{weight.shape[1]}]")
-        norm = stats.sq_norm.to(device=weight.device, dtype=torch.float32).sqrt()
-        score = weight.float().abs() * norm[None, :]
+        score = wanda_score(weight, stats.sq_norm)
         if nm is not None:
             mask = nm_mask(score, *check_nm(nm, weight.shape[1]))
         else:

@@ -1,26 +1,25 @@
 """The cheap fitness of a DSA candidate: perplexity on a few WikiText-2 *validation* windows after one-shot Wanda.
 
 Once per (model, calibration):
-  1. one dense pass (``engine.dense_input_norms``, the allocation pre-pass: block inputs propagated through the
+  1. one dense pass (``passes.dense_input_norms``, the allocation pre-pass: block inputs propagated through the
      *unpruned* blocks, same batching) collects sq_norm_j = sum_t x_tj^2 for every block linear
-     (cached on disk with ``norms_path``, keyed by a fingerprint of the model config and the calibration ids);
+     (cached on disk with ``norms_path``, keyed by ``checkpoint.fingerprint`` of the model, calibration ids and batch);
   2. per linear: a float32 copy of the dense weight W and the rank of every Wanda score S_ij = |W_ij| * ||X_j||_2
-     inside its row (stable sort, the order of the Wanda solver), kept as int16/int32;
+     (``allocation.scores``) inside its row (stable sort, the order of the Wanda solver), kept as int16/int32;
   3. the validation windows, tokenized once.
 Per candidate f:
   phi(block) for every block -> DSA mapping -> per-block sparsities with parameter-weighted mean = S exactly. phi's
   pre+reduce stage is shared between candidates by one ``StageCache`` whose blocks build their scores |W| * ||X||
   on demand from the dense copy (the scores are exactly those the DSA allocator sees in a full run, so a function's
   allocation here equals its allocation there). Then every linear is pruned with Wanda at its block's sparsity:
-  k = round(s * numel), base = k // rows per row plus one more in the ``k % rows`` rows whose next score is lowest
-  (the solver's ``row_mask``), i.e. mask = rank < count_row, written from the dense copy; then the perplexity.
+  the per-row counts of the solver's ``row_mask`` (``row_counts``: k = round(s * numel), base = k // rows per row
+  plus one more in the ``k % rows`` rows whose next score is lowest), i.e. mask = rank < count_row, written from the
+  dense copy; then the perplexity.
 Difference from the full protocol: the pruning is one-shot with the dense input norms (a full run re-collects the
 norms of every block from the outputs of the already pruned blocks before it).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -29,21 +28,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layerprune.allocation.dsa.functions import AllocationFunction, InvalidCandidate, StageCache, allocate, resolve
-from layerprune.engine import DTYPES, capture_inputs, dense_input_norms
-from layerprune.offload import MemoryStore
+from layerprune.allocation.scores import wanda_score
+from layerprune.checkpoint import fingerprint
+from layerprune.config import DTYPES
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapters import get_adapter
-from layerprune.solvers.common import prune_count
-
-def _fingerprint(model, calib: torch.Tensor, batch_size: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(calib.cpu().numpy().tobytes())
-    h.update(str(batch_size).encode())
-    for p in model.parameters():  # the weights too: a cheap sample of each tensor
-        h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:24]
+from layerprune.offload import MemoryStore
+from layerprune.passes import capture_inputs, dense_input_norms
+from layerprune.solvers.common import prune_count, row_counts
 
 
 @torch.no_grad()
@@ -86,20 +79,20 @@ class Proxy:
         self.norms = self._norms(calib, batch_size, norms_path)
         t1 = time.perf_counter()
         # the dense weights (fp32 copy), the per-row ranks of their Wanda scores, the parameter count per block
-        self.layers = []  # (block, name, module, dense fp32 [out, in], norm fp32 [in], rank [out, in])
+        self.layers = []  # (block, name, module, dense fp32 [out, in], sq_norm fp32 [in], rank [out, in])
         self.block_layers: list[list[int]] = []
         for b, block in enumerate(self.adapter.blocks(model)):
             self.block_layers.append([])
             for name, mod in self.adapter.linears(block).items():
                 w = self.adapter.get_weight(mod).detach().float().clone()
-                norm = self.norms[f"{b}.{name}"].sqrt()
-                order = torch.sort(w.abs() * norm[None, :], dim=1, stable=True).indices
+                sq_norm = self.norms[f"{b}.{name}"]
+                order = torch.sort(wanda_score(w, sq_norm), dim=1, stable=True).indices
                 rank_dtype = torch.int16 if w.shape[1] < 2 ** 15 else torch.int32  # counts <= cols fit
                 rank = torch.empty(w.shape, dtype=rank_dtype)
                 rank.scatter_(1, order, torch.arange(w.shape[1], dtype=rank_dtype).expand_as(order).contiguous())
                 del order
                 self.block_layers[-1].append(len(self.layers))
-                self.layers.append((b, name, mod, w, norm, rank))
+                self.layers.append((b, name, mod, w, sq_norm, rank))
         self.weights = [sum(self.layers[j][3].numel() for j in js) for js in self.block_layers]
         self.cache = StageCache([self._block_scores(js) for js in self.block_layers])
         model.to(DTYPES[dtype])
@@ -109,7 +102,7 @@ class Proxy:
         self.scored: dict[tuple, float] = {}  # pruned counts -> perplexity: equal ones are scored once
 
     def _norms(self, calib, batch_size, path) -> dict[str, torch.Tensor]:
-        fp = _fingerprint(self.model, calib, batch_size)
+        fp = fingerprint(self.model, calib, str(batch_size), weights=True)
         path = Path(path) if path is not None else None
         if path is not None and path.is_file():
             try:
@@ -127,8 +120,8 @@ class Proxy:
         return norms
 
     def _block_scores(self, layer_ids):
-        def scores():  # |W| * ||X_j|| of the block, in the allocator's float ops
-            return [self.layers[j][3].abs() * self.layers[j][4].unsqueeze(0) for j in layer_ids]
+        def scores():  # |W| * ||X_j|| of the block, as the allocator sees them
+            return [wanda_score(self.layers[j][3], self.layers[j][4]) for j in layer_ids]
         return scores
 
     def allocation(self, f: AllocationFunction | str) -> list[float]:
@@ -140,22 +133,21 @@ class Proxy:
         """Write every linear pruned with Wanda (dense norms) at its block's sparsity, from the dense copy."""
         if len(block_sparsity) != len(self.block_layers):
             raise UserError(f"got {len(block_sparsity)} block sparsities for {len(self.block_layers)} blocks")
-        for b, name, mod, w, norm, rank in self.layers:
+        for b, name, mod, w, sq_norm, rank in self.layers:
             s = float(block_sparsity[b])
             if not (math.isfinite(s) and 0.0 <= s <= 1.0):
                 raise InvalidCandidate(f"block {b} sparsity {s} is not in [0, 1]")
-            rows, cols = w.shape
-            base, extra = divmod(prune_count(s, w.numel()), rows)
-            counts = torch.full((rows, 1), base, dtype=torch.long)
-            if extra:  # one more in the rows whose (base+1)-th lowest score is lowest (ties: lowest row first)
+
+            def next_lowest(base, w=w, sq_norm=sq_norm, rank=rank):  # each row's score ranked `base`
                 idx = (rank == base).nonzero()[:, 1]
-                nxt = w.gather(1, idx[:, None]).squeeze(1).abs() * norm[idx]
-                counts[torch.sort(nxt, stable=True).indices[:extra], 0] += 1
-            self.adapter.set_weight(mod, w.masked_fill(rank < counts.to(rank.dtype), 0.0))
+                return wanda_score(w.gather(1, idx[:, None]).T, sq_norm[idx])[0]
+
+            counts, _, _ = row_counts(prune_count(s, w.numel()), w.shape[0], next_lowest)
+            self.adapter.set_weight(mod, w.masked_fill(rank < counts[:, None].to(rank.dtype), 0.0))
 
     def restore(self) -> None:
         """Put the dense weights back."""
-        for b, name, mod, w, norm, rank in self.layers:
+        for b, name, mod, w, sq_norm, rank in self.layers:
             self.adapter.set_weight(mod, w)
 
     def evaluate_allocation(self, block_sparsity) -> float:

@@ -1,0 +1,69 @@
+"""Block programs: the one interface the engine runs a solver through, one decoder block at a time.
+
+    program = block_program(solver, model, adapter, cfg)
+    program.check(model)                          # before any work (a weightless meta skeleton will do)
+    rows = program.run(block, collect, targets)   # prune the block in place; one record row per linear
+    program.load_block(block, state_dict)         # resume: a pruned block's saved weights
+    extra = program.finish(model)                 # after the last block; merged into the run record
+
+``collect(names, needs) -> {name: LayerStats}`` runs the block as it is now over the calibration inputs with hooks
+on the named linears; ``targets`` is the block's ``allocation.plan.BlockTargets``. ``changes_shapes``: the program
+removes rows/columns (N:M, --skip and disk offload then do not apply).
+
+A block-level solver (e.g. SlimGPT) makes its own program: ``solver.program(model, adapter, cfg)``. A per-linear
+solver (``prune(weight, stats, sparsity, nm, **options) -> weight``) is wrapped by ``LinearProgram``.
+"""
+from __future__ import annotations
+
+from layerprune.solvers.common import relative_error
+
+
+class LinearProgram:
+    """A per-linear solver as a block program: for each stage of the adapter (all input groups at once, or one group
+    per stage with ``true_sequential``), collect the input statistics of every group once (its first linear), prune
+    each linear not in ``skip`` to its target, and record its achieved sparsity and relative output error."""
+
+    changes_shapes = False
+
+    def __init__(self, solver, adapter, cfg):
+        self.solver, self.adapter = solver, adapter
+        self.options, self.true_sequential, self.skip = cfg.solver_options, cfg.true_sequential, set(cfg.skip)
+
+    def check(self, model) -> None:
+        pass
+
+    def run(self, block, collect, targets) -> list[dict]:
+        rows = []
+        for stage in self.adapter.stages(self.true_sequential):
+            groups = [[n for n in g if n not in self.skip] for g in stage]
+            groups = [g for g in groups if g]
+            if not groups:
+                continue
+            stats = collect([g[0] for g in groups], self.solver.needs)
+            mods = self.adapter.linears(block)
+            for g in groups:
+                st = stats.pop(g[0])
+                for name in g:
+                    w = self.adapter.get_weight(mods[name]).detach()
+                    target = targets.layers[name]
+                    new = self.solver.prune(w, st, target, targets.nm, **self.options)
+                    err = relative_error(w.float(), new.float(), st)
+                    self.adapter.set_weight(mods[name], new)
+                    achieved = float((new == 0).sum()) / new.numel()
+                    rows.append({"name": name, "shape": list(new.shape), "target": target,
+                                 "nm": list(targets.nm) if targets.nm else None, "achieved": achieved,
+                                 "rel_error": err})
+        return rows
+
+    def load_block(self, block, state_dict) -> None:
+        block.load_state_dict(state_dict)
+
+    def finish(self, model) -> dict:
+        return {}
+
+
+def block_program(solver, model, adapter, cfg):
+    """The solver's own block program, or its per-linear ``prune`` wrapped in a ``LinearProgram``."""
+    if hasattr(solver, "program"):
+        return solver.program(model, adapter, cfg)
+    return LinearProgram(solver, adapter, cfg)
