@@ -120,9 +120,6 @@ def test_sparsegpt_has_lowest_reconstruction_error():
 @torch.no_grad()
 def test_propagation_uses_pruned_outputs():
     """Block 1 is pruned with statistics of block 0's *pruned* outputs (recomputed here by hand)."""
-    from layerprune.hooks import HookSet
-    from layerprune.solvers import get_solver
-
     x = calib()
     pruned = tiny_model("llama")
     prune(pruned, calibration=x, method="wanda", sparsity=0.7, progress=False)
