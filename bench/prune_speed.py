@@ -6,8 +6,8 @@ outputs), timed twice in the same process after pruning (the lower kept). Each c
 in a fresh subprocess so that its peak RSS is its own (read before the floor is timed). Optionally
 evaluates WikiText-2 PPL (40 x 512) of each pruned model.
 
-    python bench/prune_speed.py                       # all configurations -> bench/results/prune_speed.json
-    python bench/prune_speed.py --one wanda --offload disk --compute-dtype float32   # one, JSON on stdout
+    python -m bench.prune_speed                       # all configurations -> bench/results/prune_speed.json
+    python -m bench.prune_speed --one wanda --offload disk --compute-dtype float32   # one, JSON on stdout
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import CALIB, MODEL, RESULTS, ROOT, wikitext_ppl, write_json
+
 CONFIGS = [  # (method, offload, compute dtype, evaluate ppl)
     ("wanda", "none", "float32", True),
     ("sparsegpt", "none", "float32", True),
@@ -38,8 +39,8 @@ def floor_seconds(model, calib, dtype, batch_size: int) -> float:
     """Two plain forward passes of every block over the calibration batch."""
     import copy
 
-    from layerprune.engine import _block_out, capture_inputs
     from layerprune.models.adapters import get_adapter
+    from layerprune.passes import block_out, capture_inputs
 
     a = get_adapter(model)
     hidden, kwargs = capture_inputs(model, a, calib, torch.device("cpu"), dtype, batch_size)
@@ -50,7 +51,7 @@ def floor_seconds(model, calib, dtype, batch_size: int) -> float:
         for _ in range(2):
             out = torch.empty_like(hidden)
             for s in range(0, hidden.shape[0], batch_size):
-                out[s:s + batch_size] = _block_out(fwd(hidden[s:s + batch_size], *args, **kw))
+                out[s:s + batch_size] = block_out(fwd(hidden[s:s + batch_size], *args, **kw))
         hidden = out
     return time.perf_counter() - t0
 
@@ -59,18 +60,17 @@ def run_one(method: str, offload: str, compute_dtype: str, evaluate: bool, nsamp
             batch_size: int) -> dict:
     import tempfile
 
-    from layerprune import evaluate_ppl, load_model, prune
-    from layerprune.api import calibration_set
+    from layerprune import calibration_set, load_model, prune
     from layerprune.offload import load_model_lazy
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute_dtype]
     store = None
     if offload == "disk":
-        model, tok, store = load_model_lazy("smollm2-135m", torch.float32)
+        model, tok, store = load_model_lazy(MODEL, torch.float32)
     else:
-        model, tok = load_model("smollm2-135m")
+        model, tok = load_model(MODEL)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    calib = calibration_set(tok, "c4", nsamples, seqlen, 0)
+    calib = calibration_set(tok, CALIB["source"], nsamples, seqlen, CALIB["seed"])  # the protocol's pool and seed
     # the floor is timed twice after pruning (same kernels: pruned weights are still dense tensors) and the lower
     # kept, so that a burst of other load on the machine during one measurement does not flatter the ratio; it runs
     # after the peak-RSS reading so that its buffers do not count towards the pruner's peak
@@ -93,7 +93,7 @@ def run_one(method: str, offload: str, compute_dtype: str, evaluate: bool, nsamp
            "ratio_to_floor": work / floor if floor else None, "peak_rss_mb": peak,
            "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads()}
     if evaluate:
-        out["wikitext2_ppl_40x512"] = evaluate_ppl(model, tok, "wikitext2", 512, max_windows=40, progress=False).ppl
+        out["wikitext2_ppl_40x512"] = wikitext_ppl(model, tok)
     return out
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune_speed.json"))
+    p.add_argument("--out", default=str(RESULTS / "prune_speed.json"))
     p.add_argument("--only", default=None, help="run only configurations whose 'method:offload:dtype' contains this; "
                                                   "results are merged into --out")
     args = p.parse_args()
@@ -120,12 +120,12 @@ def main() -> None:
         if args.only and args.only not in f"{method}:{offload}:{dt}":
             results += [r for r in old if (r["method"], r["offload"], r["compute_dtype"]) == (method, offload, dt)]
             continue
-        cmd = [sys.executable, __file__, "--one", method, "--offload", offload, "--compute-dtype", dt,
+        cmd = [sys.executable, "-m", "bench.prune_speed", "--one", method, "--offload", offload, "--compute-dtype", dt,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
         if ev:
             cmd.append("--evaluate")
-        print("running", " ".join(cmd[2:]), flush=True)
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        print("running", " ".join(cmd[3:]), flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if r.returncode != 0:
             results.append({"method": method, "offload": offload, "compute_dtype": dt, "error": r.stderr[-2000:]})
             print("  failed:", r.stderr[-500:], flush=True)
@@ -135,8 +135,7 @@ def main() -> None:
         print(f"  prune {res['prune_seconds']:.1f}s floor {res['floor_seconds'] or float('nan'):.1f}s "
               f"ratio {res['ratio_to_floor'] or float('nan'):.2f} peak RSS {res['peak_rss_mb']:.0f} MB "
               f"ppl {res.get('wikitext2_ppl_40x512', float('nan')):.2f}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": "python bench/prune_speed.py", "results": results}, indent=1))
+    write_json(Path(args.out), {"command": "python -m bench.prune_speed", "results": results})
 
 
 if __name__ == "__main__":

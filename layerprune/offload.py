@@ -8,7 +8,7 @@ The engine calls three methods on a block store::
 
 ``MemoryStore`` keeps the whole model in CPU RAM and moves a block to the device and back.
 ``DiskStore`` keeps idle blocks on disk: the model is built on the meta device, only the non-block
-tensors (embeddings, final norm, lm_head) are real, and block ``i`` is read from safetensors when it is
+tensors (embeddings, final norm, output head) are real, and block ``i`` is read from safetensors when it is
 onloaded and written to ``<work_dir>/block_{i:04d}.safetensors`` when it is offloaded, so RAM holds
 about one block at a time. Its ``save_pretrained`` streams a sharded checkpoint (one shard per block)
 that stock ``AutoModelForCausalLM.from_pretrained`` loads.
@@ -352,7 +352,7 @@ def load_model_lazy(source: str | Path, dtype: str | torch.dtype = "float32", wo
     """Return ``(model, tokenizer, DiskStore)`` with only the non-block tensors in RAM.
 
     The model is built with parameters on the meta device (buffers, such as rotary ``inv_freq``, are
-    computed on CPU by the modules' own constructors); embeddings, final norm and lm_head are read from
+    computed on CPU by the modules' own constructors); embeddings, final norm and output head are read from
     the checkpoint and cast to ``dtype``; tied weights are re-tied. Blocks stay on meta until onloaded.
     The tokenizer is None when the folder has none.
     """

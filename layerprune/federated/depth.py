@@ -2,9 +2,9 @@
 
 Units (the granularity FedLP drops or truncates at):
 - ``block.i``: every tensor of decoder block i;
-- ``exit``: the final norm, plus the lm_head when it is *not* tied to the embeddings;
-- ``embed``: the token (and position) embeddings and anything else outside the blocks. A tied lm_head
-  is the embedding matrix, so it travels (once) with ``embed``.
+- ``exit``: the final norm, plus the output head when it is *not* tied to the embeddings;
+- ``embed``: the token (and position) embeddings and anything else outside the blocks. A tied output
+  head is the embedding matrix, so it travels (once) with ``embed``.
 
 Heterogeneous FedLP: client k holds the first c_k blocks and exits through the final norm and head
 (an early exit). ``embed`` and blocks ``< c_k`` are shared with the server; a client with c_k < L keeps
@@ -63,7 +63,7 @@ def tied_head(model: nn.Module) -> bool:
 
 
 def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without aliases (a tied lm_head.weight is dropped: it is the embedding)."""
+    """state_dict without aliases (a tied output head's weight is dropped: it is the embedding)."""
     seen, out = set(), {}
     for k, v in model.state_dict().items():
         ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
