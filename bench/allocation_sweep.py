@@ -1,8 +1,8 @@
 """Layer-wise allocation sweep on SmolLM2-135M (issue 4): sparsity x solver x allocation -> WikiText-2 test PPL.
 
-    python bench/allocation_sweep.py                        # everything (resumable)
-    python bench/allocation_sweep.py --sparsities 0.7       # one slice; runs already in the JSON are skipped
-    python bench/allocation_sweep.py --plot-only            # redraw bench/results/allocation_blocks_70.png
+    python -m bench.allocation_sweep                        # everything (resumable)
+    python -m bench.allocation_sweep --sparsities 0.7       # one slice; runs already in the JSON are skipped
+    python -m bench.allocation_sweep --plot-only            # redraw bench/results/allocation_blocks_70.png
 
 Calibration: 32 x 512 tokens from the C4 pool (documents 1000-1999 of the local sample), seed 0, drawn once.
 Evaluation: WikiText-2 test, 40 non-overlapping windows of 512 tokens.
@@ -23,12 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import shlex
-import sys
 import time
 from pathlib import Path
-
 
 from layerprune import evaluate_ppl, load_model, measure_sparsity, prune
 from layerprune.allocation import get_allocator
@@ -38,10 +34,9 @@ from layerprune.api import calibration_set
 from layerprune.config import PruneConfig
 from layerprune.models.adapters import get_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from .common import CALIB, MODEL, RESULTS, cmdline, code_line, code_version, read_json, write_atomic, write_json
+
 STATS_JSON = RESULTS / "allocation_stats.json"
-MODEL, CALIB = "smollm2-135m", {"source": "c4", "nsamples": 32, "seqlen": 512, "seed": 0}
 ALLOCATIONS = ["uniform", "owl", "dlp-median", "dlp-mean", "ipr-log", "atp"]
 # label -> (registry name, default hyperparameters, key of the shared block statistic or None)
 METHODS = {
@@ -52,21 +47,6 @@ METHODS = {
     "ipr-log": ("ipr-log", {}, None),
     "atp": ("atp", {"beta_frac": 0.3}, None),
 }
-
-
-def cmdline() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-
-
-def read_json(path: Path, default: dict) -> dict:
-    return json.loads(path.read_text()) if path.exists() else default
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def hyperparams(label: str, alpha=None, lam=None, beta_frac=None) -> dict:
@@ -111,7 +91,7 @@ def setup():
                  "seconds": time.time() - t0, "statistics": stats,
                  "note": "per block: owl = fraction of Wanda scores > 5 x block mean; dlp-median / dlp-mean = "
                          "median / mean of the block's Wanda scores |W| * ||X_j||, dense model"}
-        write_atomic(STATS_JSON, json.dumps(cache, indent=1))
+        write_json(STATS_JSON, cache)
         print(f"dense statistics pass: {cache['seconds']:.0f} s", flush=True)
     return model, tok, calib, cache["statistics"]
 
@@ -156,7 +136,7 @@ def write_markdown(data: dict) -> None:
     for c in cols:
         vals = [cell[(lab, *c)]["ppl"] for lab in labels if (lab, *c) in cell]
         best[c] = min(vals) if vals else None
-    lines = [f"Command: `{data['command']}`", "",
+    lines = [f"Command: `{data['command']}`. {code_line()} (the last run; each run's JSON entry has its own)", "",
              f"SmolLM2-135M fp32, calibration {CALIB['nsamples']} x {CALIB['seqlen']} C4 pool seed {CALIB['seed']}, "
              f"WikiText-2 **test** PPL over {data['windows']} x 512 tokens (lower is better; **bold** = best of the "
              f"column). Dense: {fmt(data.get('dense_ppl'))}.", "",
@@ -249,7 +229,7 @@ def main() -> None:
     hp_of = lambda label: hyperparams(label, args.alpha, args.lam, args.beta_frac)  # noqa: E731
 
     out_json = RESULTS / "allocation_sweep.json"
-    data = read_json(out_json, {"command": "python bench/allocation_sweep.py" + " --tuned" * args.tuned,
+    data = read_json(out_json, {"command": "python -m bench.allocation_sweep" + " --tuned" * args.tuned,
                                 "invocations": [], "model": MODEL,
                                 "calibration": CALIB, "windows": args.windows, "runs": {}})
     data["invocations"].append(cmdline())
@@ -257,7 +237,7 @@ def main() -> None:
     data["statistics_seconds"] = read_json(STATS_JSON, {}).get("seconds")
     data["block_statistics"] = stats
     infos = layer_census(model, get_adapter(model))
-    save = lambda: (write_atomic(out_json, json.dumps(data, indent=1)), write_markdown(data))  # noqa: E731
+    save = lambda: (write_json(out_json, data), write_markdown(data))  # noqa: E731
     if not args.plot_only:
         if data.get("dense_ppl") is None:
             data["dense_ppl"] = evaluate_ppl(model, tok, "wikitext2", 512, max_windows=args.windows, progress=False).ppl
@@ -272,7 +252,7 @@ def main() -> None:
             r = prune_and_eval(model, tok, calib, solver, sparsity, label, hp, stats, "wikitext2", args.windows)
             expect = block_targets(infos, stats, label, hp, sparsity)
             assert max(abs(a - b) for a, b in zip(expect, r["block_target"])) < 1e-9, "targets differ from the engine"
-            data["runs"][key] = r
+            data["runs"][key] = {**r, "code": code_version()}
             save()
             print(f"{solver:9s} {sparsity:.0%} {label:10s} ppl {r['ppl']:9.2f}  sparsity {r['measured_sparsity']:.4f}"
                   f"  prune {r['prune_s']:.0f} s  eval {r['eval_s']:.0f} s", flush=True)
