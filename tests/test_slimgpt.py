@@ -20,7 +20,7 @@ from layerprune.offload import MemoryStore
 from layerprune.record import save_run
 from layerprune.solvers.slimgpt import (_head_scores, _joint_errors, dgs_schedule, plan_block, prune_channels,
                                         prune_heads, prune_kv_groups)
-from layerprune.structured import count_params, model_widths, remove_channels, remove_heads
+from layerprune.models.structured import count_params, model_widths, remove_channels, remove_heads
 
 OUT, NH, HD = 32, 8, 8          # o_proj: 32 x (8 heads x 8 dims)
 FOUT, FCH = 48, 96              # down_proj: 48 x 96 channels

@@ -30,11 +30,11 @@ import warnings
 import torch
 from torch import Tensor
 
-from layerprune import structured
 from layerprune.errors import UserError
+from layerprune.models import structured
+from layerprune.models.structured import GQA_MODES
 from layerprune.registry import Option, positive_int, register_solver
 from layerprune.solvers.common import relative_error
-from layerprune.structured import GQA_MODES
 
 SCORES = ("obs", "magnitude", "exact")
 
@@ -374,7 +374,7 @@ def group_magnitude(block, adapter, head_dim: int, q_rm: int, kv_rm: int, ch_rm:
 @register_solver
 class SlimGPT:
     """Block-level solver for the engine: heads of o_proj first, then FFN channels of down_proj with statistics
-    re-collected through the pruned attention; the block is made physically smaller (layerprune.structured).
+    re-collected through the pruned attention; the block is made physically smaller (layerprune.models.structured).
 
     Options: gqa ("heads" | "kv-groups"), budget ("params" | "ratio"), score ("obs" | "magnitude": the structured
     magnitude baseline, see group_magnitude; no calibration statistics, no compensation), compensate,
