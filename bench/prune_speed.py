@@ -61,9 +61,10 @@ def run_one(method: str, offload: str, compute_dtype: str, evaluate: bool, nsamp
     import tempfile
 
     from layerprune import calibration_set, load_model, prune
+    from layerprune.config import DTYPES
     from layerprune.offload import load_model_lazy
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute_dtype]
+    dtype = DTYPES[compute_dtype]
     store = None
     if offload == "disk":
         model, tok, store = load_model_lazy(MODEL, torch.float32)

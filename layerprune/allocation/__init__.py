@@ -5,8 +5,9 @@ weights; the plain block mean when blocks are equally sized). Every allocator me
 in [lo, hi] (default [0, 0.99]), rebalancing what clipping removes. See base.py.
 
     alloc = get_allocator("dlp", alpha=0.15, stat="median")
-    if alloc.needs_scores: ctx.block_stats = [alloc.block_statistic(scores_of_block(b)) for b in blocks]
+    if alloc.needs: ctx.block_stats = [alloc.statistic(weights_of(b), stats_of(b)) for b in blocks]  # dense pass
     allocation = alloc.allocate(0.7, ctx)          # allocation.layer_sparsity[(block, name)]
+    (allocation/plan.py does this for the engine, mixed N:M included)
 
 Every allocator class is registered with ``@register_allocator`` (layerprune.registry) and declares its ``options``;
 the import order below is the registration order (the order of ``--help``): uniform, owl, dlp, dsa

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from layerprune.config import DTYPES as _CONFIG_DTYPES
 from layerprune.errors import UserError
 from layerprune.registry import Registry, positive_int, resolve
 
 DATA_DIR_HELP = "data directory (default: $LAYERPRUNE_DATA, else ../shared/data when present, else the hub)"
-DTYPES = ["float32", "bfloat16", "float16"]
+DTYPES = list(_CONFIG_DTYPES)  # the one dtype-by-name map, layerprune.config
 _positive = positive_int
 
 
@@ -30,7 +31,7 @@ def _examples(*lines: str) -> str:
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="weight dtype (bfloat16/float16 mainly for GPUs)")
     p.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cuda when present)")
     p.add_argument("--no-cache", action="store_true", help="do not use the dequantized GGUF cache")

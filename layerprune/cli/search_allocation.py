@@ -21,7 +21,7 @@ import math
 import time
 from pathlib import Path
 
-from layerprune.cli.common import _examples
+from layerprune.cli.common import DTYPES, _examples
 from layerprune.errors import UserError
 
 OWN_FILES = ("settings.json", "search.jsonl", "search.jsonl.best.json", "best_function.txt", "summary.json",
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 validation windows per candidate")
     p.add_argument("--eval-seqlen", type=int, default=None, help="validation window length (default: --seqlen)")
-    p.add_argument("--proxy-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--proxy-dtype", default="bfloat16", choices=DTYPES,
                    help="dtype of the candidates' perplexity passes")
     p.add_argument("--rescore-top", type=int, default=5, help="rescore this many best candidates at the end (0: no)")
     p.add_argument("--rescore-windows", type=int, default=16, help="validation windows of the float32 rescoring")

@@ -7,11 +7,9 @@ Per-linear solvers (``SOLVERS``) return a new weight (same shape, dtype and devi
 exactly 0. Unstructured pruning zeroes exactly round(sparsity * numel) weights; N:M (n, m) zeroes exactly n of every m
 consecutive inputs of each row and ignores `sparsity`.
 
-Block-level solvers (``BLOCK_SOLVERS``, attribute ``block_level = True``) prune a whole decoder block at once and may
-change its shapes (structured pruning): ``prune_block(block, adapter, collect, ratio, geometry, **options) -> rows``,
-where ``collect(names, needs) -> {name: LayerStats}`` runs the block as it is now over the calibration inputs;
-``load_block(block, adapter, geometry, state_dict)`` (resume) and ``finish(model, adapter) -> dict`` (after the last
-block; merged into the run record).
+A solver that changes shapes (structured pruning, e.g. SlimGPT) supplies its own block program through
+``program(model, adapter, cfg)``; every per-linear solver is wrapped in ``solvers.program.LinearProgram``. The engine
+only ever calls a block program: ``run(block, collect, targets) -> rows``, ``load_block`` (resume), ``finish``.
 """
 from __future__ import annotations
 
