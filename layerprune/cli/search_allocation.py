@@ -139,6 +139,7 @@ def run(args) -> int:
     from layerprune.allocation.dsa.search import evolutionary_search, plot_curves, random_search, read_log, summarize
     from layerprune.api import calibration_set
     from layerprune.data import resolve_data_dir
+    from layerprune.data.bos import bos_id
     from layerprune.evaluation.perplexity import check_seqlen, tokenize_corpus
     from layerprune.models.loading import load_model
 
@@ -157,7 +158,8 @@ def run(args) -> int:
     eval_ids = tokenize_corpus(tok, "wikitext2-valid", data_dir, eval_seqlen)
     t_load = time.perf_counter() - t0
     proxy = Proxy(model, calib, eval_ids, args.sparsity, seqlen=eval_seqlen, windows=args.eval_windows, lam=args.lam,
-                  batch_size=args.batch_size, dtype=args.proxy_dtype, norms_path=out / "dense_norms.safetensors")
+                  batch_size=args.batch_size, dtype=args.proxy_dtype, norms_path=out / "dense_norms.safetensors",
+                  bos=bos_id(tok))
     (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     print(f"setup: load {t_load:.1f}s, dense pass {proxy.setup_seconds['dense_pass']:.1f}s"
           f"{' (cached)' if proxy.stats_passes == 0 else ''}, ranks {proxy.setup_seconds['ranks']:.1f}s; "

@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from tqdm.auto import tqdm
 
+from ..data.bos import bos_id
 from ..errors import UserError
 from ..models.adapters import get_adapter
 from .accounting import unit_params
@@ -190,10 +191,10 @@ def client_setup(cfg: FedConfig, pid: int, n: int):
 
 
 # --- the experiment ------------------------------------------------------------------------------------
-def _ppl(model, ids: torch.Tensor, seqlen: int, windows: int | None) -> float:
+def _ppl(model, ids: torch.Tensor, seqlen: int, windows: int | None, bos: int | None = None) -> float:
     from ..evaluation.perplexity import perplexity
 
-    return perplexity(model, ids, seqlen, max_windows=windows, progress=False).ppl
+    return perplexity(model, ids, seqlen, max_windows=windows, progress=False, bos=bos).ppl
 
 
 def prepare(cfg: FedConfig, model=None, tokenizer=None, domains=None, eval_texts=None, with_shards=True):
@@ -217,9 +218,11 @@ def prepare(cfg: FedConfig, model=None, tokenizer=None, domains=None, eval_texts
                            initial=ArrayRecord.from_torch_state_dict(state), evals=[], levels=levels, depths=depths,
                            unit_sizes=sizes, shards=None, partition_counts=[], t0=time.time(), bar=None)
 
+    bos = bos_id(tokenizer) if callable(tokenizer) and hasattr(tokenizer, "bos_token_id") else None  # HF tokenizers
+
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-        ppl = {name: _ppl(model, ids, cfg.eval_seqlen, cfg.eval_windows) for name, ids in ev.items()}
+        ppl = {name: _ppl(model, ids, cfg.eval_seqlen, cfg.eval_windows, bos) for name, ids in ev.items()}
         prep.evals.append({"round": rnd, "ppl": ppl, "elapsed_s": time.time() - prep.t0})
         if cfg.progress:
             if prep.bar is None:

@@ -62,7 +62,7 @@ class Proxy:
 
     def __init__(self, model, calib: torch.Tensor, eval_ids: torch.Tensor, target: float, *, seqlen: int = 512,
                  windows: int = 8, lam: float = 0.08, lo: float = 0.0, hi: float = 0.99, batch_size: int = 8,
-                 eval_batch_size: int = 4, dtype: str = "bfloat16", norms_path=None):
+                 eval_batch_size: int = 4, dtype: str = "bfloat16", norms_path=None, bos: int | None = None):
         if dtype not in DTYPES:
             raise UserError(f"proxy dtype {dtype!r} is unknown: use {', '.join(DTYPES)}")
         if not 0.0 < target < 1.0:
@@ -72,7 +72,7 @@ class Proxy:
                             f"{seqlen}: lower the number of windows or the window length")
         self.model, self.target, self.lam, self.lo, self.hi = model, float(target), float(lam), lo, hi
         self.eval_ids, self.seqlen, self.windows = eval_ids.reshape(-1), seqlen, windows
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size, self.bos = eval_batch_size, bos  # bos: an id starting every window (data.bos)
         self.adapter = get_adapter(model)
         self.stats_passes = 0  # dense calibration passes run by this proxy (0 when the norms came from the cache)
         t0 = time.perf_counter()
@@ -156,7 +156,7 @@ class Proxy:
         self.apply(block_sparsity)
         t1 = time.perf_counter()
         ppl = perplexity(self.model, self.eval_ids, self.seqlen, self.windows, self.eval_batch_size,
-                         progress=False).ppl
+                         progress=False, bos=self.bos).ppl
         self.timings["apply"] += t1 - t0
         self.timings["ppl"] += time.perf_counter() - t1
         self.n_evaluated += 1
