@@ -32,6 +32,14 @@ def is_run_dir(d: Path) -> bool:
     return (d / RECORD_NAME).is_file() or (d / CHECKPOINT_NAME).is_dir()
 
 
+def _remove_ours(d: Path) -> None:
+    """Delete a leftover folder of ours (a run, a checkpoint, activation buffers, or nothing); refuse anything else."""
+    if d.exists():
+        if not (is_run_dir(d) or all(p.name.startswith("layerprune-acts-") for p in d.iterdir())):
+            raise UserError(f"{d} holds files layerprune did not write: move it away and rerun")
+        shutil.rmtree(d)
+
+
 def _listing(d: Path, n: int = 3) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in d.iterdir())
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
@@ -75,8 +83,7 @@ def prepare_dir(out, force: bool = False, resume: bool = False, inputs=(), flag:
             raise UserError(f"{flag} {out} already holds a layerprune run: choose another {flag}, pass --resume "
                             "to continue an interrupted run, or --force to replace it")
         if create:
-            if stage.exists():
-                shutil.rmtree(stage)  # our own leftover from an earlier forced attempt
+            _remove_ours(stage)  # our own leftover from an earlier forced attempt
             stage.mkdir(parents=True)
         return stage
     if create:
@@ -90,12 +97,11 @@ def finish_dir(work: Path, out: Path) -> None:
     if work == out:
         return
     old = out.parent / f".{out.name}.layerprune-old"
-    if old.exists():
-        shutil.rmtree(old)
+    _remove_ours(old)
     if out.exists():
         os.replace(out, old)
     os.replace(work, out)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_ours(old)  # the replaced run, checked as ours by prepare_dir
 
 
 def _written_by_us(p: Path) -> bool:

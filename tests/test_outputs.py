@@ -194,3 +194,14 @@ def test_bf16_checkpoint_is_saved_in_bf16_unless_asked(tmp_path, text_corpus):
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "float32", dtype=torch.float32).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k].to(torch.bfloat16).float()), k
+
+
+def test_a_foreign_folder_in_the_staging_place_is_never_deleted(tmp_path, model_dir, text_corpus, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, text_corpus, out)) == 0
+    stage = tmp_path / ".run.layerprune-new"
+    stage.mkdir()
+    (stage / "mine.txt").write_text("mine")
+    assert main(_args(model_dir, text_corpus, out, "--force")) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (stage / "mine.txt").read_text() == "mine"
