@@ -143,6 +143,14 @@ def write_json(path: Path | None, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically into a folder that passed ``prepare_dir`` (e.g. a run's ``recipe.yaml``)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def check_free_space(folder: Path, need: int, what: str) -> None:
     """Refuse, with the numbers, when the file system of ``folder`` has less than ``need`` bytes free."""
     folder = Path(folder).expanduser()

@@ -20,21 +20,33 @@ from .errors import UserError
 from .record import read_record
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously; the CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def prefill_seconds(model, ids: torch.Tensor) -> float:
+    ids = ids.to(model.device)
+    _sync(ids.device)
     t0 = time.perf_counter()
     model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    _sync(ids.device)
     return time.perf_counter() - t0
 
 
 @torch.inference_mode()
 def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    prompt = prompt.to(model.device)
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(prompt.device)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=tok, past_key_values=past, use_cache=True)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(prompt.device)
     return time.perf_counter() - t0
 
 
@@ -67,8 +79,10 @@ def compare_speed(models: dict, vocab_size: int, *, prefill_tokens: int = 512, n
 
 
 def bench_speed(run_dir, *, dense: str | None = None, prefill_tokens: int = 512, new_tokens: int = 128,
-                prompt_tokens: int = 32, repeats: int = 5, threads: int | None = None, dtype: str = "float32") -> dict:
-    """Pruned run vs its dense model (the record's ``model`` unless `dense` is given). Returns a JSON-able dict."""
+                prompt_tokens: int = 32, repeats: int = 5, threads: int | None = None, dtype: str = "float32",
+                device=None) -> dict:
+    """Pruned run vs its dense model (the record's ``model`` unless `dense` is given), on ``device`` (default: the
+    CPU). Returns a JSON-able dict."""
     from .models.loading import load_model
 
     run_dir = Path(run_dir)
@@ -80,12 +94,15 @@ def bench_speed(run_dir, *, dense: str | None = None, prefill_tokens: int = 512,
         torch.set_num_threads(threads)
     pruned, _ = load_model(str(run_dir), dtype)
     base, _ = load_model(dense, dtype)
+    if device is not None:
+        pruned, base = pruned.to(device), base.to(device)
     res = compare_speed({"dense": base, "pruned": pruned}, pruned.config.vocab_size, prefill_tokens=prefill_tokens,
                         new_tokens=new_tokens, prompt_tokens=prompt_tokens, repeats=repeats)
     d, p = res["dense"], res["pruned"]
     return {
         "run_dir": str(run_dir), "dense": dense, "method": record.get("method"), "sparsity": record.get("sparsity"),
         "allocation": (record.get("allocation") or {}).get("name"), "dtype": dtype, "threads": torch.get_num_threads(),
+        "device": str(pruned.device),
         "prefill_tokens": prefill_tokens, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
         "repeats": repeats, "results": res,
         "prefill_speedup": d["prefill_s"]["median"] / p["prefill_s"]["median"],

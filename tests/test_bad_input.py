@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from layerprune import prune
@@ -79,6 +80,27 @@ def ws(tmp_path_factory):
     (w / "latin1.txt").write_bytes("caf\xe9 na\xefve r\xe9sum\xe9 " .encode("latin-1") * 50)
     (w / "record_garbage").mkdir()
     (w / "record_garbage" / "layerprune.json").write_text("{oops")
+
+    m = tiny_model("llama", layers=2)  # a 2:4 run (the sparse-kernel refusals that need one)
+    rec = prune(m, tiny_tokenizer(), method="magnitude", nm=(2, 4), calib="c4", nsamples=2, seqlen=16, data_dir=data,
+                progress=False)
+    (w / "run24").mkdir()
+    save_run(m, tiny_tokenizer(), w / "run24", rec)
+
+    rdir = w / "recipes"  # recipe.yaml files, each wrong in one way
+    rdir.mkdir()
+    good = f"layerprune_recipe: 1\nmodel: {model_dir}\nmethod: wanda\ncalibration:\n  nsamples: 2\n  seqlen: 16\n"
+    for name, text in {"unknown_key": good + "colour: blue\n",
+                       "unknown_sub": good.replace("  seqlen: 16\n", "  size: 16\n"),
+                       "bad_type": good.replace("nsamples: 2", "nsamples: many"),
+                       "nm_unquoted": good + "nm: 2:4\n",
+                       "bad_choice": good + "compute:\n  offload: tape\n",
+                       "bad_method": good.replace("method: wanda", "method: foo"),
+                       "bad_alloc": good + "allocation: foo\n",
+                       "bad_option": good + "solver_options:\n  knob: 1\n",
+                       "not_yaml": good + "eval: [unclosed\n",
+                       "not_recipe": "model: x\n"}.items():
+        (rdir / f"{name}.yaml").write_text(text)
     return w
 
 
@@ -129,6 +151,18 @@ CASES = [
     (["prune", "--model", "{ws}/corrupt_model", "--offload", "disk", "--out", "{ws}/new10"], "corrupt or truncated"),
     (["prune", "--model", "{ws}/interrupted", "--out", "{ws}/new11"], "interrupted run"),
     (PRUNE + ["--nsamples", "0", "--out", "{ws}/new12"], "at least 1"),
+    # prune --recipe: the key and the fix, before any model is loaded
+    (["prune", "--recipe", "{ws}/recipes/unknown_key.yaml", "--out", "{ws}/new17"], "unknown key 'colour'"),
+    (["prune", "--recipe", "{ws}/recipes/unknown_sub.yaml", "--out", "{ws}/new17"], "unknown key calibration.size"),
+    (["prune", "--recipe", "{ws}/recipes/bad_type.yaml", "--out", "{ws}/new17"], "calibration.nsamples: 'many'"),
+    (["prune", "--recipe", "{ws}/recipes/nm_unquoted.yaml", "--out", "{ws}/new17"], "nm: expected text"),
+    (["prune", "--recipe", "{ws}/recipes/bad_choice.yaml", "--out", "{ws}/new17"], "compute.offload: 'tape'"),
+    (["prune", "--recipe", "{ws}/recipes/bad_method.yaml", "--out", "{ws}/new17"], "method: unknown solver"),
+    (["prune", "--recipe", "{ws}/recipes/bad_alloc.yaml", "--out", "{ws}/new17"], "allocation: unknown allocation"),
+    (["prune", "--recipe", "{ws}/recipes/bad_option.yaml", "--out", "{ws}/new17"], "solver_options.knob"),
+    (["prune", "--recipe", "{ws}/recipes/not_yaml.yaml", "--out", "{ws}/new17"], "not valid YAML"),
+    (["prune", "--recipe", "{ws}/recipes/not_recipe.yaml", "--out", "{ws}/new17"], "not a layerprune recipe"),
+    (["prune", "--recipe", "{ws}/recipes/missing.yaml", "--out", "{ws}/new17"], "no such file"),
     # prune: outputs (data loss)
     (PRUNE + ["--out", "{ws}/mine", "--force"], "did not write"),
     (PRUNE + ["--out", M, "--force"], "is the input"),
@@ -157,6 +191,11 @@ CASES = [
     (["plot", R, "--out", "{ws}/mine/plot.png", "--force"], "did not write"),
     (["plot", "{ws}/record_garbage"], "corrupt"),
     (["bench-speed", R, "--out", "{ws}/mine/result.json", "--force"], "did not write"),
+    (["bench-speed", R, "--sparse-kernels"], "not a 2:4 run"),
+    (["bench-speed", "{ws}/run24", "--sparse-kernels", "--device", "cpu"], "CUDA GPUs only"),
+    (["bench-speed", "{ws}/run24", "--sparse-kernels", "--dtype", "float32"], "runs in bfloat16 or float16"),
+    *([(["bench-speed", "{ws}/run24", "--sparse-kernels"], "needs a CUDA GPU")] if not torch.cuda.is_available()
+      else []),
     (["demo", "--model", M, "--out", "{ws}/mine", "--force"], "did not write"),
     (["search-allocation", "--model", M, "--sparsity", "1.5", "--out", "{ws}/new16"], "must lie in"),
     (["search-allocation", "--model", M, "--out", "{ws}/mine", "--force", "--data-dir", "{ws}/data"], "did not write"),

@@ -25,6 +25,28 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse, and ``namespace.explicit_dests`` lists the options given on the command line (so a recipe
+        fills in only the others, even where a flag repeats its default)."""
+        namespace = namespace if namespace is not None else argparse.Namespace()
+        unset = object()
+        pending = [a for a in self._actions if a.dest != argparse.SUPPRESS and a.default != argparse.SUPPRESS
+                   and not hasattr(namespace, a.dest)]
+        for a in pending:
+            setattr(namespace, a.dest, unset)
+        namespace, extras = super().parse_known_args(args, namespace)
+        given = set()
+        for a in pending:
+            if getattr(namespace, a.dest) is unset:  # not given: the default, converted as argparse does
+                default = a.default
+                if isinstance(default, str) and a.type is not None:
+                    default = self._get_value(a, default)
+                setattr(namespace, a.dest, default)
+            else:
+                given.add(a.dest)
+        namespace.explicit_dests = getattr(namespace, "explicit_dests", set()) | given
+        return namespace, extras
+
 
 def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {x}" for x in lines)

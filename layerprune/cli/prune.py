@@ -10,8 +10,11 @@ from pathlib import Path
 from layerprune.allocation import ALLOCATORS, get_allocator, split_spec
 from layerprune.cli.common import (DATA_DIR_HELP, DTYPES, _common_model_args, _device, _eval_all, _examples, _load,
                                    _method_flags, _method_list, _method_options, _positive, _table)
+from layerprune.cli import recipe
 from layerprune.errors import UserError
 from layerprune.solvers import SOLVER_REGISTRY
+
+_REGISTRIES = {"solver_options": SOLVER_REGISTRY, "allocation_options": ALLOCATORS}  # recipe sections
 
 
 def add_parser(sub) -> None:
@@ -21,7 +24,9 @@ def add_parser(sub) -> None:
                            "layerprune prune --method sparsegpt --nm 2:4 --nsamples 32 --seqlen 512 --out runs/sgpt24",
                            "layerprune prune --method wanda --sparsity 0.7 --allocation dlp --out runs/dlp70",
                            "layerprune prune --method slimgpt --sparsity 0.5 --allocation ipr-log --out runs/slim50",
-                           "layerprune prune ... --out runs/wanda50 --resume   # after an interruption"))
+                           "layerprune prune ... --out runs/wanda50 --resume   # after an interruption",
+                           "layerprune prune --recipe runs/wanda50/recipe.yaml --out runs/again   # rerun a run",
+                           "layerprune prune --recipe runs/wanda50/recipe.yaml --seed 1 --out runs/seed1"))
     s.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub id")
     s.add_argument("--method", default="wanda", help=_method_list(SOLVER_REGISTRY))
     s.add_argument("--sparsity", type=float, default=None,
@@ -32,7 +37,10 @@ def add_parser(sub) -> None:
     s.add_argument("--seqlen", type=int, default=None, help="calibration window length (default 2048, capped)")
     s.add_argument("--calib", default="c4", help="c4 (pool: docs 1000-1999), wikitext2-valid, ptb-valid or a file")
     s.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    s.add_argument("--out", required=True, help="run directory to write (weights + layerprune.json)")
+    s.add_argument("--recipe", default=None,
+                   help="take every setting from this recipe.yaml (written into each run directory); flags given "
+                        "here override it; --out, --data-dir and --device never come from a recipe")
+    s.add_argument("--out", required=True, help="run directory to write (weights + layerprune.json + recipe.yaml)")
     s.add_argument("--force", action="store_true",
                    help="replace --out if it holds a layerprune run (written beside it, swapped in at the end)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -54,7 +62,7 @@ def add_parser(sub) -> None:
     _common_model_args(s)
     _method_flags(s, SOLVER_REGISTRY)
     _method_flags(s, ALLOCATORS)
-    s.set_defaults(func=run)
+    s.set_defaults(func=run, prune_parser=s)
 
 
 def run(args) -> int:
@@ -64,11 +72,13 @@ def run(args) -> int:
     from layerprune.evaluation.perplexity import check_seqlen
     from layerprune.models.info import measure_sparsity
     from layerprune.models.loading import load_skeleton
-    from layerprune.outputs import check_free_space, finish_dir, prepare_dir, run_disk_need
-    from layerprune.record import save_run, write_record
+    from layerprune.outputs import check_free_space, finish_dir, prepare_dir, run_disk_need, write_text
+    from layerprune.record import save_dtype, save_run, write_record
     from layerprune.solvers.nm import parse_nm
 
     # 1. everything that needs no model, then what the model's config alone tells: before any load or write
+    if args.recipe:
+        recipe.apply(args.recipe, args, args.prune_parser, _REGISTRIES)
     if args.resume and args.force:
         raise UserError("--resume continues the run in --out and --force starts it over: pass one of them")
     nm = parse_nm(args.nm) if args.nm else None
@@ -83,7 +93,7 @@ def run(args) -> int:
     data_dir = resolve_data_dir(args.data_dir)
     datasets = [d.strip() for d in args.eval.split(",") if d.strip()] if args.eval else []
     out = Path(args.out)
-    prepare_dir(out, args.force, args.resume, inputs=[args.model], create=False)
+    prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
     device = _device(args.device)
     skeleton = load_skeleton(args.model, args.dtype)
     if skeleton is not None:
@@ -104,11 +114,11 @@ def run(args) -> int:
     eval_seqlen = check_seqlen(model, args.eval_seqlen or seqlen)
     calib = api.calibration_set(tok, args.calib, args.nsamples, seqlen, args.seed, data_dir)
     need_out, need_tmp = run_disk_need(model, args.nsamples, seqlen, DTYPES[args.compute_dtype], args.offload)
-    work = prepare_dir(out, args.force, args.resume, inputs=[args.model], create=False)
+    work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
     check_free_space(work, need_out - _du(work), "the checkpoint and the saved run")
     if store is not None:
         check_free_space(store.work_dir, need_tmp, "disk offload of the blocks")
-    work = prepare_dir(out, args.force, args.resume, inputs=[args.model])
+    work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe])
 
     lazy = store is not None  # with disk offload the full model is never in memory: evaluate the saved run
     before = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size) \
@@ -120,7 +130,12 @@ def run(args) -> int:
                        true_sequential=args.true_sequential, batch_size=args.batch_size, skip=cfg.skip,
                        out_dir=work, resume=args.resume, store=store)
     record["model"] = args.model
+    resolved = {"model": _model_path(args.model), "allocation": _inline_user_file(args.allocation),
+                "sparsity": cfg.sparsity if nm is None else args.sparsity, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
+                "save_dtype": str(save_dtype(model, args.save_dtype)).removeprefix("torch.")}
+    recipe_text = recipe.dump(recipe.build(args, _REGISTRIES, resolved))
     if lazy:
+        write_text(work / recipe.RECIPE_NAME, recipe_text)
         save_run(model, tok, work, record, store, dtype=args.save_dtype)
         finish_dir(work, out)
         from layerprune.models.loading import load_model
@@ -136,6 +151,7 @@ def run(args) -> int:
     if lazy:
         write_record(out, record)
     else:
+        write_text(work / recipe.RECIPE_NAME, recipe_text)
         save_run(model, tok, work, record, dtype=args.save_dtype)
         finish_dir(work, out)
 
@@ -167,6 +183,22 @@ def run(args) -> int:
               f"fp16 {q['dense_fp16'] / mib:.1f} MiB, quantized {q['quantized'] / mib:.1f} MiB, "
               f"sparse+quantized {q['sparse_quantized'] / mib:.1f} MiB ({q['sparse_quantized_ratio']:.3f}x)")
     return 0
+
+
+def _model_path(spec: str) -> str:
+    """A local model path made absolute for the recipe (a recipe replays from any directory); names stay as given."""
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def _inline_user_file(spec: str) -> str:
+    """``user:FILE.json`` becomes ``user:0.4,0.5,...`` in the recipe, so the recipe holds the sparsities themselves."""
+    from layerprune.allocation.user import parse_sparsities
+
+    name, arg = split_spec(spec)
+    if name == "user" and arg and Path(arg).is_file():
+        return "user:" + ",".join(repr(v) for v in parse_sparsities(arg))
+    return spec
 
 
 def _du(folder: Path) -> int:
