@@ -74,4 +74,13 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         record["measured_sparsity"] = sp["overall"]
         record["measured_block_sparsity"] = sp["per_block"]
     record["versions"] = versions()
+    record.setdefault("model", getattr(model, "layerprune_spec", None))
+    record["api_call"] = {"method": method, "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None,
+                          "allocation": allocation, "allocation_options": dict(allocation_options or {}),
+                          "solver_options": dict(solver_options or {}),
+                          **({k: calib_info[s] for k, s in (("calib", "source"), ("nsamples", "nsamples"),
+                                                            ("seqlen", "seqlen"), ("seed", "seed"))}
+                             if isinstance(calibration, CalibrationSet)
+                             else {"calibration": f"token ids {ids.shape[0]} x {ids.shape[1]}"}),
+                          "compute_dtype": compute_dtype, "true_sequential": true_sequential, "skip": list(skip)}
     return record

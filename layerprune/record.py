@@ -1,9 +1,11 @@
 """The run record (``layerprune.json``) and the saved run directory."""
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -18,7 +20,25 @@ def versions() -> dict:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = None
+    out["layerprune_commit"] = source_commit()
     return out
+
+
+@functools.cache
+def source_commit() -> dict | None:
+    """The git commit of the layerprune source in use (and whether it had uncommitted changes), when the package runs
+    from its own git checkout (an editable install); None otherwise."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None  # installed inside some other repository's tree
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "layerprune"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def save_dtype(model, dtype=None):
@@ -69,10 +89,15 @@ def save_run(model, tokenizer, out: Path, record: dict, store=None, dtype=None) 
     for key in ("dtype", "torch_dtype"):
         if key in cfg:
             cfg[key] = name
+    from .models import remote_code
+
+    code = remote_code.write(out, model.config, cfg)  # per-block widths: model code + auto_map (no layerprune needed)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     src = getattr(model, "layerprune_source_dtype", None)
     record["saved"] = {"dtype": name, "compute_weights_dtype": str(current).removeprefix("torch."),
                        "source_dtype": str(src).removeprefix("torch.") if src is not None else None}
+    if code:
+        record["saved"]["remote_code"] = code  # the files that let transformers load it without layerprune
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     write_record(out, record)
@@ -80,9 +105,14 @@ def save_run(model, tokenizer, out: Path, record: dict, store=None, dtype=None) 
 
 
 def write_record(out: Path, record: dict) -> None:
+    """Write the run record; in a saved run directory (one with a config.json) the model card follows it."""
     tmp = out / f".{RECORD_NAME}.tmp"
     tmp.write_text(json.dumps(record, indent=1, default=str))
     tmp.replace(out / RECORD_NAME)
+    if (Path(out) / "config.json").is_file():
+        from .card import write_card
+
+        write_card(out, json.loads(json.dumps(record, default=str)))
 
 
 def read_record(run_dir: Path) -> dict:

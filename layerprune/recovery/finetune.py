@@ -52,7 +52,12 @@ def _save(model, tok, run_dir, out, record):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_run(model, tok, tmp, record)
+    from layerprune.card import CARD_NAME, replaceable
+
     for f in tmp.iterdir():
+        if f.name == CARD_NAME and not replaceable(run_dir / f.name):  # a README.md the user wrote stays
+            f.unlink()
+            continue
         f.replace(run_dir / f.name)
     tmp.rmdir()
 
