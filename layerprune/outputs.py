@@ -19,7 +19,8 @@ from .errors import UserError
 
 RECORD_NAME = "layerprune.json"
 CHECKPOINT_NAME = ".checkpoint"
-MARK = "layerprune"  # files carry {"written_by": MARK} (JSON) or Software=MARK (PNG)
+MARK = "layerprune"  # files carry {"written_by": MARK} (JSON), Software=MARK (PNG) or GGUF_MARK_KEY=MARK (GGUF)
+GGUF_MARK_KEY = "layerprune.written_by"  # a string key written right after general.architecture (export/gguf.py)
 STAGING_SUFFIX = ".layerprune-new"
 
 
@@ -109,7 +110,12 @@ def _written_by_us(p: Path) -> bool:
         if p.suffix == ".json":
             data = json.loads(p.read_text(encoding="utf-8"))
             return isinstance(data, dict) and data.get("written_by") == MARK
-        head = p.read_bytes()[:4096]
+        with open(p, "rb") as f:
+            head = f.read(4096)
+        if head[:4] == b"GGUF":  # key: u64 length + bytes; value: type 8 (string) as u32, u64 length + bytes
+            key, val = GGUF_MARK_KEY.encode(), MARK.encode()
+            return (len(key).to_bytes(8, "little") + key + (8).to_bytes(4, "little") + len(val).to_bytes(8, "little")
+                    + val) in head
         return b"Software\x00" + MARK.encode() in head
     except (OSError, ValueError):
         return False

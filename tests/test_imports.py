@@ -116,7 +116,7 @@ def architecture_words() -> tuple[set[str], set[str]]:
 
 
 # prose that names a module as an example for the user (help and error texts), not code that relies on it
-PROSE = ("e.g. mlp.down_proj", "pass the o_proj weight")
+PROSE = ("e.g. mlp.down_proj", "pass the o_proj weight", "llama.cpp")  # llama.cpp: the runtime's name
 
 
 def test_no_model_type_or_module_name_outside_models():

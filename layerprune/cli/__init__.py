@@ -11,12 +11,12 @@ import os
 import shlex
 import sys
 
-from layerprune.cli import bench_speed, demo, fed, finetune, info, plot, prune, search_allocation
+from layerprune.cli import bench_speed, demo, export, fed, finetune, info, plot, prune, search_allocation
 from layerprune.cli import eval as eval_
 from layerprune.cli.common import _examples, _Parser
 from layerprune.errors import UserError
 
-COMMANDS = (info, eval_, prune, bench_speed, finetune, plot, fed, demo, search_allocation)  # the order of --help
+COMMANDS = (info, eval_, prune, bench_speed, export, finetune, plot, fed, demo, search_allocation)  # the order of --help
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -189,40 +189,179 @@ class Adapter:
                 return v
         return None
 
+    # --- GGUF export for llama.cpp (export/gguf.py writes the file; the family facts are here) ------------
+    gguf_arch: str | None = None  # llama.cpp's architecture for this family (None: llama.cpp has none)
+    gguf_no_arch = ""  # why not, when gguf_arch is None
+    gguf_arch_per_block: str | None = None  # an architecture reading per-layer head / FFN widths, or None
+    gguf_no_per_block = "llama.cpp has no architecture with per-layer widths for it"
+    gguf_interleaved_rope = False  # llama.cpp rotates adjacent pairs for gguf_arch (HF rotates the two halves)
+    gguf_rope_freqs = False  # llama.cpp takes llama3-style rope scaling as a rope_freqs tensor for gguf_arch
+
+    def gguf_target(self, config, per_block: bool) -> tuple[str, bool]:
+        """(llama.cpp architecture, whether q/k rows are permuted to adjacent-pair rotary), or a UserError."""
+        if self.gguf_arch is None:
+            raise UserError(f"GGUF export is not available for the {self.family} family: {self.gguf_no_arch}; "
+                            "load the run with transformers instead")
+        self.gguf_check(config)
+        if per_block:
+            if self.gguf_arch_per_block is None:
+                raise UserError(f"this run has per-block widths and {self.gguf_no_per_block} ({self.family}); "
+                                "export a run with uniform widths (e.g. --allocation uniform)")
+            return self.gguf_arch_per_block, True  # deci: LLaMA blocks with adjacent-pair rotary
+        return self.gguf_arch, self.gguf_interleaved_rope
+
+    def gguf_check(self, config) -> None:
+        """Refuse (UserError) what llama.cpp cannot run for this family's config."""
+        rope_type = self._rope(config)[0].get("rope_type", "default")
+        if rope_type not in ("default", "linear") and not (rope_type == "llama3" and self.gguf_rope_freqs):
+            raise UserError(f"rope scaling {rope_type!r} is not exported to GGUF for the {self.family} family; "
+                            "use the run directory with transformers")
+        window, limit = getattr(config, "sliding_window", None), self.max_positions(config)
+        types = getattr(config, "layer_types", None)
+        used = bool(window) and ("sliding_attention" in types if types else bool(limit) and window < limit)
+        if used and not self._gguf_swa:
+            raise UserError(f"sliding-window attention ({window} of {limit} positions) is not exported to GGUF for "
+                            f"the {self.family} family; use the run directory with transformers")
+
+    _gguf_swa = False  # the family's llama.cpp architecture reads a sliding window
+
+    @staticmethod
+    def _rope(config) -> tuple[dict, dict | None]:
+        """(global rope parameters, sliding-window layers' parameters or None) from the config."""
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        if "full_attention" in params:
+            return dict(params["full_attention"]), params.get("sliding_attention")
+        if not params and getattr(config, "rope_theta", None):
+            params = {"rope_type": "default", "rope_theta": config.rope_theta}
+        return params, None
+
+    def gguf_hparams(self, config, widths: list[tuple[int, int, int]] | None = None) -> dict:
+        """Metadata keys (gguf.Keys templates with ``{arch}``) -> values. ``widths``: per-block (heads, KV heads,
+        FFN channels) written as per-layer arrays; None: the config's single widths."""
+        from gguf import Keys
+
+        g = self.geometry(config)
+        if widths is None:
+            heads, kv, ff = g.num_heads, g.num_kv_heads, config.intermediate_size
+        else:
+            heads, kv, ff = ([w[j] for w in widths] for j in range(3))
+        rope, _ = self._rope(config)
+        rot = int(g.head_dim * rope.get("partial_rotary_factor", 1.0))
+        d = {Keys.LLM.BLOCK_COUNT: config.num_hidden_layers, Keys.LLM.CONTEXT_LENGTH: self.max_positions(config),
+             Keys.LLM.EMBEDDING_LENGTH: config.hidden_size, Keys.LLM.FEED_FORWARD_LENGTH: ff,
+             Keys.LLM.VOCAB_SIZE: config.vocab_size, Keys.Attention.HEAD_COUNT: heads,
+             Keys.Attention.HEAD_COUNT_KV: kv, Keys.Attention.KEY_LENGTH: g.head_dim,
+             Keys.Attention.VALUE_LENGTH: g.head_dim, Keys.Attention.LAYERNORM_RMS_EPS: float(config.rms_norm_eps),
+             Keys.Rope.DIMENSION_COUNT: rot}
+        if rope.get("rope_theta") is not None:
+            d[Keys.Rope.FREQ_BASE] = float(rope["rope_theta"])
+        if rope.get("rope_type") == "linear":
+            d[Keys.Rope.SCALING_TYPE] = "linear"
+            d[Keys.Rope.SCALING_FACTOR] = float(rope["factor"])
+        return d
+
+    def gguf_extra_tensors(self, config) -> dict:
+        """Tensors llama.cpp needs beyond the model's own (GGUF name -> float32 tensor): llama3 rope factors."""
+        rope, _ = self._rope(config)
+        if rope.get("rope_type") != "llama3":
+            return {}
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        hd = self.geometry(config).head_dim
+        plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        return {"rope_freqs.weight": (plain / scaled.float()).float()}
+
+    def gguf_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor's value as llama.cpp's architecture reads it (``name``: the HF state-dict name)."""
+        return tensor
+
 
 class LlamaAdapter(Adapter):
     family = "llama"
     model_types = ("llama",)
+    gguf_arch, gguf_arch_per_block, gguf_interleaved_rope, gguf_rope_freqs = "llama", "deci", True, True
 
 
 class MistralAdapter(Adapter):
     family = "mistral"
     model_types = ("mistral",)
+    gguf_arch, gguf_arch_per_block, gguf_interleaved_rope = "llama", "deci", True  # llama.cpp runs it as llama
 
 
 class Qwen2Adapter(Adapter):
     family = "qwen2"
     model_types = ("qwen2",)
+    gguf_arch, gguf_arch_per_block = "qwen2", "deci"  # deci: LLaMA blocks, q/k/v biases optional
+
+    def gguf_check(self, config) -> None:
+        super().gguf_check(config)
+        if getattr(config, "use_sliding_window", False):
+            raise UserError("sliding-window attention (use_sliding_window) is not exported to GGUF for qwen2; use "
+                            "the run directory with transformers")
 
 
 class Gemma3Adapter(Adapter):
     family = "gemma3"
     model_types = ("gemma3_text",)
+    gguf_arch = "gemma3"
+    gguf_no_per_block = "llama.cpp's per-layer-width architecture (deci) has no q/k norms or post-norms"
+    _gguf_swa = True
+
+    def gguf_check(self, config) -> None:
+        super().gguf_check(config)
+        hd = self.geometry(config).head_dim
+        if getattr(config, "query_pre_attn_scalar", hd) != hd:  # llama.cpp scales queries by 1/sqrt(head_dim)
+            raise UserError(f"query_pre_attn_scalar {config.query_pre_attn_scalar} differs from head_dim {hd}, "
+                            "which llama.cpp's gemma3 assumes; use the run directory with transformers")
+        if getattr(config, "attn_logit_softcapping", None):
+            raise UserError("attention logit soft-capping is not in llama.cpp's gemma3; use transformers")
+
+    def gguf_hparams(self, config, widths=None) -> dict:
+        from gguf import Keys
+
+        d = super().gguf_hparams(config, widths)
+        _, swa = self._rope(config)
+        types = getattr(config, "layer_types", None) or []
+        if config.sliding_window and "sliding_attention" in types:
+            d[Keys.Attention.SLIDING_WINDOW] = config.sliding_window
+            d[Keys.Attention.SLIDING_WINDOW_PATTERN] = [t == "sliding_attention" for t in types]
+            if swa and swa.get("rope_theta") is not None:
+                d[Keys.Rope.FREQ_BASE_SWA] = float(swa["rope_theta"])
+        if getattr(config, "final_logit_softcapping", None):
+            d[Keys.LLM.FINAL_LOGIT_SOFTCAPPING] = float(config.final_logit_softcapping)
+        return d
+
+    def gguf_tensor(self, name, tensor):
+        return tensor + 1 if name.endswith("norm.weight") else tensor  # Gemma3RMSNorm scales by (1 + weight)
 
 
 class Qwen3Adapter(Adapter):
     family = "qwen3"
     model_types = ("qwen3",)
+    gguf_arch = "qwen3"
+    gguf_no_per_block = "llama.cpp's per-layer-width architecture (deci) has no per-head q/k norms"
 
 
 class GraniteAdapter(Adapter):
     family = "granite"
     model_types = ("granite",)
+    gguf_arch, gguf_interleaved_rope = "granite", True
+    gguf_no_per_block = "llama.cpp's per-layer-width architecture (deci) has no granite multipliers"
+
+    def gguf_hparams(self, config, widths=None) -> dict:
+        from gguf import Keys
+
+        return {**super().gguf_hparams(config, widths), Keys.Attention.SCALE: float(config.attention_multiplier),
+                Keys.LLM.EMBEDDING_SCALE: float(config.embedding_multiplier),
+                Keys.LLM.RESIDUAL_SCALE: float(config.residual_multiplier),
+                Keys.LLM.LOGIT_SCALE: float(config.logits_scaling)}
 
 
 class Olmo2Adapter(Adapter):
     family = "olmo2"
     model_types = ("olmo2",)
+    gguf_arch = "olmo2"
     not_structured = "its q_norm/k_norm normalise all heads together (removing heads would need them resized)"
 
 
@@ -233,12 +372,28 @@ class Phi3Adapter(Adapter):
     q = k = v = gate = None  # fused into qkv_proj / gate_up_proj
     up = "mlp.gate_up_proj"
     not_structured = "q/k/v are fused in self_attn.qkv_proj and gate/up in mlp.gate_up_proj (no fused-row removal)"
+    gguf_arch = "phi3"  # fused qkv_proj and gate_up_proj as they are
+
+    def gguf_hparams(self, config, widths=None) -> dict:
+        from gguf import Keys
+
+        d = super().gguf_hparams(config, widths)
+        if getattr(config, "original_max_position_embeddings", None):
+            d[Keys.Rope.SCALING_ORIG_CTX_LEN] = config.original_max_position_embeddings
+        return d
+
+    def gguf_check(self, config) -> None:
+        super().gguf_check(config)
+        window = getattr(config, "sliding_window", None)
+        if window and window < (self.max_positions(config) or 0):
+            raise UserError("phi3 sliding-window attention is not exported to GGUF; use transformers")
 
 
 class OPTAdapter(Adapter):
     family = "opt"
     model_types = ("opt",)
     not_structured = "its MLP is not gated (fc1/fc2)"
+    gguf_no_arch = "llama.cpp has no OPT architecture"
     blocks_path = "model.decoder.layers"
     embedding_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions")
     final_norm_path = "model.decoder.final_layer_norm"
@@ -268,9 +423,25 @@ class GPT2Adapter(Adapter):
     gate, up, down = None, "mlp.c_fc", "mlp.c_proj"
     transposed = True
     not_structured = "q/k/v are fused in attn.c_attn and its MLP is not gated"
+    gguf_arch = "gpt2"  # Conv1D weights leave transposed to [out, in] (get_weight)
 
     def geometry(self, config) -> AttentionGeometry:
         return AttentionGeometry(config.n_head, config.n_head, config.n_embd // config.n_head)
+
+    def gguf_check(self, config) -> None:
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn",
+                                                                                  False):
+            raise UserError("GPT-2 attention options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are "
+                            "not in llama.cpp; use transformers")
+
+    def gguf_hparams(self, config, widths=None) -> dict:
+        from gguf import Keys
+
+        return {Keys.LLM.BLOCK_COUNT: config.n_layer, Keys.LLM.CONTEXT_LENGTH: config.n_positions,
+                Keys.LLM.EMBEDDING_LENGTH: config.n_embd, Keys.LLM.VOCAB_SIZE: config.vocab_size,
+                Keys.LLM.FEED_FORWARD_LENGTH: config.n_inner or 4 * config.n_embd,
+                Keys.Attention.HEAD_COUNT: config.n_head,
+                Keys.Attention.LAYERNORM_EPS: float(config.layer_norm_epsilon)}
 
 
 ADAPTERS: list[type[Adapter]] = [LlamaAdapter, MistralAdapter, Qwen2Adapter, Gemma3Adapter, OPTAdapter, GPT2Adapter,
