@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 CARD_NAME = "README.md"
+RECIPE_NAME = "recipe.yaml"  # written beside it by the prune command (cli/recipe.py)
 MARK = "<!-- written by layerprune from layerprune.json; rewritten when the record changes (remove this line to keep " \
        "your edits) -->"
 
@@ -74,9 +75,9 @@ def _zeroshot_table(zs: dict) -> list[str]:
     return lines + [""]
 
 
-def render(record: dict, remote_code: bool | None = None) -> str:
+def render(record: dict, remote_code: bool | None = None, recipe: str | None = None) -> str:
     """The card text for a run record. ``remote_code``: whether the run ships model code (per-block widths); by
-    default read from the record."""
+    default read from the record. ``recipe``: the name of the run's recipe file, when it has one."""
     method = record.get("method") or "unknown"
     alloc = record.get("allocation") or {}
     alloc_name = alloc.get("name", "uniform") if isinstance(alloc, dict) else str(alloc)
@@ -155,6 +156,9 @@ def render(record: dict, remote_code: bool | None = None) -> str:
         body += ["```bash", record["command_line"], "```"]
     else:
         body += ["Python API:", "", "```python", _python_call(record), "```"]
+    if recipe:
+        body += ["", f"`{recipe}` beside this card holds its settings: `layerprune prune --recipe {recipe} --out NEW_DIR` "
+                 "reruns it."]
     v = record.get("versions") or {}
     commit = v.get("layerprune_commit")
     body += ["", f"layerprune {v.get('layerprune', 'unknown')}"
@@ -200,6 +204,7 @@ def write_card(out: Path, record: dict) -> bool:
     if not replaceable(p):
         return False
     tmp = p.with_name(f".{CARD_NAME}.tmp")
-    tmp.write_text(render(record), encoding="utf-8")
+    recipe = RECIPE_NAME if (Path(out) / RECIPE_NAME).is_file() else None
+    tmp.write_text(render(record, recipe=recipe), encoding="utf-8")
     tmp.replace(p)
     return True

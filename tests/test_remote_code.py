@@ -147,6 +147,7 @@ def test_cli_run_writes_a_model_card(tmp_path, text_corpus):
     assert f"| wikitext2 | {ev['before']['wikitext2']['ppl']:.2f} | {ev['after']['wikitext2']['ppl']:.2f} |" in text
     assert f"{rec['params']['before']:,} -> {rec['params']['after']:,}" in text
     assert "4 x 32 tokens, seed 0" in text and "trust_remote_code=True" in text and MARK in text
+    assert (out / "recipe.yaml").is_file() and "layerprune prune --recipe recipe.yaml" in text
 
     # a record update (eval --tasks adds zero-shot results) refreshes the card; a README.md the user wrote stays
     from layerprune.evaluation.zeroshot import join_record
