@@ -61,10 +61,13 @@ class Checkpoint:
         write(tmp)
         os.replace(tmp, self.folder / name)
 
-    def save(self, i: int, block: nn.Module, acts: torch.Tensor, state: dict) -> None:
+    def save(self, i: int, block: nn.Module | None, acts: torch.Tensor, state: dict) -> None:
+        """Commit block i: its pruned weights (unless ``block`` is None: the block store keeps them), the next block's
+        inputs, then the state file."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        self._atomic(f"block_{i:04d}.safetensors", lambda p: save_file(sd, str(p)))
+        if block is not None:
+            sd = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+            self._atomic(f"block_{i:04d}.safetensors", lambda p: save_file(sd, str(p)))
         name = f"acts_{i + 1:04d}.safetensors"
         self._atomic(name, lambda p: save_file({"x": acts.detach().to("cpu").contiguous()}, str(p)))
         state = {**state, "fingerprint": self.fingerprint, "next_block": i + 1, "activations": name}

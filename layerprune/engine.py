@@ -87,15 +87,19 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
 
     prev_total = (state or {}).get("timings", {}).get("total", 0.0)  # wall time of the interrupted process(es)
     layers: list[dict] = state["layers"] if state else []
+    per_block: list[dict] = (state or {}).get("block_timings", [])  # seconds per stage, one entry per block
     start = state["next_block"] if state else 0
     buf = ActivationBuffer(hidden, cfg.offload, device, folder=out_dir)
     del hidden
+    if getattr(store, "persists", False):
+        store.restart_at(start)
     if state is not None:
         _restore(model, blocks, store, program, ckpt, state, buf, timers)
     bar = tqdm(range(start, len(blocks)), desc=f"prune {cfg.method}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     try:
         for i in bar:
+            before = dict(timers.t)
             with timers("onload"):
                 store.onload(model, i, device)
             block = blocks[i]
@@ -106,12 +110,20 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             timers.t["solve"] += time.perf_counter() - t0 - (timers.t["statistics"] - s0)
             with timers("propagate"):
                 propagate(block, buf, kwargs[i], cfg.batch_size, dtype)
-            if ckpt is not None:  # before the offload: with --offload disk the block leaves memory there
+            persist = getattr(store, "persists", False)  # offload() writes the block's final shard
+            if persist:
+                with timers("offload"):
+                    store.offload(model, i)
+            if ckpt is not None:  # a store that does not persist: before the offload, while the block is in memory
                 with timers("checkpoint"):
-                    ckpt.save(i, block, buf.inputs, {"allocation": plan.allocation, "layers": layers, "timings": {
-                        **timers.t, "total": time.perf_counter() - t_start + prev_total}})
-            with timers("offload"):
-                store.offload(model, i)
+                    ckpt.save(i, None if persist else block, buf.inputs, {
+                        "allocation": plan.allocation, "layers": layers, "block_timings": per_block + [_delta(
+                            i, before, timers.t)],
+                        "timings": {**timers.t, "total": time.perf_counter() - t_start + prev_total}})
+            if not persist:
+                with timers("offload"):
+                    store.offload(model, i)
+            per_block.append(_delta(i, before, timers.t))
             errs = [r["rel_error"] for r in rows if r["rel_error"] is not None]
             bar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.3g}")
     finally:
@@ -124,8 +136,13 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         "method": cfg.method, "sparsity": cfg.sparsity, "nm": list(cfg.nm) if cfg.nm else None,
         "allocation": plan.allocation, "solver_options": cfg.solver_options, "true_sequential": cfg.true_sequential,
         "compute_dtype": cfg.compute_dtype, "offload": cfg.offload, "skip": sorted(set(cfg.skip)), "layers": layers,
-        "timings": dict(timers.t), "resumed_from_block": start if state else None,
+        "timings": dict(timers.t), "block_timings": per_block, "resumed_from_block": start if state else None,
     }
+
+
+def _delta(i: int, before: dict, now: dict) -> dict:
+    """Block i's seconds per stage: the growth of every stage timer since ``before``."""
+    return {"block": i, **{k: round(v - before.get(k, 0.0), 4) for k, v in now.items() if v - before.get(k, 0.0) > 0}}
 
 
 def _plan(model, adapter, cfg, infos, block_stats, hidden, kwargs, device, dtype, store, timers, progress) -> Plan:
@@ -145,6 +162,11 @@ def _plan(model, adapter, cfg, infos, block_stats, hidden, kwargs, device, dtype
 def _restore(model, blocks, store, program, ckpt: Checkpoint, state: dict, buf: ActivationBuffer, timers) -> None:
     """Resume: the finished blocks' pruned weights, the next block's inputs, the time already spent per stage."""
     for i in range(state["next_block"]):
+        if getattr(store, "persists", False):  # the finished blocks are the store's shards already
+            if i not in store.modified:
+                raise UserError(f"{ckpt.folder.parent} lacks the shard of pruned block {i}, so the run cannot be "
+                                "resumed: rerun with --force to start over")
+            continue
         store.onload(model, i, "cpu")
         program.load_block(blocks[i], ckpt.block_weights(i))
         store.offload(model, i)

@@ -80,13 +80,19 @@ _LIBC = None
 # --- in-memory store ----------------------------------------------------------------------
 
 class MemoryStore:
-    """The whole model stays in CPU RAM; a block visits the device while it is pruned."""
+    """The whole model stays where it is (CPU RAM for the CLI); a block visits the device while it is pruned and
+    goes back where it came from."""
+
+    def __init__(self):
+        self.home: dict[int, torch.device] = {}
 
     def onload(self, model, i: int, device) -> None:
-        get_adapter(model).blocks(model)[i].to(device)
+        block = get_adapter(model).blocks(model)[i]
+        self.home.setdefault(i, next(block.parameters()).device)
+        block.to(device)
 
     def offload(self, model, i: int) -> None:
-        get_adapter(model).blocks(model)[i].to("cpu")
+        get_adapter(model).blocks(model)[i].to(self.home.pop(i, torch.device("cpu")))
 
     def save_pretrained(self, model, out_dir: Path, **kw) -> None:
         model.save_pretrained(out_dir, **kw)
@@ -188,6 +194,14 @@ def _read(where: dict[str, tuple[Path, str]], names: list[str]) -> dict[str, tor
     return out
 
 
+def _shard_sizes(path: Path) -> dict[str, int]:
+    """Key -> byte size of every tensor in a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
 # --- disk store ---------------------------------------------------------------------------
 
 class DiskStore:
@@ -200,6 +214,7 @@ class DiskStore:
     def __init__(self, model, where: dict[str, tuple[Path, str]], dtype: torch.dtype,
                  work_dir: Path | None = None):
         self.adapter = get_adapter(model)
+        self._n_blocks = len(self.adapter.blocks(model))
         self.where = where
         self.dtype = dtype
         if work_dir is None:
@@ -208,17 +223,44 @@ class DiskStore:
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.modified: set[int] = set()
+        self.run_dir: Path | None = None  # see bind()
+        self.save_dtype: torch.dtype | None = None
+
+    @property
+    def persists(self) -> bool:
+        """Offloaded blocks are final shards of the run directory (the engine's checkpoint then keeps no copy)."""
+        return self.run_dir is not None
+
+    def bind(self, run_dir: Path, save_dtype: torch.dtype) -> None:
+        """Write every offloaded block straight into ``run_dir`` as its final shard (``model-<i+2>-of-<n>``, keys as
+        in the checkpoint, floats in ``save_dtype``): the run needs no second copy of the model on disk, and the
+        shards are the resume state. Blocks whose shard is already there (an interrupted run) count as done."""
+        self.run_dir, self.save_dtype = Path(run_dir), save_dtype
+        self.work_dir = self.run_dir
+        self.modified |= {i for i in range(self._n_blocks) if self.block_file(i).is_file()}
+
+    def restart_at(self, n: int) -> None:
+        """Blocks n.. are read from the source again (their shards, if any, are from an uncommitted step)."""
+        self.modified = {i for i in self.modified if i < n}
 
     def prefix(self, i: int) -> str:
         return f"{self.adapter.blocks_path}.{i}."
 
+    def shard_name(self, k: int) -> str:
+        """The k-th shard (1-based) of the saved run: 1 holds the non-block tensors, k = i + 2 holds block i."""
+        n = self._n_blocks + 1
+        return f"model-{k:05d}-of-{n:05d}.safetensors"
+
     def block_file(self, i: int) -> Path:
+        if self.persists:
+            return self.run_dir / self.shard_name(i + 2)
         return self.work_dir / f"block_{i:04d}.safetensors"
 
     def read_block(self, model, i: int, device="cpu") -> dict[str, torch.Tensor]:
         """Block i's tensors (keys relative to the block) as owned tensors on ``device``."""
         if i in self.modified:
-            return {k: t.to(device) for k, t in read_safetensors(self.block_file(i)).items()}
+            p = self.prefix(i) if self.persists else ""
+            return {k[len(p):]: cast(t, device, self.dtype) for k, t in read_safetensors(self.block_file(i)).items()}
         p = self.prefix(i)
         block = self.adapter.blocks(model)[i]
         names = [p + k for k in block.state_dict()]
@@ -236,7 +278,12 @@ class DiskStore:
         if any(t.device.type == "meta" for t in state.values()):
             raise RuntimeError(f"block {i} is not onloaded, so there is nothing to offload")
         tmp = self.block_file(i).with_suffix(".tmp")
-        save_file({k: t.detach().contiguous().cpu() for k, t in state.items()}, tmp)
+        if self.persists:  # the final shard: full keys, the saved dtype
+            tensors = {self.prefix(i) + k: (t.to(self.save_dtype) if t.is_floating_point() else t).detach()
+                       .contiguous().cpu() for k, t in state.items()}
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        else:
+            save_file({k: t.detach().contiguous().cpu() for k, t in state.items()}, tmp)
         tmp.replace(self.block_file(i))
         self.modified.add(i)
         for k, t in state.items():
@@ -251,11 +298,16 @@ class DiskStore:
         ``PreTrainedModel.save_pretrained`` are ignored."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for old in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_NAME]:  # stale shards, as HF does
-            old.unlink(missing_ok=True)
         blocks = self.adapter.blocks(model)
         n = len(blocks) + 1
-        shard = lambda k: f"model-{k:05d}-of-{n:05d}.safetensors"  # noqa: E731
+        shard = self.shard_name
+        # shards already written in place by offload() (same folder, same dtype) are kept as they are
+        in_place = {i for i in self.modified if self.persists and out_dir.resolve() == self.run_dir.resolve()
+                    and (dtype is None or dtype == self.save_dtype)}
+        keep = {shard(i + 2) for i in in_place}
+        for old in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_NAME]:  # stale shards, as HF does
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
 
         state = model.state_dict()
         head = {k: t for k, t in state.items() if not k.startswith(self.adapter.blocks_path + ".")}
@@ -276,6 +328,11 @@ class DiskStore:
         write(1, head)
         del state, head
         for i, block in enumerate(blocks):
+            if i in in_place and not _is_real(block):
+                for k, nbytes in _shard_sizes(self.block_file(i)).items():
+                    weight_map[k] = shard(i + 2)
+                    total += nbytes
+                continue
             local = block.state_dict() if _is_real(block) else self.read_block(model, i)
             write(i + 2, {self.prefix(i) + k: t for k, t in local.items()})
             del local

@@ -174,8 +174,8 @@ def run_disk_need(model, nsamples: int, seqlen: int, act_dtype, offload: str) ->
     """Peak bytes a prune run writes: (under --out, in the disk-offload folder).
 
     Under --out: the checkpoint (every pruned block, plus the latest and the next block inputs while the latter is
-    written), disk-offloaded activation buffers (two), and the saved run (the model once more). The offload folder
-    holds every block once it was offloaded."""
+    written) and the saved run (the model once more). With --offload disk the pruned blocks are the saved run's shards
+    (no second copy), plus the disk-offloaded activation buffers (two). The offload folder holds nothing then."""
     import torch
 
     from .models.adapters import get_adapter
@@ -184,5 +184,6 @@ def run_disk_need(model, nsamples: int, seqlen: int, act_dtype, offload: str) ->
     model_bytes = size(model.parameters())
     block_bytes = sum(size(b.parameters()) for b in get_adapter(model).blocks(model))
     acts = nsamples * seqlen * model.config.hidden_size * torch.empty((), dtype=act_dtype).element_size()
-    under_out = block_bytes + 2 * acts + model_bytes + (2 * acts if offload == "disk" else 0)
-    return under_out, (block_bytes if offload == "disk" else 0)
+    if offload == "disk":  # pruned blocks are written once, as the run's own shards (DiskStore.bind)
+        return model_bytes + 4 * acts, 0
+    return block_bytes + 2 * acts + model_bytes, 0

@@ -7,7 +7,7 @@ Conventions (shared by every solver and allocation):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,14 @@ class LayerStats:
     sq_norm: torch.Tensor | None = None  # [in] fp32, sum over tokens of x_j^2
     hessian: torch.Tensor | None = None  # [in, in] fp32, (2/ntokens) * X^T X
     sample: torch.Tensor | None = None  # [k, in] fp32, a fixed subsample of input rows (for error reports)
+    derived: dict = field(default_factory=dict, repr=False, compare=False)  # see memo()
+
+    def memo(self, key, make):
+        """``make()``, computed once per statistics object: the linears that share one input (q/k/v, gate/up) share
+        these stats, so a solver caches what it derives from them (e.g. SparseGPT's inverse Cholesky factor)."""
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
 
     @property
     def norm(self) -> torch.Tensor:

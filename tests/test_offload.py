@@ -235,3 +235,65 @@ def test_prune_with_disk_store_and_checkpoints_matches_in_memory(saved, tmp_path
     blk = load_file(str(run / ".checkpoint" / "block_0000.safetensors"))
     ref0 = get_adapter(ref).blocks(ref)[0].state_dict()
     assert all(torch.equal(v, ref0[k]) for k, v in blk.items())
+
+
+def test_bound_store_writes_final_shards_once_and_resumes(saved, tmp_path):
+    """DiskStore.bind: pruned blocks are written once, as the run's final shards (the checkpoint holds no block
+    copy); the saved run equals an in-memory prune; a run stopped after block 1 resumes from those shards, and a shard
+    written after the last commit is not taken as pruned."""
+    from safetensors.torch import load_file
+
+    from layerprune import prune
+
+    x = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(2))
+    ref = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    prune(ref, calibration=x, method="sparsegpt", sparsity=0.5, progress=False)
+    want = ref.state_dict()
+
+    run = tmp_path / "run"
+    model, _, store = load_model_lazy(saved, torch.float32)
+    store.bind(run, torch.float32)
+    prune(model, calibration=x, method="sparsegpt", sparsity=0.5, offload="disk", store=store, out_dir=run,
+          progress=False)
+    assert not list((run / ".checkpoint").glob("block_*"))  # no second copy of the blocks
+    before = {p.name: p.read_bytes() for p in run.glob("model-*.safetensors")}
+    assert len(before) == N_BLOCKS
+    store.save_pretrained(model, run)
+    assert all(run.joinpath(n).read_bytes() == b for n, b in before.items())  # kept in place, not rewritten
+    back = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)
+    assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())
+
+    # an interrupted run: block 0 committed; block 1 offloaded (its shard written) but never committed
+    from safetensors.torch import save_file
+
+    from layerprune.checkpoint import Checkpoint
+
+    run2 = tmp_path / "run2"
+    model2, _, store2 = load_model_lazy(saved, torch.float32)
+    store2.bind(run2, torch.float32)
+    real, calls = Checkpoint.save, {"n": 0}
+
+    def stop_at_second(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    Checkpoint.save = stop_at_second
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prune(model2, calibration=x, method="sparsegpt", sparsity=0.5, offload="disk", store=store2,
+                  out_dir=run2, progress=False)
+    finally:
+        Checkpoint.save = real
+    assert json.loads((run2 / ".checkpoint" / "state.json").read_text())["next_block"] == 1
+    shard1 = store2.block_file(1)
+    assert shard1.is_file()
+    save_file({k: torch.full_like(t, 7.0) for k, t in load_file(str(shard1)).items()}, str(shard1))  # not to be used
+    model3, _, store3 = load_model_lazy(saved, torch.float32)
+    store3.bind(run2, torch.float32)
+    prune(model3, calibration=x, method="sparsegpt", sparsity=0.5, offload="disk", store=store3, out_dir=run2,
+          resume=True, progress=False)
+    store3.save_pretrained(model3, run2)
+    back = AutoModelForCausalLM.from_pretrained(run2, dtype=torch.float32)
+    assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())

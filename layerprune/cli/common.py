@@ -3,6 +3,7 @@ that the method registries declare (``_method_flags`` / ``_method_options``)."""
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 from layerprune.config import DTYPES as _CONFIG_DTYPES
 from layerprune.errors import UserError
@@ -89,12 +90,30 @@ def _device(name: str | None):
     return dev
 
 
-def _load(args):
+def _load(args, to_device: bool = True):
+    """The model and tokenizer; on ``--device`` unless ``to_device`` is False (prune keeps the model in CPU RAM and
+    moves one block at a time to the device)."""
     from layerprune.models.loading import load_model
 
     device = _device(args.device)  # checked before the load
     model, tok = load_model(args.model, args.dtype, use_cache=not args.no_cache)
-    return model.to(device), tok
+    return (model.to(device) if to_device else model), tok
+
+
+@contextmanager
+def on_device(model, device):
+    """The whole model on ``device`` for the duration (an evaluation), then back where it was."""
+    import torch
+
+    home = next(model.parameters()).device
+    if home == torch.device(device):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
@@ -113,10 +132,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _eval_all(model, tok, datasets, seqlen, data_dir, max_windows, batch_size) -> dict:
+def _eval_all(model, tok, datasets, seqlen, data_dir, max_windows, batch_size, device=None) -> dict:
+    """Perplexity on each dataset, on ``device`` (default: where the model is)."""
     from layerprune.evaluation.perplexity import evaluate_ppl
 
-    return {ds: evaluate_ppl(model, tok, ds, seqlen, data_dir, max_windows, batch_size).to_dict() for ds in datasets}
+    if not datasets:
+        return {}
+    with on_device(model, device or next(model.parameters()).device):
+        return {ds: evaluate_ppl(model, tok, ds, seqlen, data_dir, max_windows, batch_size).to_dict()
+                for ds in datasets}
 
 
 

@@ -107,8 +107,7 @@ def run(args) -> int:
 
         model, tok, store = load_model_lazy(args.model, args.dtype)
     else:
-        model, tok = _load(args)
-        device = next(model.parameters()).device
+        model, tok = _load(args, to_device=False)  # in CPU RAM: the engine moves one block at a time to `device`
     preflight(model, cfg)  # again, for a model whose config was not at hand before the load
     seqlen = check_seqlen(model, args.seqlen)
     eval_seqlen = check_seqlen(model, args.eval_seqlen or seqlen)
@@ -119,9 +118,11 @@ def run(args) -> int:
     if store is not None:
         check_free_space(store.work_dir, need_tmp, "disk offload of the blocks")
     work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe])
+    if store is not None:  # pruned blocks go straight to their final shards in the run directory
+        store.bind(work, save_dtype(model, args.save_dtype))
 
     lazy = store is not None  # with disk offload the full model is never in memory: evaluate the saved run
-    before = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size) \
+    before = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size, device) \
         if datasets and not args.no_dense_eval and not lazy else {}
     dense_sparsity = None if lazy else measure_sparsity(model)["overall"]
     record = api.prune(model, tok, method=args.method, sparsity=cfg.sparsity, nm=nm, allocation=args.allocation,
@@ -147,7 +148,7 @@ def run(args) -> int:
         from layerprune.quant import model_size_bytes
 
         record["quantization"] = model_size_bytes(model, solver_opts["wbits"], solver_opts["groupsize"])
-    after = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size)
+    after = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size, device)
     record["eval"] = {"before": before, "after": after, "seqlen": eval_seqlen, "max_windows": args.max_windows}
     if lazy:
         write_record(out, record)

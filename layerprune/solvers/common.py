@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from layerprune.errors import UserError
@@ -35,6 +36,18 @@ def prune_count(sparsity: float, numel: int) -> int:
     return int(round(sparsity * numel))
 
 
+ERROR_ROWS = 256  # output rows relative_error sums over with a Hessian
+
+
+def kth_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th lowest value (1-based) of each row of a 2-D ``score`` [rows], as ``torch.kthvalue(score, k, dim=1)``.
+    On the CPU by numpy's introselect, which returns the same element ~15x faster than ``kthvalue`` here."""
+    if score.device.type != "cpu" or score.dtype == torch.bfloat16:
+        return torch.kthvalue(score, k, dim=1).values
+    a = score.detach().numpy()
+    return torch.from_numpy(np.partition(a, k - 1, axis=1)[:, k - 1].copy())
+
+
 def _first_k_per_row(score: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
     """Mask of the first counts[r] entries of each row in stable ascending order, given kth[r] = the counts[r]-th
     lowest value of row r: everything below kth, then the earliest ties equal to kth. O(n) instead of a sort."""
@@ -54,7 +67,7 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     if k >= flat.shape[1]:
         return torch.ones_like(score, dtype=torch.bool)
-    kth = torch.kthvalue(flat, k, dim=1).values
+    kth = kth_lowest(flat, k)
     counts = torch.tensor([k], device=score.device)
     return _first_k_per_row(flat, counts, kth).view_as(score)
 
@@ -76,8 +89,8 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     base = k // rows
     if base >= cols:
         return torch.ones_like(score, dtype=torch.bool)
-    counts, up, nxt = row_counts(k, rows, lambda b: torch.kthvalue(score, b + 1, dim=1).values, score.device)
-    kth = torch.kthvalue(score, base, dim=1).values if base > 0 else torch.zeros(rows, dtype=score.dtype,
+    counts, up, nxt = row_counts(k, rows, lambda b: kth_lowest(score, b + 1), score.device)
+    kth = kth_lowest(score, base) if base > 0 else torch.zeros(rows, dtype=score.dtype,
                                                                                   device=score.device)
     if up is not None:
         kth[up] = nxt[up]
@@ -99,15 +112,21 @@ def row_counts(k: int, rows: int, next_lowest, device=None):
     return counts, up, nxt
 
 
-def relative_error(weight_dense: torch.Tensor, weight_pruned: torch.Tensor, stats: LayerStats) -> float:
+def relative_error(weight_dense: torch.Tensor, weight_pruned: torch.Tensor, stats: LayerStats,
+                   max_rows: int = ERROR_ROWS) -> float:
     """||(W - W')X||^2 / ||W X||^2 over the calibration inputs.
 
-    With the Hessian H = (2/n) X^T X this is tr(dW H dW^T) / tr(W H W^T) (the 2/n cancels); otherwise it is computed
-    from the stored input sample [k, in]. Returns 0.0 when both are zero and inf when only the dense output is zero.
+    With the Hessian H = (2/n) X^T X this is tr(dW H dW^T) / tr(W H W^T) (the 2/n cancels), summed over at most
+    ``max_rows`` evenly spaced output rows (exact for narrower layers: the full sum costs 4 rows cols^2 flops, more
+    than SparseGPT's whole solve); otherwise it is computed from the stored input sample [k, in]. Returns 0.0 when both
+    are zero and inf when only the dense output is zero.
     """
     W = weight_dense.float()
     dW = W - weight_pruned.to(W.device).float()
     if stats.hessian is not None:
+        if W.shape[0] > max_rows:
+            pick = torch.linspace(0, W.shape[0] - 1, max_rows, device=W.device).round().long()
+            W, dW = W[pick], dW[pick]
         H = stats.hessian.to(device=W.device, dtype=torch.float32)
         num, den = ((dW @ H) * dW).sum().item(), ((W @ H) * W).sum().item()
     elif stats.sample is not None:

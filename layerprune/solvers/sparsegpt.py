@@ -7,6 +7,9 @@ With H = (2/n) X^T X (+ percdamp * mean(diag H) * I) and U the upper Cholesky fa
 - N:M: at the first column of each group of m columns, each row prunes the n lowest w^2 / U_jj^2 of the group;
 - for each column j: q = w_j with the pruned entries zeroed (then optionally quantized), err = (w_j - q) / U_jj,
   W[:, j+1:] -= err * U[j, j+1:] inside the block; after the block the rest gets W[:, end:] -= Err @ U[block, end:].
+  The in-block update is itself lazy: rank-1 within sub-blocks of 16 columns, one product per sub-block for the rest
+  of the block (same arithmetic, ~all of it GEMM). U comes from one Cholesky of the reversed H and a triangular
+  inverse, and is computed once per input group (q/k/v, gate/up share a Hessian).
 Joint sparsify + quantize (the paper's section 3.5, GPTQ's sweep): with wbits, the kept entries of column j are rounded
 to a min-max grid (layerprune.quant) before err is taken, so the quantization error is compensated by the later
 columns exactly like the pruning error. groupsize -1 fits one grid per output row on the whole weight; groupsize g
@@ -29,19 +32,38 @@ from layerprune.solvers.common import check_options, check_sparsity, check_weigh
 from layerprune.solvers.nm import check_nm, nm_mask
 from layerprune.stats import LayerStats
 
+SUB = 16  # columns swept with rank-1 updates between two matrix-product updates
 RETRIES = 4  # damping escalations (x10 each) tried when H + damp*I is not positive definite
 
 
+def upper_inverse(R: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """R^-1 for an upper-triangular R, by halves: [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]], so all but
+    the small diagonal leaves is matrix products (~2/3 n^3 flops)."""
+    n = R.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True)
+    h = n // 2
+    Ai, Ci = upper_inverse(R[:h, :h], leaf), upper_inverse(R[h:, h:], leaf)
+    out = torch.zeros_like(R)
+    out[:h, :h], out[h:, h:] = Ai, Ci
+    out[:h, h:] = -(Ai @ R[:h, h:]) @ Ci
+    return out
+
+
 def inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper U with U^T U = (H + p * mean(diag H) * I)^-1; p starts at percdamp and grows x10 while that fails."""
+    """Upper U with U^T U = (H + p * mean(diag H) * I)^-1; p starts at percdamp and grows x10 while that fails.
+
+    With J the order reversal, chol(J A J) = M gives A = R R^T for the upper R = J M J, hence A^-1 = U^T U with
+    U = R^-1: one Cholesky and one triangular inverse (the unique upper Cholesky factor of A^-1, without forming A^-1).
+    """
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean_diag = H.diagonal().mean()
     p = percdamp
     for attempt in range(RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + p * mean_diag * eye)
+        M, info = torch.linalg.cholesky_ex((H + p * mean_diag * eye).flip(0, 1))
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(U).all():
+            U = upper_inverse(M.flip(0, 1))
+            if torch.isfinite(U).all():
                 if attempt:
                     warnings.warn(f"sparsegpt: Hessian not positive definite with percdamp={percdamp}; "
                                   f"used percdamp={p:g}", stacklevel=3)
@@ -80,7 +102,7 @@ class SparseGPT:
 
         wbits/groupsize/sym: GPTQ-style min-max grid, see layerprune.quant. `quantizer`, instead of wbits, is any
         callable quantizer(j, column, block, mask) -> column, called once per column j in order, where block is the
-        solver's working copy of columns j..end of the sweep block and mask its pruned entries (True = pruned) so far;
+        solver's working copy of columns j..end of the current sub-block (always whole groups, already compensated) and mask its pruned entries (True = pruned) so far;
         if it has a `groupsize` attribute the sweep blocks are aligned to it as for wbits.
         """
         check_options(self.name, options, ("blocksize", "percdamp", "wbits", "groupsize", "sym", "quantizer"))
@@ -112,24 +134,23 @@ class SparseGPT:
         blocksize = max(align, blocksize // align * align)  # whole N:M groups and quantization groups per block
 
         W = weight.float().clone()
-        H = stats.hessian.to(device=W.device, dtype=torch.float32).clone()
-        if not torch.isfinite(H).all():
-            raise ValueError("sparsegpt: the Hessian has NaN/inf entries")
-        dead = H.diagonal() == 0
-        H.diagonal()[dead] = 1
-        U = inverse_cholesky(H, float(percdamp))
+        U, dead = stats.memo(("sparsegpt.U", float(percdamp), str(W.device)),
+                             lambda: _factor(stats.hessian, float(percdamp), W.device))
         d = U.diagonal()
-        mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+        maskt = torch.zeros(cols, rows, dtype=torch.bool, device=W.device)  # transposed, like Wt below
+        mask = maskt.t()
         if wbits is not None:  # fitted here (per channel: on the whole weight, as GPTQ / SparseGPT do)
             quantizer = make_column_quantizer(W, wbits, groupsize, sym)
+        sub = max(align, SUB // align * align)  # columns per rank-1 stretch; whole N:M and quantization groups
 
-        # The sweep works on the transpose: column j of W is the contiguous row Wt[j], and the rank-1 update of the
-        # block's later columns is one in-place addr_ (this layout is ~3x faster than column slices on CPU).
+        # The sweep works on the transpose: column j of W is the contiguous row Wt[j]. Inside a sub-block of `sub`
+        # columns each column's error is a rank-1 update of the sub-block's later columns; the rest of the block and
+        # then the rest of the matrix get the sub-block's / block's errors lazily as one matrix product each, so
+        # almost all of the arithmetic is GEMM.
         Wt = W.t().contiguous()
-        maskt = mask.t()
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
-            W1 = Wt[i1:i2].clone()  # [block columns, rows]
+            W1 = Wt[i1:i2]  # [block columns, rows], a view: updated in place
             Err1 = torch.empty_like(W1)
             U1 = U[i1:i2, i1:i2]
             if nm is None:
@@ -137,21 +158,34 @@ class SparseGPT:
                 score[:, dead[i1:i2]] = 0
                 k = prune_count(s, rows * i2) - prune_count(s, rows * i1)
                 mask[:, i1:i2] = lowest_k(score, k)
-            for i in range(i2 - i1):
-                j = i1 + i
-                if nm is not None and i % m == 0:
-                    score = W1[i:i + m].t().square() / d[j:j + m].square()
-                    score[:, dead[j:j + m]] = 0
-                    mask[:, j:j + m] = nm_mask(score, n, m)
-                w = W1[i]
-                q = w.masked_fill(maskt[j], 0)
-                if quantizer is not None:
-                    q = quantizer(j, q, W1[i:].t(), mask[:, j:i2]).masked_fill(maskt[j], 0)
-                err = (w - q).div_(U1[i, i])
-                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
-                W1[i] = q
-                Err1[i] = err
-            Wt[i1:i2] = W1
+            for s1 in range(0, i2 - i1, sub):
+                s2 = min(s1 + sub, i2 - i1)
+                for i in range(s1, s2):
+                    j = i1 + i
+                    if nm is not None and i % m == 0:
+                        score = W1[i:i + m].t().square() / d[j:j + m].square()
+                        score[:, dead[j:j + m]] = 0
+                        mask[:, j:j + m] = nm_mask(score, n, m)
+                    w = W1[i]
+                    q = w.masked_fill(maskt[j], 0)
+                    if quantizer is not None:
+                        q = quantizer(j, q, W1[i:s2].t(), mask[:, j:i1 + s2]).masked_fill(maskt[j], 0)
+                    err = (w - q).div_(U1[i, i])
+                    W1[i + 1:s2].addr_(U1[i, i + 1:s2], err, alpha=-1)
+                    W1[i] = q
+                    Err1[i] = err
+                W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1)
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
         W = Wt.t()
         return W.to(weight.dtype)
+
+
+def _factor(hessian: torch.Tensor, percdamp: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead) for one Hessian: dead inputs (diag 0, the feature is always zero) get diag 1, then U = the upper
+    Cholesky factor of the damped inverse. Computed once per input group (q/k/v and gate/up share it)."""
+    H = hessian.to(device=device, dtype=torch.float32).clone()
+    if not torch.isfinite(H).all():
+        raise ValueError("sparsegpt: the Hessian has NaN/inf entries")
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1
+    return inverse_cholesky(H, percdamp), dead
