@@ -292,6 +292,24 @@ class DiskStore:
         del state
         release_free_memory()
 
+    def measure_sparsity(self, model) -> dict:
+        """``models.info.measure_sparsity`` of the stored model, one block in memory at a time (no full load)."""
+        per_block, per_layer, zeros_all, numel_all = [], {}, 0, 0
+        names = self.adapter.linear_names()
+        for i, block in enumerate(self.adapter.blocks(model)):
+            local = block.state_dict() if _is_real(block) else self.read_block(model, i)
+            zb = nb = 0
+            for name in names:
+                w = local[f"{name}.weight"]
+                z, n = int((w == 0).sum()), w.numel()
+                per_layer[f"{i}.{name}"] = z / n
+                zb, nb = zb + z, nb + n
+            del local
+            per_block.append(zb / nb)
+            zeros_all, numel_all = zeros_all + zb, numel_all + nb
+        return {"overall": zeros_all / numel_all, "per_block": per_block, "per_layer": per_layer,
+                "prunable_params": numel_all}
+
     def save_pretrained(self, model, out_dir: Path, dtype: torch.dtype | None = None, **kw) -> None:
         """Write a sharded checkpoint, one block at a time: shard 1 holds the non-block tensors, shard
         i+2 holds block i; floating tensors cast to ``dtype`` when given. Extra keyword arguments of

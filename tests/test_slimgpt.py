@@ -536,6 +536,7 @@ def test_bf16_compute_gives_nearly_the_same_structure():
 
 class FailingStore(MemoryStore):
     def __init__(self, at):
+        super().__init__()
         self.at = at
 
     def onload(self, model, i, device):

@@ -138,12 +138,14 @@ def run(args) -> int:
     recipe_text = recipe.dump(recipe.build(args, _REGISTRIES, resolved))
     if lazy:
         write_text(work / recipe.RECIPE_NAME, recipe_text)
+        sp = store.measure_sparsity(model)  # one block at a time
+        record["measured_sparsity"], record["measured_block_sparsity"] = sp["overall"], sp["per_block"]
         save_run(model, tok, work, record, store, dtype=args.save_dtype)
         finish_dir(work, out)
-        from layerprune.models.loading import load_model
+        if datasets or solver_opts.get("wbits") is not None:  # these need the whole pruned model in memory
+            from layerprune.models.loading import load_model
 
-        model, tok = load_model(str(out), args.dtype)
-        record["measured_sparsity"] = measure_sparsity(model)["overall"]
+            model, tok = load_model(str(out), args.dtype)
     if solver_opts.get("wbits") is not None:  # stored dequantized (fp32); this is what packed storage would take
         from layerprune.quant import model_size_bytes
 

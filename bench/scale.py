@@ -1,0 +1,210 @@
+"""Scale: a LLaMA-2-7B-shaped model (hidden 4096, MLP 11008, 32 heads, random bf16 weights) pruned on this machine
+with ``--offload disk``, one block in memory at a time (issue #16).
+
+The model is built once under ``--work`` (all ``--blocks`` blocks, one safetensors shard per block, written block by
+block so it never sits in RAM; the tokenizer is SmolLM2's, so the vocabulary is 49152 instead of LLaMA-2's 32000).
+Every method then runs as its own ``layerprune prune`` process, measured from outside:
+
+- wall time, and from the run's ``layerprune.json`` the seconds per stage, in total and per block;
+- peak RSS of the process (``os.wait4``);
+- peak extra disk: the least free space on the file system during the run against the free space before it;
+- the saved run's size;
+- SparseGPT's solve against its arithmetic floor: the GEMM-shaped flops of one block (the column sweep's updates,
+  rows x cols^2 per linear, plus one Cholesky and one triangular inverse, 2/3 n^3, per distinct input) at the fp32
+  GEMM rate measured here in the same process before the runs;
+- the extrapolation to 128 x 2048 calibration tokens: statistics and propagation grow with the token count (x64
+  from 8 x 512; attention's quadratic part is ignored, so this is a lower bound), the solve does not.
+
+    python -m bench.scale                               # 32 blocks, every method -> bench/results/scale_cpu.json
+    python -m bench.scale --blocks 4 --methods wanda    # a quicker look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .common import ROOT, RESULTS, code_version, write_json
+
+SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+             max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+METHODS = {  # name -> prune flags
+    "wanda": ["--method", "wanda", "--sparsity", "0.5"],
+    "sparsegpt": ["--method", "sparsegpt", "--sparsity", "0.5"],
+    "slimgpt": ["--method", "slimgpt", "--sparsity", "0.2"],
+    "wanda-dlp70": ["--method", "wanda", "--sparsity", "0.7", "--allocation", "dlp"],
+}
+
+
+def build_model(folder: Path, blocks: int, seed: int = 0) -> Path:
+    """config + tokenizer + sharded random bf16 weights, block by block (reused when complete)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from transformers import AutoTokenizer
+
+    from layerprune.offload import resolve_safetensors_dir
+
+    done = folder / ".complete"
+    if done.is_file() and json.loads(done.read_text()) == {"blocks": blocks, "seed": seed, **SHAPE}:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    src = resolve_safetensors_dir("smollm2-135m")  # the dequantized cache of the built-in model (has the tokenizer)
+    if src is None:
+        from layerprune.models.loading import load_model
+
+        load_model("smollm2-135m")  # builds that cache once
+        src = resolve_safetensors_dir("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.save_pretrained(folder)
+    cfg = LlamaConfig(vocab_size=len(tok), num_hidden_layers=blocks, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, dtype="bfloat16", **SHAPE)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(folder)
+    g = torch.Generator().manual_seed(seed)
+    h, m, n = SHAPE["hidden_size"], SHAPE["intermediate_size"], blocks + 1
+    shard = lambda k: f"model-{k:05d}-of-{n:05d}.safetensors"  # noqa: E731
+    rand = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731
+    ones = lambda s: torch.ones(s, dtype=torch.bfloat16)  # noqa: E731
+    weight_map, total = {}, 0
+
+    def write(k, tensors):
+        nonlocal total
+        save_file(tensors, folder / shard(k), metadata={"format": "pt"})
+        for key, t in tensors.items():
+            weight_map[key] = shard(k)
+            total += t.numel() * t.element_size()
+
+    write(1, {"model.embed_tokens.weight": rand(len(tok), h), "model.norm.weight": ones(h),
+              "lm_head.weight": rand(len(tok), h)})
+    for i in range(blocks):
+        p = f"model.layers.{i}."
+        write(i + 2, {p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h),
+                      **{p + f"self_attn.{x}_proj.weight": rand(h, h) for x in "qkvo"},
+                      p + "mlp.gate_proj.weight": rand(m, h), p + "mlp.up_proj.weight": rand(m, h),
+                      p + "mlp.down_proj.weight": rand(h, m)})
+        print(f"built block {i + 1}/{blocks}", file=sys.stderr, flush=True)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    done.write_text(json.dumps({"blocks": blocks, "seed": seed, **SHAPE}))
+    return folder
+
+
+def gemm_gflops(n: int = 4096, reps: int = 3) -> float:
+    """fp32 GEMM rate of this machine (GFLOP/s), best of ``reps``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def sparsegpt_block_flops() -> float:
+    """GEMM-shaped flops of SparseGPT on one block: the sweep's updates (rows x cols^2 per linear) plus 2/3 n^3 per
+    distinct input (q/k/v share one Hessian, gate/up another; o and down have their own)."""
+    h, m = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    linears = [(h, h)] * 4 + [(m, h)] * 2 + [(h, m)]
+    return sum(r * c * c for r, c in linears) + 2 / 3 * (3 * h ** 3 + m ** 3)
+
+
+def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int, data_dir: str | None) -> dict:
+    cmd = [sys.executable, "-m", "layerprune", "prune", str(model), *flags, "--offload", "disk", "--dtype", "bfloat16",
+           "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--eval", "", "--out", str(out), "--force"]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    free0 = shutil.disk_usage(out.parent).free
+    low = [free0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(1.0):
+            low[0] = min(low[0], shutil.disk_usage(out.parent).free)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    low[0] = min(low[0], shutil.disk_usage(out.parent).free)
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        return {"command": " ".join(cmd), "rc": rc}
+    rec = json.loads((out / "layerprune.json").read_text())
+    size = sum(p.stat().st_size for p in out.glob("model*.safetensors"))
+    blocks = rec.get("block_timings", [])
+    return {"command": " ".join(cmd), "rc": rc, "wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2 ** 20,
+            "peak_extra_disk_gb": (free0 - low[0]) / 2 ** 30, "output_gb": size / 2 ** 30,
+            "block_gb": size / 2 ** 30 / max(len(blocks), 1),
+            "timings": rec["timings"], "block_timings": blocks, "measured_sparsity": rec.get("measured_sparsity"),
+            "params": rec.get("params")}
+
+
+def summarize(r: dict, n_blocks: int, tokens_now: int, tokens_target: int, floor_s: float | None) -> dict:
+    """Per-block medians per stage, the 128 x 2048 extrapolation and (SparseGPT) the solve / floor ratio."""
+    bt = r.get("block_timings") or []
+    med = lambda k: sorted(b.get(k, 0.0) for b in bt)[len(bt) // 2] if bt else None  # noqa: E731
+    per_block = {k: med(k) for k in ("statistics", "solve", "propagate", "onload", "offload", "checkpoint")}
+    scale = tokens_target / tokens_now
+    t = r["timings"]
+    grow = t.get("statistics", 0) + t.get("propagate", 0) + t.get("allocation", 0) + t.get("capture", 0)
+    out = {"per_block_median_s": per_block, "total_s": t["total"],
+           "extrapolated_128x2048_total_s": t["total"] - grow + grow * scale,
+           "extrapolated_128x2048_32_blocks_h": (t["total"] - grow + grow * scale) * 32 / n_blocks / 3600}
+    if floor_s is not None and per_block["solve"]:
+        out["solve_floor_s"] = floor_s
+        out["solve_over_floor"] = per_block["solve"] / floor_s
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--blocks", type=int, default=32, help="decoder blocks of the 7B-shaped model (32 = LLaMA-2-7B)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--work", default="/tmp/layerprune-scale", help="where the model and the runs go (~2.5x its size)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=None, help="result JSON (default bench/results/scale_cpu[_<blocks>b].json)")
+    a = ap.parse_args(argv)
+    work = Path(a.work)
+    code_version()  # taken before anything is written
+    t = time.perf_counter()
+    model = build_model(work / f"llama7b-shape-{a.blocks}b", a.blocks)
+    build_s = time.perf_counter() - t
+    rate = gemm_gflops()
+    floor = sparsegpt_block_flops() / (rate * 1e9)
+    results = {}
+    for name in a.methods.split(","):
+        r = run_one(model, work / f"run-{name}", METHODS[name], a.nsamples, a.seqlen, a.data_dir)
+        if r["rc"] == 0:
+            r["summary"] = summarize(r, a.blocks, a.nsamples * a.seqlen, 128 * 2048,
+                                     floor if name == "sparsegpt" else None)
+        results[name] = r
+        print(name, json.dumps(r.get("summary", r), indent=1), flush=True)
+        shutil.rmtree(work / f"run-{name}", ignore_errors=True)
+    out = Path(a.out) if a.out else RESULTS / ("scale_cpu.json" if a.blocks == 32 else f"scale_cpu_{a.blocks}b.json")
+    write_json(out, {"shape": SHAPE, "blocks": a.blocks, "vocab": "SmolLM2 tokenizer (49152)", "weights": "random bf16",
+                     "calibration": f"{a.nsamples} x {a.seqlen} C4", "threads": torch.get_num_threads(),
+                     "model_build_s": build_s, "gemm_gflops_fp32": rate,
+                     "sparsegpt_block_gflop": sparsegpt_block_flops() / 1e9, "results": results})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
