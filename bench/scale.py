@@ -1,5 +1,5 @@
 """Scale: a LLaMA-2-7B-shaped model (hidden 4096, MLP 11008, 32 heads, random bf16 weights) pruned on this machine
-with ``--offload disk``, one block in memory at a time (issue #16).
+with ``--offload disk`` (one block in memory at a time; SlimGPT, which changes block shapes, in RAM), issue #16.
 
 The model is built once under ``--work`` (all ``--blocks`` blocks, one safetensors shard per block, written block by
 block so it never sits in RAM; the tokenizer is SmolLM2's, so the vocabulary is 49152 instead of LLaMA-2's 32000).
@@ -36,11 +36,11 @@ from .common import ROOT, RESULTS, code_version, write_json
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
              max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
-METHODS = {  # name -> prune flags
-    "wanda": ["--method", "wanda", "--sparsity", "0.5"],
-    "sparsegpt": ["--method", "sparsegpt", "--sparsity", "0.5"],
-    "slimgpt": ["--method", "slimgpt", "--sparsity", "0.2"],
-    "wanda-dlp70": ["--method", "wanda", "--sparsity", "0.7", "--allocation", "dlp"],
+METHODS = {  # name -> prune flags (SlimGPT changes block shapes, so it refuses --offload disk: the model is in RAM)
+    "wanda": ["--method", "wanda", "--sparsity", "0.5", "--offload", "disk"],
+    "sparsegpt": ["--method", "sparsegpt", "--sparsity", "0.5", "--offload", "disk"],
+    "slimgpt": ["--method", "slimgpt", "--sparsity", "0.2", "--offload", "none"],
+    "wanda-dlp70": ["--method", "wanda", "--sparsity", "0.7", "--allocation", "dlp", "--offload", "disk"],
 }
 
 
@@ -119,9 +119,13 @@ def sparsegpt_block_flops() -> float:
     return sum(r * c * c for r, c in linears) + 2 / 3 * (3 * h ** 3 + m ** 3)
 
 
-def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int, data_dir: str | None) -> dict:
-    cmd = [sys.executable, "-m", "layerprune", "prune", str(model), *flags, "--offload", "disk", "--dtype", "bfloat16",
-           "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--eval", "", "--out", str(out), "--force"]
+def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int, data_dir: str | None,
+            device: str = "cpu") -> dict:
+    if device != "cpu":  # a GPU machine: the model stays in CPU RAM, one block at a time on the GPU
+        flags = [f if f != "disk" else "none" for f in flags]
+    cmd = [sys.executable, "-m", "layerprune", "prune", "--model", str(model), *flags, "--dtype", "bfloat16",
+           "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--eval", "", "--out", str(out), "--force",
+           "--device", device]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     free0 = shutil.disk_usage(out.parent).free
@@ -150,7 +154,8 @@ def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int
     return {"command": " ".join(cmd), "rc": rc, "wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2 ** 20,
             "peak_extra_disk_gb": (free0 - low[0]) / 2 ** 30, "output_gb": size / 2 ** 30,
             "block_gb": size / 2 ** 30 / max(len(blocks), 1),
-            "timings": rec["timings"], "block_timings": blocks, "measured_sparsity": rec.get("measured_sparsity"),
+            "timings": rec["timings"], "block_timings": blocks, "peak_device_memory_gb":
+                (rec.get("peak_device_memory") or 0) / 2 ** 30 or None, "measured_sparsity": rec.get("measured_sparsity"),
             "params": rec.get("params")}
 
 
@@ -179,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--work", default="/tmp/layerprune-scale", help="where the model and the runs go (~2.5x its size)")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (then use --nsamples 128 "
+                    "--seqlen 2048; the model stays in CPU RAM instead of on disk)")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/scale_cpu[_<blocks>b].json)")
     a = ap.parse_args(argv)
     work = Path(a.work)
@@ -186,24 +193,25 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     model = build_model(work / f"llama7b-shape-{a.blocks}b", a.blocks)
     build_s = time.perf_counter() - t
-    rate = gemm_gflops()
+    rate = gemm_gflops()  # the CPU's; on a GPU the ratio below is not meaningful
     floor = sparsegpt_block_flops() / (rate * 1e9)
     results = {}
     for name in a.methods.split(","):
-        r = run_one(model, work / f"run-{name}", METHODS[name], a.nsamples, a.seqlen, a.data_dir)
+        r = run_one(model, work / f"run-{name}", METHODS[name], a.nsamples, a.seqlen, a.data_dir, a.device)
         if r["rc"] == 0:
             r["summary"] = summarize(r, a.blocks, a.nsamples * a.seqlen, 128 * 2048,
                                      floor if name == "sparsegpt" else None)
         results[name] = r
         print(name, json.dumps(r.get("summary", r), indent=1), flush=True)
         shutil.rmtree(work / f"run-{name}", ignore_errors=True)
-    out = Path(a.out) if a.out else RESULTS / ("scale_cpu.json" if a.blocks == 32 else f"scale_cpu_{a.blocks}b.json")
+    kind = "cpu" if a.device == "cpu" else "gpu"
+    out = Path(a.out) if a.out else RESULTS / (f"scale_{kind}.json" if a.blocks == 32 else f"scale_{kind}_{a.blocks}b.json")
     write_json(out, {"shape": SHAPE, "blocks": a.blocks, "vocab": "SmolLM2 tokenizer (49152)", "weights": "random bf16",
-                     "calibration": f"{a.nsamples} x {a.seqlen} C4", "threads": torch.get_num_threads(),
+                     "calibration": f"{a.nsamples} x {a.seqlen} C4", "threads": torch.get_num_threads(), "device": a.device,
                      "model_build_s": build_s, "gemm_gflops_fp32": rate,
                      "sparsegpt_block_gflop": sparsegpt_block_flops() / 1e9, "results": results})
     print(f"wrote {out}")
-    return 0
+    return 0 if all(r["rc"] == 0 for r in results.values()) else 1
 
 
 if __name__ == "__main__":

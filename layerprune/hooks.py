@@ -11,6 +11,9 @@ from torch import nn
 from .stats import LayerStats
 
 
+HESSIAN_BANDS = 4  # X^T X is accumulated in this many row bands of its upper triangle
+
+
 class InputCollector:
     """Accumulates ``sq_norm`` (sum of x_j^2), ``X^T X`` and a small fixed sample of input rows."""
 
@@ -31,11 +34,19 @@ class InputCollector:
             s = x.pow(2).sum(0)
             self.sq_norm = s if self.sq_norm is None else self.sq_norm.add_(s)
         if "hessian" in self.want:
-            self.xtx = x.t() @ x if self.xtx is None else self.xtx.addmm_(x.t(), x)
+            n = x.shape[1]
+            if self.xtx is None:
+                self.xtx = x.new_zeros(n, n)
+            band = -(-n // HESSIAN_BANDS)
+            for b0 in range(0, n, band):  # X^T X is symmetric: only row bands b0:b1 from column b0 on (5/8 of it)
+                self.xtx[b0:b0 + band, b0:].addmm_(x[:, b0:b0 + band].t(), x[:, b0:])
         self.ntokens += x.shape[0]
 
     def stats(self) -> LayerStats:
-        h = None if self.xtx is None else self.xtx * (2.0 / max(self.ntokens, 1))
+        h = None
+        if self.xtx is not None:  # the upper triangle mirrored (the diagonal tiles were computed whole)
+            upper = self.xtx.triu()
+            h = (upper + upper.triu(1).t()) * (2.0 / max(self.ntokens, 1))
         return LayerStats(self.ntokens, self.sq_norm, h, self.sample)
 
     def free(self) -> None:

@@ -336,3 +336,64 @@ def test_deterministic_not_inplace_dtype(name):
     assert zeros(out) == round(0.7 * W.numel()) and torch.isfinite(out.float()).all()
     out = solver.prune(W.half(), stats, 0.0, nm=(2, 4))
     assert out.dtype == torch.float16 and zeros(out) == W.numel() // 2
+
+
+# ---------------------------------------------------------------- the fast paths compute the same thing
+
+def test_kth_lowest_is_kthvalue():
+    from layerprune.solvers.common import kth_lowest
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(7, 50, generator=g)
+    s[:, 10:20] = 0.5  # ties
+    for k in (1, 13, 25, 50):
+        assert torch.equal(kth_lowest(s, k), torch.kthvalue(s, k, dim=1).values)
+    assert torch.equal(kth_lowest(s.bfloat16(), 5), torch.kthvalue(s.bfloat16(), 5, dim=1).values)
+
+
+def test_relative_error_row_subset():
+    from layerprune.solvers.common import relative_error
+
+    X = correlated_x(300, 24)
+    st = make_stats(X)
+    W = rand_w(600, 24)
+    pruned = get_solver("wanda").prune(W, st, 0.5)
+    full = relative_error(W, pruned, st, max_rows=10 ** 6)
+    ref = ((W - pruned) @ X.T).square().sum() / (W @ X.T).square().sum()
+    assert full == pytest.approx(ref.item(), rel=1e-4)
+    assert relative_error(W[:200], pruned[:200], st) == pytest.approx(
+        relative_error(W[:200], pruned[:200], st, max_rows=10 ** 6), rel=1e-6)  # <= 256 rows: exact
+    sub = relative_error(W, pruned, st)  # 256 of 600 rows
+    assert sub != full and sub == pytest.approx(full, rel=0.1)
+
+
+def test_hessian_from_upper_bands_is_exact_and_symmetric():
+    from layerprune.hooks import InputCollector
+
+    X = correlated_x(500, 37)
+    c = InputCollector({"hessian"})
+    for part in X.split(128):
+        c.add_batch(part)
+    H = c.stats().hessian
+    ref = (2 / 500) * X.double().T @ X.double()
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_sparsegpt_inverse_factor_and_group_cache():
+    from layerprune.solvers.sparsegpt import inverse_cholesky, upper_inverse
+
+    H = make_stats(correlated_x(1500, 600)).hessian
+    R = torch.linalg.cholesky(H.double(), upper=True)
+    assert torch.allclose(upper_inverse(R, leaf=64) @ R, torch.eye(600, dtype=torch.float64), atol=1e-9)
+    U = inverse_cholesky(H, 0.01).double()
+    damped = H.double() + 0.01 * H.double().diagonal().mean() * torch.eye(600, dtype=torch.float64)
+    assert torch.allclose(U.T @ U @ damped, torch.eye(600, dtype=torch.float64), atol=1e-3)
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    st = make_stats(correlated_x(200, 32))
+    sgpt = get_solver("sparsegpt")
+    a = sgpt.prune(rand_w(8, 32, 1), st, 0.5)
+    assert len(st.derived) == 1  # the factor is kept for the group's next linear
+    b = sgpt.prune(rand_w(8, 32, 2), st, 0.5)
+    assert len(st.derived) == 1 and not torch.equal(a, b)
+    assert torch.equal(b, sgpt.prune(rand_w(8, 32, 2), make_stats(correlated_x(200, 32)), 0.5))
