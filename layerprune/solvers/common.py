@@ -55,7 +55,10 @@ def _first_k_per_row(score: torch.Tensor, counts: torch.Tensor, kth: torch.Tenso
     mask = score < kth
     need = counts - mask.sum(1)
     eq = score == kth
-    mask |= eq & (eq.cumsum(1) <= need[:, None])
+    if torch.equal(eq.sum(1), need):  # the usual case: every tie at kth is needed (no running count)
+        mask |= eq
+    else:
+        mask |= eq & (eq.cumsum(1) <= need[:, None])
     mask &= (counts > 0)[:, None]
     return mask
 
