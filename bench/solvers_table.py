@@ -1,12 +1,15 @@
 """SmolLM2 at 50% and 2:4 with every solver: WikiText-2 PPL (40 x 512) and exactness (issue: engine).
 
-    python -m bench.solvers_table   # -> bench/results/solvers_50.{json,md}
+    python -m bench.solvers_table                    # -> bench/results/solvers_50.{json,md}
+    python -m bench.solvers_table --only sparsegpt   # rerun the rows whose label contains it; the others are kept
 
 Protocol: bench/common.py (calibration 32 x 512 C4 pool seed 0, WikiText-2 test 40 x 512).
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import time
 
 from layerprune import load_model, measure_sparsity, prune
@@ -25,11 +28,20 @@ RUNS = [  # label, method, nm, solver options
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default=None, help="rerun only the rows whose label contains this (others kept)")
+    only = ap.parse_args().only
+    prev = json.loads((RESULTS / "solvers_50.json").read_text()) if only else {"rows": [], "code": {}}
+    old = {r["run"]: r for r in prev["rows"]}
     model, tok = load_model(MODEL)
     calib = calibration(tok)
     ppl = lambda m: wikitext_ppl(m, tok)  # noqa: E731
-    rows = [{"run": "dense", "sparsity": measure_sparsity(model)["overall"], "ppl": ppl(model)}]
+    rows = [old["dense"] if only else {"run": "dense", "sparsity": measure_sparsity(model)["overall"],
+                                         "ppl": ppl(model)}]
     for label, method, nm, opts in RUNS:
+        if only and only not in label:
+            rows.append({**old[label], "commit_of_row": old[label].get("commit_of_row", prev["code"].get("commit"))})
+            continue
         m = copy.deepcopy(model)
         t0 = time.time()
         rec = prune(m, tok, method=method, sparsity=0.5, nm=nm, solver_options=opts, calibration=calib, progress=False)
@@ -39,7 +51,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         del m
     out = RESULTS
-    write_json(out / "solvers_50.json", {"command": "python -m bench.solvers_table", "rows": rows})
+    write_json(out / "solvers_50.json", {"command": "python -m bench.solvers_table" + (f" --only {only}" if only else ""),
+                                         "rows": rows})
     lines = ["| run | measured sparsity | WikiText-2 PPL (40x512) | max abs(achieved - target) | prune s |",
              "|---|---|---|---|---|"]
     for r in rows:
