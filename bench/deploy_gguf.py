@@ -71,7 +71,7 @@ def llama_bench(binary: Path, ggufs: list[Path], threads: int, reps: int) -> lis
         raise RuntimeError(f"llama-bench failed ({p.returncode}): {p.stderr[-2000:]}")
     rows = json.loads(p.stdout)
     return [{"model": r["model_filename"], "test": "pp512" if r["n_prompt"] else "tg128",
-             "tokens_per_s": r["avg_ts"], "stdev": r["stdev_ts"], "size_bytes": r["model_size"],
+             "tokens_per_s": r["avg_ts"], "stdev": r["stddev_ts"], "size_bytes": r["model_size"],
              "params": r["model_n_params"]} for r in rows]
 
 
@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--ppl-types", default="f32,f16", help="types whose PPL is measured")
     ap.add_argument("--speed-types", default="f16,q8_0", help="types whose speed is measured")
     ap.add_argument("--data-dir", default=None, help="data directory")
+    ap.add_argument("--speed-only", action="store_true", help="keep the PPL part of bench/results/deploy_gguf.json "
+                    "and measure the speed again")
     args = ap.parse_args()
     binary, work = Path(args.bin), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,13 @@ def main() -> None:
     out = {"command": cmdline(), "threads": args.threads, "seqlen": SEQLEN, "windows": WINDOWS, "models": {},
            "llamacpp_build": json.loads(build.read_text()) if build.is_file() else None}
     torch.set_num_threads(args.threads)
+    partial_path = work / "deploy_partial.json"  # finished llama-perplexity runs, kept across a crash
+    partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
+    if args.speed_only:
+        out["models"] = json.loads((RESULTS / "deploy_gguf.json").read_text())["models"]
     for name, spec in models.items():
+        if args.speed_only:
+            continue
         model, tok = load_model(spec)
         ids = tokenize_corpus(tok, "wikitext2", data_dir, SEQLEN)
         row = {"spec": spec, "hf_tokens": int(ids.numel()), "params": sum(p.numel() for p in model.parameters()),
@@ -112,7 +120,11 @@ def main() -> None:
             g = {"file": info["out"], "bytes": info["bytes"], "architecture": info["architecture"],
                  "tensors": info["tensors"], "export_s": round(time.time() - t0, 1)}
             if qtype in ppl_types:
-                g["llamacpp"] = llama_ppl(binary, Path(info["out"]), text, args.threads)
+                key = f"{spec} {qtype}"
+                if key not in partial:
+                    partial[key] = llama_ppl(binary, Path(info["out"]), text, args.threads)
+                    write_atomic(partial_path, json.dumps(partial, indent=1))
+                g["llamacpp"] = partial[key]
                 g["llamacpp_vs_torch_same_windows"] = g["llamacpp"]["ppl"] / row["torch_strided_ppl"] - 1
                 g["llamacpp_vs_layerprune_eval"] = g["llamacpp"]["ppl"] / row["layerprune_eval_ppl"] - 1
             row["gguf"][qtype] = g
@@ -125,7 +137,7 @@ def main() -> None:
         rows = llama_bench(binary, files, args.threads, args.reps)
         for n, f in zip(models, files):
             for r in rows:
-                if Path(r["model"]).resolve() == f.resolve() or Path(r["model"]).name == f.name:
+                if Path(r["model"]).resolve() == f.resolve():  # runs may share file names (RUN/model-f16.gguf)
                     speed.setdefault(qtype, {}).setdefault(n, {})[r["test"]] = r
         for n in models:
             s, d = speed[qtype][n], speed[qtype]["dense"]
