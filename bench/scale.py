@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from layerprune.outputs import remove_ours
+
 from .common import ROOT, RESULTS, code_version, write_json
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -53,11 +55,15 @@ def build_model(folder: Path, blocks: int, seed: int = 0) -> Path:
 
     from layerprune.offload import resolve_safetensors_dir
 
-    done = folder / ".complete"
+    done, ours = folder / ".complete", folder / ".built-by-bench-scale"
     if done.is_file() and json.loads(done.read_text()) == {"blocks": blocks, "seed": seed, **SHAPE}:
         return folder
-    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():  # an incomplete or other-shape build of this script is rebuilt; anything else is kept
+        if not ours.is_file() and any(folder.iterdir()):
+            sys.exit(f"{folder} exists and bench.scale did not build it: pass another --work")
+        shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    ours.touch()
     src = resolve_safetensors_dir("smollm2-135m")  # the dequantized cache of the built-in model (has the tokenizer)
     if src is None:
         from layerprune.models.loading import load_model
@@ -203,7 +209,7 @@ def main(argv=None) -> int:
                                      floor if name == "sparsegpt" else None)
         results[name] = r
         print(name, json.dumps(r.get("summary", r), indent=1), flush=True)
-        shutil.rmtree(work / f"run-{name}", ignore_errors=True)
+        remove_ours(work / f"run-{name}")  # a layerprune run directory, or refused
     kind = "cpu" if a.device == "cpu" else "gpu"
     out = Path(a.out) if a.out else RESULTS / (f"scale_{kind}.json" if a.blocks == 32 else f"scale_{kind}_{a.blocks}b.json")
     write_json(out, {"shape": SHAPE, "blocks": a.blocks, "vocab": "SmolLM2 tokenizer (49152)", "weights": "random bf16",

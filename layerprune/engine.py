@@ -91,7 +91,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     start = state["next_block"] if state else 0
     buf = ActivationBuffer(hidden, cfg.offload, device, folder=out_dir)
     del hidden
-    if getattr(store, "persists", False):
+    persist = getattr(store, "persists", False)  # offload() writes each block's final shard (DiskStore.bind)
+    if persist:
         store.restart_at(start)
     if state is not None:
         _restore(model, blocks, store, program, ckpt, state, buf, timers)
@@ -110,7 +111,6 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             timers.t["solve"] += time.perf_counter() - t0 - (timers.t["statistics"] - s0)
             with timers("propagate"):
                 propagate(block, buf, kwargs[i], cfg.batch_size, dtype)
-            persist = getattr(store, "persists", False)  # offload() writes the block's final shard
             if persist:
                 with timers("offload"):
                     store.offload(model, i)

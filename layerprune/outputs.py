@@ -33,7 +33,7 @@ def is_run_dir(d: Path) -> bool:
     return (d / RECORD_NAME).is_file() or (d / CHECKPOINT_NAME).is_dir()
 
 
-def _remove_ours(d: Path) -> None:
+def remove_ours(d: Path) -> None:
     """Delete a leftover folder of ours (a run, a checkpoint, activation buffers, or nothing); refuse anything else."""
     if d.exists():
         if not (is_run_dir(d) or all(p.name.startswith("layerprune-acts-") for p in d.iterdir())):
@@ -84,7 +84,7 @@ def prepare_dir(out, force: bool = False, resume: bool = False, inputs=(), flag:
             raise UserError(f"{flag} {out} already holds a layerprune run: choose another {flag}, pass --resume "
                             "to continue an interrupted run, or --force to replace it")
         if create:
-            _remove_ours(stage)  # our own leftover from an earlier forced attempt
+            remove_ours(stage)  # our own leftover from an earlier forced attempt
             stage.mkdir(parents=True)
         return stage
     if create:
@@ -98,14 +98,14 @@ def finish_dir(work: Path, out: Path) -> None:
     if work == out:
         return
     old = out.parent / f".{out.name}.layerprune-old"
-    _remove_ours(old)
+    remove_ours(old)
     if out.exists():
         os.replace(out, old)
     os.replace(work, out)
-    _remove_ours(old)  # the replaced run, checked as ours by prepare_dir
+    remove_ours(old)  # the replaced run, checked as ours by prepare_dir
 
 
-def _written_by_us(p: Path) -> bool:
+def written_by_us(p: Path) -> bool:
     try:
         if p.suffix == ".json":
             data = json.loads(p.read_text(encoding="utf-8"))
@@ -130,7 +130,7 @@ def prepare_file(path, force: bool = False, inputs=(), flag: str = "--out") -> P
     if p.is_dir():
         raise UserError(f"{flag} {p} is a directory: give a file path")
     if p.exists():
-        if not _written_by_us(p):
+        if not written_by_us(p):
             raise UserError(f"{flag} {p} exists and layerprune did not write it; --force only replaces layerprune's "
                             f"own files: choose another {flag}")
         if not force:
@@ -170,12 +170,12 @@ def check_free_space(folder: Path, need: int, what: str) -> None:
                         f"{free / gib:.2f} GiB are free; free some space or choose another --out")
 
 
-def run_disk_need(model, nsamples: int, seqlen: int, act_dtype, offload: str) -> tuple[int, int]:
-    """Peak bytes a prune run writes: (under --out, in the disk-offload folder).
+def run_disk_need(model, nsamples: int, seqlen: int, act_dtype, offload: str) -> int:
+    """Peak bytes a prune run writes under --out.
 
     Under --out: the checkpoint (every pruned block, plus the latest and the next block inputs while the latter is
     written) and the saved run (the model once more). With --offload disk the pruned blocks are the saved run's shards
-    (no second copy), plus the disk-offloaded activation buffers (two). The offload folder holds nothing then."""
+    (no second copy), plus the disk-offloaded activation buffers (two)."""
     import torch
 
     from .models.adapters import get_adapter
@@ -185,5 +185,5 @@ def run_disk_need(model, nsamples: int, seqlen: int, act_dtype, offload: str) ->
     block_bytes = sum(size(b.parameters()) for b in get_adapter(model).blocks(model))
     acts = nsamples * seqlen * model.config.hidden_size * torch.empty((), dtype=act_dtype).element_size()
     if offload == "disk":  # pruned blocks are written once, as the run's own shards (DiskStore.bind)
-        return model_bytes + 4 * acts, 0
-    return block_bytes + 2 * acts + model_bytes, 0
+        return model_bytes + 4 * acts
+    return block_bytes + 2 * acts + model_bytes

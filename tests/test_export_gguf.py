@@ -186,6 +186,7 @@ def test_refusals_one_line_exit_2_nothing_written(tmp_path, capfd):
     assert main(["export", str(run), "--type", "q8_0"]) == 0  # ours, marked
     opt = _save(tiny_model("opt", layers=2), tmp_path / "opt")
     (tmp_path / "mine.gguf").write_bytes(b"GGUF" + bytes(60))  # the user's own GGUF
+    (tmp_path / ".t.gguf.layerprune-tmp").write_text("the user's, at our temporary name")
     wp = _save(tiny_model("llama", layers=2), tmp_path / "wordpiece")
     from conftest import tiny_tokenizer
 
@@ -196,6 +197,7 @@ def test_refusals_one_line_exit_2_nothing_written(tmp_path, capfd):
              (["export", str(run), "--type", "q8_0"], "already exists"),
              (["export", str(run), "--out", str(tmp_path / "mine.gguf"), "--force"], "did not write"),
              (["export", str(opt)], "not a run directory"),
+             (["export", str(run), "--out", str(tmp_path / "t.gguf")], "layerprune did not write it"),
              (["export", str(run), "--out", str(tmp_path / "x.bin")], "should end in .gguf"),
              (["export", str(wp), "--out", str(tmp_path / "w.gguf")], "WordPiece model")]
     for argv, message in cases:

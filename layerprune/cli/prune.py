@@ -112,11 +112,9 @@ def run(args) -> int:
     seqlen = check_seqlen(model, args.seqlen)
     eval_seqlen = check_seqlen(model, args.eval_seqlen or seqlen)
     calib = api.calibration_set(tok, args.calib, args.nsamples, seqlen, args.seed, data_dir)
-    need_out, need_tmp = run_disk_need(model, args.nsamples, seqlen, DTYPES[args.compute_dtype], args.offload)
+    need_out = run_disk_need(model, args.nsamples, seqlen, DTYPES[args.compute_dtype], args.offload)
     work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
     check_free_space(work, need_out - _du(work), "the checkpoint and the saved run")
-    if store is not None:
-        check_free_space(store.work_dir, need_tmp, "disk offload of the blocks")
     work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe])
     if store is not None:  # pruned blocks go straight to their final shards in the run directory
         store.bind(work, save_dtype(model, args.save_dtype))

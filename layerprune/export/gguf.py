@@ -29,7 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..models.gguf_vocab import PRE_TOKENIZERS, TOKENIZER_MODEL
-from ..outputs import GGUF_MARK_KEY, MARK, RECORD_NAME, check_free_space, prepare_file
+from ..outputs import GGUF_MARK_KEY, MARK, RECORD_NAME, check_free_space, prepare_file, written_by_us
 
 TYPES = ("f32", "f16", "q8_0")
 
@@ -232,6 +232,8 @@ def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=N
 
     out = p["out"]
     tmp = out.parent / f".{out.name}.layerprune-tmp"
+    if tmp.exists() and not written_by_us(tmp):  # a leftover of an interrupted export of ours is replaced
+        raise UserError(f"{tmp} exists and layerprune did not write it: move it away and rerun")
     w = gguf.GGUFWriter(tmp, arch)
     w.add_string(GGUF_MARK_KEY, MARK)  # second key, right after general.architecture: outputs.py reads it
     w.add_type("model")
