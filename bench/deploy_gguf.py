@@ -2,6 +2,7 @@
 
     bash bench/setup_llamacpp.sh                   # builds llama-perplexity / llama-bench (bench only, never CI)
     python -m bench.deploy_gguf --run slim=RUN1 --run wanda24=RUN2 [--bin DIR] [--work DIR]
+    python -m bench.deploy_gguf ... --keep dense,wanda24   # measure only the other runs again, keep those rows
 
 The dense model is exported straight from ``smollm2-135m``. For every model and type: ``layerprune export`` (timed),
 then
@@ -88,6 +89,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None, help="data directory")
     ap.add_argument("--speed-only", action="store_true", help="keep the PPL part of bench/results/deploy_gguf.json "
                     "and measure the speed again")
+    ap.add_argument("--keep", default="", help="comma-separated models whose PPL part is kept from "
+                    "bench/results/deploy_gguf.json (their GGUFs unchanged); the others are exported and measured")
+    ap.add_argument("--align", type=int, default=32, help="export --align: FFN widths padded to a multiple of it")
     args = ap.parse_args()
     binary, work = Path(args.bin), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -98,14 +102,17 @@ def main() -> None:
     models = {"dense": MODEL, **dict(r.split("=", 1) for r in args.run)}
     build = binary.parents[1] / "build_time.json"  # written by bench/setup_llamacpp.sh
     out = {"command": cmdline(), "threads": args.threads, "seqlen": SEQLEN, "windows": WINDOWS, "models": {},
+           "align": args.align,
            "llamacpp_build": json.loads(build.read_text()) if build.is_file() else None}
     torch.set_num_threads(args.threads)
     partial_path = work / "deploy_partial.json"  # finished llama-perplexity runs, kept across a crash
     partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
-    if args.speed_only:
-        out["models"] = json.loads((RESULTS / "deploy_gguf.json").read_text())["models"]
+    keep = set(models) if args.speed_only else set(filter(None, args.keep.split(",")))
+    if keep:
+        before = json.loads((RESULTS / "deploy_gguf.json").read_text())["models"]
+        out["models"] = {n: before[n] for n in models if n in keep}
     for name, spec in models.items():
-        if args.speed_only:
+        if name in keep:
             continue
         model, tok = load_model(spec)
         ids = tokenize_corpus(tok, "wikitext2", data_dir, SEQLEN)
@@ -116,11 +123,12 @@ def main() -> None:
         for qtype in sorted(set(ppl_types) | set(speed_types)):
             dest = None if Path(spec).is_dir() else work / f"{name}-{qtype}.gguf"
             t0 = time.time()
-            info = export(spec, qtype, dest, force=True, model=model, tokenizer=tok)
+            info = export(spec, qtype, dest, force=True, model=model, tokenizer=tok, align=args.align)
             g = {"file": info["out"], "bytes": info["bytes"], "architecture": info["architecture"],
-                 "tensors": info["tensors"], "export_s": round(time.time() - t0, 1)}
+                 "tensors": info["tensors"], "export_s": round(time.time() - t0, 1),
+                 "ffn_channels_padded": info["ffn_channels_padded"]}
             if qtype in ppl_types:
-                key = f"{spec} {qtype}"
+                key = f"{spec} {qtype}" + (f" align {args.align}" if info["ffn_channels_padded"] else "")
                 if key not in partial:
                     partial[key] = llama_ppl(binary, Path(info["out"]), text, args.threads)
                     write_atomic(partial_path, json.dumps(partial, indent=1))
@@ -143,6 +151,7 @@ def main() -> None:
             s, d = speed[qtype][n], speed[qtype]["dense"]
             for test in ("pp512", "tg128"):
                 s[test]["vs_dense"] = s[test]["tokens_per_s"] / d[test]["tokens_per_s"]
+    out["models"] = {n: out["models"][n] for n in models}  # the order of --run, kept rows included
     out["speed"] = speed
     write_json(RESULTS / "deploy_gguf.json", out)
     lines = [f"# Pruned SmolLM2 in llama.cpp ({args.threads} threads, WikiText-2 {WINDOWS} x {SEQLEN})", "",

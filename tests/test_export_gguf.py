@@ -143,13 +143,14 @@ def _slim_run(tmp_path, family="llama", layers=4):
 
 def test_per_block_slimgpt_run_exports_as_deci_with_per_layer_widths(tmp_path, capsys):
     model, rec, run = _slim_run(tmp_path)
-    assert not rec["structure"]["uniform"] and len(set(rec["structure"]["intermediate"])) > 1
-    assert main(["export", str(run), "--type", "f32"]) == 0
+    s = rec["structure"]
+    assert not s["uniform"] and len(set(s["intermediate"])) > 1
+    assert any(ff % 32 for ff in s["intermediate"])  # something to pad
+    assert main(["export", str(run), "--type", "f32", "--align", "1"]) == 0
     out = run / "model-f32.gguf"
     printed = capsys.readouterr().out
-    assert f"wrote {out}" in printed and "architecture deci" in printed
+    assert f"wrote {out}" in printed and "architecture deci" in printed and "zero FFN channels" not in printed
     r, meta = _fields(out)
-    s = rec["structure"]
     assert meta["general.architecture"] == "deci"
     assert meta["deci.attention.head_count"] == s["heads"] and meta["deci.attention.head_count_kv"] == s["kv_heads"]
     assert meta["deci.feed_forward_length"] == s["intermediate"]
@@ -162,6 +163,34 @@ def test_per_block_slimgpt_run_exports_as_deci_with_per_layer_widths(tmp_path, c
         assert shape("attn_output") == (96, h * hd) and shape("ffn_up") == (ff, 96) == shape("ffn_gate")
         q = a.get_weight(a.linears(a.blocks(model)[i])[a.q]).detach()
         np.testing.assert_array_equal(np.asarray(got[f"blk.{i}.attn_q.weight"].data), interleave_heads(q, hd).numpy())
+
+
+def test_ffn_widths_are_padded_with_zero_channels_that_change_nothing(tmp_path, capsys):
+    """The default --align 32: every FFN width rounded up with zero channels (llama.cpp's fast matmul needs
+    multiples of 16; q8_0 of 32); the block's MLP computes the same output from the padded tensors."""
+    model, rec, run = _slim_run(tmp_path)
+    s = rec["structure"]
+    assert main(["export", str(run), "--type", "f32"]) == 0
+    padded = [ff + (-ff % 32) for ff in s["intermediate"]]
+    assert f"{sum(padded) - sum(s['intermediate'])} zero FFN channels to multiples of 32" in capsys.readouterr().out
+    r, meta = _fields(run / "model-f32.gguf")
+    assert meta["deci.feed_forward_length"] == padded != s["intermediate"]
+    got = {t.name: torch.from_numpy(np.asarray(t.data).copy()) for t in r.tensors}
+    a = get_adapter(model)
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1))
+    for i, (ff, fp) in enumerate(zip(s["intermediate"], padded)):
+        lin = a.linears(a.blocks(model)[i])
+        gate, up, down = (got[f"blk.{i}.ffn_{n}.weight"] for n in ("gate", "up", "down"))
+        assert gate.shape == up.shape == (fp, 96) and down.shape == (96, fp)
+        assert not gate[ff:].any() and not up[ff:].any() and not down[:, ff:].any()
+        torch.testing.assert_close(up[:ff], a.get_weight(lin[a.up]).detach(), rtol=0, atol=0)
+        want = lin[a.down](torch.nn.functional.silu(lin[a.gate](x)) * lin[a.up](x))
+        torch.testing.assert_close(torch.nn.functional.silu(x @ gate.T) * (x @ up.T) @ down.T, want,
+                                   rtol=1e-5, atol=1e-6)
+    assert main(["export", str(run), "--type", "q8_0"]) == 0  # padded rows of 32: every FFN weight is Q8_0
+    r8, _ = _fields(run / "model-q8_0.gguf")
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in r8.tensors if ".ffn_" in t.name
+               and "norm" not in t.name)
 
 
 def test_per_block_run_of_a_family_deci_cannot_express_is_refused_before_loading(tmp_path, monkeypatch):
@@ -199,6 +228,7 @@ def test_refusals_one_line_exit_2_nothing_written(tmp_path, capfd):
              (["export", str(opt)], "not a run directory"),
              (["export", str(run), "--out", str(tmp_path / "t.gguf")], "layerprune did not write it"),
              (["export", str(run), "--out", str(tmp_path / "x.bin")], "should end in .gguf"),
+             (["export", str(run), "--out", str(tmp_path / "a.gguf"), "--align", "0"], "--align 0 should be"),
              (["export", str(wp), "--out", str(tmp_path / "w.gguf")], "WordPiece model")]
     for argv, message in cases:
         before = _snapshot(tmp_path)

@@ -14,6 +14,12 @@ What goes in:
   pre-tokenizer name looked up in ``models/gguf_vocab.PRE_TOKENIZERS`` (an unknown one is refused).
 - ``--type``: ``f32`` (all float32), ``f16`` (2-D weights float16, 1-D float32) or ``q8_0`` (2-D weights Q8_0; a
   weight whose rows are not a multiple of 32 stays float16, counted in the returned summary).
+- ``--align`` (default 32): a block whose FFN width is not a multiple of it gets zero channels up to the next one
+  (zero rows of gate/up and their biases, zero columns of down: the outputs are exactly the same). llama.cpp's fast
+  CPU matmul (llamafile's tinyBLAS) runs only when the inner dimension is a multiple of 16 (AVX-512) or 8 (AVX2)
+  and falls back to a much slower path otherwise, and Q8_0 needs rows that are a multiple of 32; SlimGPT's widths
+  are arbitrary. ``--align 1`` writes the widths as they are. Only families whose FFN SlimGPT resizes (separate
+  gate/up/down) are padded; the others keep their model's own widths.
 - The ownership mark ``layerprune.written_by = "layerprune"`` as the second key of the file, so ``--force`` replaces
   only a GGUF that layerprune wrote (``outputs.prepare_file``). The file is written beside the target and renamed in
   when complete.
@@ -139,13 +145,38 @@ def _tokenizer_from_json(tok, vocab_size: int) -> list[tuple]:
 
 # ----------------------------------------------------------------------------- tensors
 
-def _tensors(model, adapter, interleave: bool):
-    """(HF name, [out, in] float32 tensor) for every tensor llama.cpp reads, q/k permuted when ``interleave``."""
+def ffn_widths(model, adapter, align: int) -> list[tuple[int, int]] | None:
+    """Per block (FFN width, width written) with the width rounded up to a multiple of ``align``; None for a family
+    whose FFN layout is not padded (see ``--align``)."""
+    if not adapter.structured:
+        return None
+    widths = [adapter.get_weight(adapter.linears(b)[adapter.up]).shape[0] for b in adapter.blocks(model)]
+    return [(ff, ff + (-ff % max(align, 1))) for ff in widths]
+
+
+def pad_ffn(sd: dict, prefix: str, adapter, extra: int) -> None:
+    """Append ``extra`` zero channels to one block's FFN in ``sd`` (in place): gate/up rows (and biases), down
+    columns. The padded channels contribute nothing: their down columns are zero whatever the activation gives."""
+    for role in (adapter.gate, adapter.up):
+        for kind in ("weight", "bias"):
+            key = f"{prefix}.{role}.{kind}"
+            if key in sd:
+                t = sd[key]
+                sd[key] = torch.nn.functional.pad(t, (0, 0, 0, extra) if t.ndim == 2 else (0, extra))
+    key = f"{prefix}.{adapter.down}.weight"
+    sd[key] = torch.nn.functional.pad(sd[key], (0, extra))
+
+
+def _tensors(model, adapter, interleave: bool, ffn: list[tuple[int, int]] | None = None):
+    """(HF name, [out, in] float32 tensor) for every tensor llama.cpp reads, q/k permuted when ``interleave``, FFN
+    channels padded to the widths ``ffn`` gives."""
     sd = {k: v for k, v in model.state_dict().items()}
     hd = adapter.geometry(model.config).head_dim
     for i, block in enumerate(adapter.blocks(model)):
         for name, mod in adapter.linears(block).items():
             sd[f"{adapter.blocks_path}.{i}.{name}.weight"] = adapter.get_weight(mod)
+        if ffn and ffn[i][1] > ffn[i][0]:
+            pad_ffn(sd, f"{adapter.blocks_path}.{i}", adapter, ffn[i][1] - ffn[i][0])
         if interleave:
             for role in (adapter.q, adapter.k):
                 for kind in ("weight", "bias"):
@@ -178,7 +209,7 @@ def _bytes_per_param(qtype: str) -> float:
 
 # ----------------------------------------------------------------------------- the export
 
-def plan(spec: str, qtype: str = "f16", out=None, force: bool = False) -> dict:
+def plan(spec: str, qtype: str = "f16", out=None, force: bool = False, align: int = 32) -> dict:
     """Every check that needs no weights: the type, the family and its llama.cpp architecture, the output path
     (absent, or ours with ``force``). Returns what ``export`` needs."""
     from ..models.adapters import get_adapter
@@ -186,6 +217,8 @@ def plan(spec: str, qtype: str = "f16", out=None, force: bool = False) -> dict:
 
     if qtype not in TYPES:
         raise UserError(f"unknown --type {qtype!r}: use one of {', '.join(TYPES)}")
+    if not isinstance(align, int) or align < 1:
+        raise UserError(f"--align {align} should be a positive integer (1: FFN widths as they are)")
     run, record = _source(spec)
     if out is None:
         out = default_out(spec, qtype)
@@ -207,15 +240,17 @@ def plan(spec: str, qtype: str = "f16", out=None, force: bool = False) -> dict:
             "target": target}
 
 
-def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=None, tokenizer=None) -> dict:
+def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=None, tokenizer=None,
+           align: int = 32) -> dict:
     """Write ``spec`` (a run directory or any model ``load_model`` takes) as a GGUF file; returns a summary (path,
-    architecture, tensors per type, bytes). ``model``/``tokenizer``: an already loaded copy of ``spec``."""
+    architecture, tensors per type, bytes, FFN channels padded). ``model``/``tokenizer``: an already loaded copy of
+    ``spec``; ``align``: FFN widths rounded up to a multiple of it with zero channels (module docstring)."""
     import gguf
 
     from ..models.adapters import get_adapter
     from ..models.loading import load_model
 
-    p = plan(spec, qtype, out, force)
+    p = plan(spec, qtype, out, force, align)
     if model is None:
         model, tokenizer = load_model(spec, "float32")
     adapter = get_adapter(model)
@@ -238,7 +273,12 @@ def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=N
     w.add_string(GGUF_MARK_KEY, MARK)  # second key, right after general.architecture: outputs.py reads it
     w.add_type("model")
     w.add_name(p["run"].name if p["run"] else Path(spec).name)
-    for key, value in adapter.gguf_hparams(model.config, widths).items():
+    hparams = adapter.gguf_hparams(model.config, widths)
+    ffn = ffn_widths(model, adapter, align)
+    if ffn is not None:
+        written = [b for _, b in ffn]
+        hparams[gguf.Keys.LLM.FEED_FORWARD_LENGTH] = written if widths is not None else written[0]
+    for key, value in hparams.items():
         key = key.format(arch=arch)
         if isinstance(value, bool):
             w.add_bool(key, value)
@@ -259,7 +299,8 @@ def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=N
         w.add_key_value(key, value, vtype, sub_type=sub)
 
     counts: dict[str, int] = {}
-    tensors = list(_tensors(model, adapter, interleave)) + list(adapter.gguf_extra_tensors(model.config).items())
+    tensors = (list(_tensors(model, adapter, interleave, ffn))
+               + list(adapter.gguf_extra_tensors(model.config).items()))
     for hf_name, t in tensors:
         name = hf_name if hf_name.startswith("rope_freqs") else names.get_name(hf_name, try_suffixes=(".weight",
                                                                                                       ".bias"))
@@ -279,5 +320,6 @@ def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=N
         if tmp.exists():
             tmp.unlink()
     return {"out": str(out), "type": qtype, "architecture": arch, "per_block_widths": widths is not None,
-            "tensors": counts, "bytes": out.stat().st_size,
+            "tensors": counts, "bytes": out.stat().st_size, "align": align,
+            "ffn_channels_padded": sum(b - a for a, b in ffn or []),
             "tokenizer": "copied from " + p["source_gguf"].name if p["source_gguf"] else "built from tokenizer.json"}
