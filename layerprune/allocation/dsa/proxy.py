@@ -17,6 +17,16 @@ Per candidate f:
   dense copy; then the perplexity.
 Difference from the full protocol: the pruning is one-shot with the dense input norms (a full run re-collects the
 norms of every block from the outputs of the already pruned blocks before it).
+
+Two options bring the proxy closer to the full protocol (``bench/proxy_study.py`` measures how much):
+  ``propagate=n``  prune with propagation, as a real run does, on the first n calibration windows: the engine
+                   (``engine.prune_model``, Wanda, a ``user`` allocation, forwards in the proxy dtype) re-collects the
+                   input norms of every block from the outputs of the already pruned blocks. n = 0: one-shot (above).
+  ``metric="kl"``  the mean per-token KL divergence KL(p_dense || p_pruned) of the next-token distributions on the
+                   validation windows (EvoPress) instead of the perplexity; the dense log-probabilities are computed
+                   once (``windows`` x seqlen x vocab values, bfloat16).
+PROXIES names the settings of the proxies the library offers; ``DEFAULT_PROXY`` is the one ``search-allocation`` and
+``--allocation auto`` use.
 """
 from __future__ import annotations
 
@@ -37,6 +47,73 @@ from layerprune.models.adapters import get_adapter
 from layerprune.offload import MemoryStore
 from layerprune.passes import capture_inputs, dense_input_norms
 from layerprune.solvers.common import prune_count, row_counts
+
+METRICS = ("ppl", "kl")
+# name -> Proxy settings (windows, propagate, metric); "oneshot" is the proxy the DSA search was built with
+PROXIES = {
+    "oneshot": {"windows": 8, "propagate": 0, "metric": "ppl"},
+    "oneshot-kl": {"windows": 8, "propagate": 0, "metric": "kl"},
+    "propagate": {"windows": 8, "propagate": 4, "metric": "ppl"},
+    "propagate-kl": {"windows": 8, "propagate": 4, "metric": "kl"},
+}
+DEFAULT_PROXY = "oneshot"
+
+
+def proxy_settings(name: str) -> dict:
+    """The settings of a named proxy (a one-line error naming the choices otherwise)."""
+    if name not in PROXIES:
+        raise UserError(f"proxy {name!r} is unknown: use {', '.join(PROXIES)}")
+    return dict(PROXIES[name])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, n: int, bos: int | None) -> torch.Tensor:
+    """The first n evaluation windows [n, seqlen] exactly as ``perplexity`` builds them."""
+    ids = ids.reshape(-1)
+    if bos is not None and ids.numel() and ids[0] == bos:
+        ids = ids[1:]
+    body = seqlen - (bos is not None)
+    w = ids[: n * body].view(n, body)
+    return torch.cat([torch.full((n, 1), bos, dtype=w.dtype), w], 1) if bos is not None else w
+
+
+@torch.no_grad()
+def window_logprobs(model, x: torch.Tensor, adapter=None, chunk: int = 512):
+    """Yield (row slice, next-token log-probabilities [rows, vocab] fp32, targets [rows]) of one window ``x`` [T]."""
+    adapter = adapter or get_adapter(model)
+    hidden = adapter.body(model)(input_ids=x[None], use_cache=False).last_hidden_state[0, :-1]
+    target = x[1:]
+    for i in range(0, target.numel(), chunk):
+        logits = adapter.head_logits(model, hidden[i:i + chunk]).float()
+        yield slice(i, i + chunk), torch.log_softmax(logits, dim=-1), target[i:i + chunk]
+
+
+@torch.no_grad()
+def window_scores(model, windows: torch.Tensor, dense_logp: list | None = None) -> tuple[list[float], list[float]]:
+    """Per window: mean next-token NLL, and mean KL(p_dense || p_model) when ``dense_logp`` (one [T-1, vocab] tensor
+    per window, from ``dense_logprobs``) is given (else an empty list)."""
+    adapter = get_adapter(model)
+    nll, kl = [], []
+    for w, x in enumerate(windows):
+        tot_nll = tot_kl = 0.0
+        for sl, logp, tgt in window_logprobs(model, x, adapter):
+            tot_nll -= logp.gather(1, tgt[:, None]).sum().item()
+            if dense_logp is not None:
+                ref = dense_logp[w][sl].float()
+                tot_kl += (ref.exp() * (ref - logp)).sum().item()
+        nll.append(tot_nll / (windows.shape[1] - 1))
+        if dense_logp is not None:
+            kl.append(tot_kl / (windows.shape[1] - 1))
+    return nll, kl
+
+
+@torch.no_grad()
+def dense_logprobs(model, windows: torch.Tensor) -> list[torch.Tensor]:
+    """The dense model's next-token log-probabilities of every window (bfloat16, [T-1, vocab] each)."""
+    adapter = get_adapter(model)
+    out = []
+    for x in windows:
+        out.append(torch.cat([logp.bfloat16() for _, logp, _ in window_logprobs(model, x, adapter)]))
+    return out
 
 
 @torch.no_grad()
@@ -62,7 +139,13 @@ class Proxy:
 
     def __init__(self, model, calib: torch.Tensor, eval_ids: torch.Tensor, target: float, *, seqlen: int = 512,
                  windows: int = 8, lam: float = 0.08, lo: float = 0.0, hi: float = 0.99, batch_size: int = 8,
-                 eval_batch_size: int = 4, dtype: str = "bfloat16", norms_path=None, bos: int | None = None):
+                 eval_batch_size: int = 4, dtype: str = "bfloat16", norms_path=None, bos: int | None = None,
+                 propagate: int = 0, metric: str = "ppl"):
+        if metric not in METRICS:
+            raise UserError(f"proxy metric {metric!r} is unknown: use {', '.join(METRICS)}")
+        if not 0 <= propagate <= calib.shape[0]:
+            raise UserError(f"the proxy propagates through {propagate} calibration windows but there are "
+                            f"{calib.shape[0]}: use 0 to {calib.shape[0]}")
         if dtype not in DTYPES:
             raise UserError(f"proxy dtype {dtype!r} is unknown: use {', '.join(DTYPES)}")
         if not 0.0 < target < 1.0:
@@ -73,6 +156,8 @@ class Proxy:
         self.model, self.target, self.lam, self.lo, self.hi = model, float(target), float(lam), lo, hi
         self.eval_ids, self.seqlen, self.windows = eval_ids.reshape(-1), seqlen, windows
         self.eval_batch_size, self.bos = eval_batch_size, bos  # bos: an id starting every window (data.bos)
+        self.metric, self.propagate, self.dtype = metric, int(propagate), dtype
+        self.prop_calib = calib[:propagate].clone() if propagate else None
         self.adapter = get_adapter(model)
         self.stats_passes = 0  # dense calibration passes run by this proxy (0 when the norms came from the cache)
         t0 = time.perf_counter()
@@ -96,7 +181,11 @@ class Proxy:
         self.weights = [sum(self.layers[j][3].numel() for j in js) for js in self.block_layers]
         self.cache = StageCache([self._block_scores(js) for js in self.block_layers])
         model.to(DTYPES[dtype])
-        self.setup_seconds = {"dense_pass": t1 - t0, "ranks": time.perf_counter() - t1}
+        t2 = time.perf_counter()
+        self.dense_logp = None  # KL: the dense model's log-probabilities on the validation windows
+        if metric == "kl":
+            self.dense_logp = dense_logprobs(model, eval_windows(self.eval_ids, seqlen, windows, bos))
+        self.setup_seconds = {"dense_pass": t1 - t0, "ranks": t2 - t1, "dense_logprobs": time.perf_counter() - t2}
         self.timings = {"allocate": 0.0, "apply": 0.0, "ppl": 0.0}
         self.n_evaluated = 0  # perplexity evaluations
         self.scored: dict[tuple, float] = {}  # pruned counts -> perplexity: equal ones are scored once
@@ -130,9 +219,12 @@ class Proxy:
 
     @torch.no_grad()
     def apply(self, block_sparsity) -> None:
-        """Write every linear pruned with Wanda (dense norms) at its block's sparsity, from the dense copy."""
+        """Write every linear pruned with Wanda at its block's sparsity, from the dense copy: one-shot with the dense
+        norms, or (``propagate``) block by block with propagation on the first calibration windows."""
         if len(block_sparsity) != len(self.block_layers):
             raise UserError(f"got {len(block_sparsity)} block sparsities for {len(self.block_layers)} blocks")
+        if self.propagate:
+            return self._apply_propagated(block_sparsity)
         for b, name, mod, w, sq_norm, rank in self.layers:
             s = float(block_sparsity[b])
             if not (math.isfinite(s) and 0.0 <= s <= 1.0):
@@ -145,18 +237,41 @@ class Proxy:
             counts, _, _ = row_counts(prune_count(s, w.numel()), w.shape[0], next_lowest)
             self.adapter.set_weight(mod, w.masked_fill(rank < counts[:, None].to(rank.dtype), 0.0))
 
+    def _apply_propagated(self, block_sparsity) -> None:
+        from layerprune.engine import PruneConfig, prune_model
+
+        for s in block_sparsity:
+            if not (math.isfinite(float(s)) and 0.0 <= float(s) <= 1.0):
+                raise InvalidCandidate(f"block sparsity {s} is not in [0, 1]")
+        self.restore()
+        mean = sum(w * float(s) for w, s in zip(self.weights, block_sparsity)) / sum(self.weights)
+        cfg = PruneConfig(method="wanda", sparsity=mean, allocation="user",
+                          allocation_options={"sparsities": [float(s) for s in block_sparsity], "lo": 0.0, "hi": 1.0},
+                          compute_dtype=next(n for n, d in DTYPES.items()
+                                             if d == next(self.model.parameters()).dtype))
+        prune_model(self.model, self.prop_calib, cfg, progress=False)
+
+    def score(self) -> float:
+        """The metric of the model as it is now: perplexity or mean KL to the dense model on the windows."""
+        if self.metric == "ppl":
+            return perplexity(self.model, self.eval_ids, self.seqlen, self.windows, self.eval_batch_size,
+                              progress=False, bos=self.bos).ppl
+        windows = eval_windows(self.eval_ids, self.seqlen, self.windows, self.bos)
+        _, kl = window_scores(self.model, windows, self.dense_logp[:self.windows])
+        return sum(kl) / len(kl)
+
     def restore(self) -> None:
         """Put the dense weights back."""
         for b, name, mod, w, sq_norm, rank in self.layers:
             self.adapter.set_weight(mod, w)
 
     def evaluate_allocation(self, block_sparsity) -> float:
-        """Perplexity of the model pruned with ``block_sparsity``; a non-finite one raises InvalidCandidate."""
+        """The metric (perplexity, or KL to dense) of the model pruned with ``block_sparsity``; a non-finite one raises
+        InvalidCandidate."""
         t0 = time.perf_counter()
         self.apply(block_sparsity)
         t1 = time.perf_counter()
-        ppl = perplexity(self.model, self.eval_ids, self.seqlen, self.windows, self.eval_batch_size,
-                         progress=False, bos=self.bos).ppl
+        ppl = self.score()
         self.timings["apply"] += t1 - t0
         self.timings["ppl"] += time.perf_counter() - t1
         self.n_evaluated += 1
@@ -184,12 +299,13 @@ class Proxy:
 
     def rescore(self, functions, windows: int, dtype: str = "float32") -> list[float]:
         """Perplexity of each function on the first ``windows`` validation windows with the model in ``dtype`` (a
-        closer look at the best candidates: more windows, full precision); inf where a function gives no allocation."""
+        closer look at the best candidates: more windows, full precision; always perplexity, also for a KL proxy);
+        inf where a function gives no allocation."""
         if windows < 1 or self.eval_ids.numel() < windows * self.seqlen:
             raise UserError(f"the validation text has {self.eval_ids.numel()} tokens, fewer than {windows} windows "
                             f"of {self.seqlen}: lower the number of rescoring windows")
-        old_windows, old_dtype = self.windows, next(self.model.parameters()).dtype
-        self.windows = windows
+        old_windows, old_dtype, old_metric = self.windows, next(self.model.parameters()).dtype, self.metric
+        self.windows, self.metric = windows, "ppl"
         self.model.to(DTYPES[dtype])
         try:
             out = []
@@ -200,5 +316,5 @@ class Proxy:
                     out.append(math.inf)
             return out
         finally:
-            self.windows = old_windows
+            self.windows, self.metric = old_windows, old_metric
             self.model.to(old_dtype)

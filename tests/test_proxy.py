@@ -1,0 +1,62 @@
+"""Allocation proxies beyond one-shot Wanda: pruning with propagation, KL to the dense model (tiny models, CPU)."""
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from layerprune import prune
+from layerprune.allocation.dsa.proxy import (PROXIES, Proxy, dense_logprobs, eval_windows, proxy_settings,
+                                             window_scores)
+from layerprune.errors import UserError
+from layerprune.evaluation.perplexity import perplexity
+
+
+def calib(seed=0, n=4, seqlen=32):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+EV = calib(1, 1, 400)
+
+
+def make_proxy(**kw):
+    return Proxy(tiny_model("llama", layers=4), calib(), EV, 0.7, **(dict(seqlen=32, windows=4, dtype="float32") | kw))
+
+
+def test_propagated_proxy_prunes_like_a_full_run_on_its_windows():
+    """propagate=n: the weights equal those of prune() on the first n calibration windows with the same allocation."""
+    s = [0.6, 0.65, 0.75, 0.8]
+    p = make_proxy(propagate=2)
+    p.apply(s)
+    ref = tiny_model("llama", layers=4)
+    prune(ref, calibration=calib()[:2], sparsity=0.7, allocation="user:" + ",".join(map(str, s)), progress=False)
+    for (n, a), (_, b) in zip(p.model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(a, b), n
+    one = make_proxy()  # one-shot with dense norms differs from it
+    one.apply(s)
+    assert any(not torch.equal(a, b) for a, b in zip(one.model.parameters(), p.model.parameters()))
+    # the next candidate starts again from the dense weights: same result twice
+    v1 = p.evaluate_allocation(s)
+    p.evaluate_allocation([0.7] * 4)
+    assert p.evaluate_allocation(s) == v1
+
+
+def test_kl_metric_is_zero_for_the_dense_model_and_matches_nll():
+    p = make_proxy(metric="kl")
+    p.restore()
+    assert abs(p.score()) < 1e-3  # the dense log-probabilities are stored in bfloat16
+    w = eval_windows(EV, 32, 4, None)
+    nll, kl = window_scores(p.model, w, dense_logprobs(p.model, w))
+    ppl = perplexity(p.model, EV, 32, 4, progress=False).ppl
+    assert math.exp(sum(nll) / len(nll)) == pytest.approx(ppl, rel=1e-5)
+    assert p.evaluate_allocation([0.7] * 4) > 1e-3  # pruning moves the distributions away
+
+
+def test_proxy_settings_are_checked():
+    assert proxy_settings("oneshot") == PROXIES["oneshot"]
+    with pytest.raises(UserError, match="unknown"):
+        proxy_settings("nope")
+    with pytest.raises(UserError, match="metric"):
+        make_proxy(metric="acc")
+    with pytest.raises(UserError, match="calibration windows"):
+        make_proxy(propagate=9)
