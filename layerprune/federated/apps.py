@@ -62,8 +62,18 @@ def local_train(model, ids: torch.Tensor, steps: int, batch_size: int, seqlen: i
 
 
 def client_round(content: RecordDict, state: RecordDict, model_config, ids: torch.Tensor, train: dict,
-                 partition: int) -> RecordDict:
-    """One client's training round: returns the reply content (arrays + metrics)."""
+                 partition: int, base_fn=None) -> RecordDict:
+    """One client's training round: returns the reply content (arrays + metrics).
+
+    With ``train["lora_rank"]`` the round trains LoRA adapters on the client's frozen base, ``base_fn()`` (a cached
+    peft-wrapped model, see ``lora.cached_peft``), and exchanges only the adapters (``lora.client_round``).
+    """
+    if int(train.get("lora_rank") or 0):
+        from .lora import client_round as lora_round
+
+        if base_fn is None:
+            raise ValueError("a LoRA round needs the client's base model")
+        return lora_round(content, base_fn(), ids, train, partition)
     cfg = content["config"]
     depth, rnd = int(cfg["depth"]), int(cfg["server-round"])
     personal = bool(cfg.get("personal-exit", False))
@@ -97,9 +107,18 @@ def client_round(content: RecordDict, state: RecordDict, model_config, ids: torc
     return RecordDict({"arrays": ArrayRecord(send), "metrics": metrics})
 
 
-def make_client_app(model_config, shards: list[torch.Tensor], train: dict, fail: tuple[int, ...] = ()) -> ClientApp:
-    """ClientApp over in-memory token shards; partitions listed in ``fail`` raise (robustness tests)."""
+def make_client_app(model_config, shards: list[torch.Tensor], train: dict, fail: tuple[int, ...] = (),
+                    base: str | None = None) -> ClientApp:
+    """ClientApp over in-memory token shards; partitions listed in ``fail`` raise (robustness tests).
+
+    ``base``: LoRA rounds only, a ``save_pretrained`` folder of the frozen base that each client process loads once.
+    """
     app = ClientApp()
+
+    def base_fn():
+        from .lora import cached_peft, load_saved
+
+        return cached_peft(base, lambda: load_saved(base), int(train["lora_rank"]), float(train["lora_alpha"]))
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -107,8 +126,8 @@ def make_client_app(model_config, shards: list[torch.Tensor], train: dict, fail:
         pid = int(context.node_config["partition-id"])
         if pid in fail:
             raise RuntimeError(f"injected failure on partition {pid}")
-        return Message(content=client_round(msg.content, context.state, model_config, shards[pid], train, pid),
-                       reply_to=msg)
+        return Message(content=client_round(msg.content, context.state, model_config, shards[pid], train, pid,
+                                            base_fn if base else None), reply_to=msg)
 
     return app
 

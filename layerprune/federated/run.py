@@ -44,6 +44,8 @@ class FedConfig:
     batch_size: int = 2
     seqlen: int = 128
     lr: float = 1e-4
+    lora_rank: int = 0              # > 0: FedLP over LoRA adapters of this rank (base frozen, never sent); 0: full weights
+    lora_alpha: float | None = None  # LoRA alpha (scale alpha / rank); default 2 x rank
     weighted: bool = True           # False: the paper's unweighted per-layer mean
     depth_flag: int | None = None   # hetero: level with P = 0.6 (1-based); None = uniform
     n_levels: int = 5               # hetero: number of depth levels
@@ -62,6 +64,9 @@ class FedConfig:
     seed: int = 0
     threads: int = 1                # torch threads per client
     client_cpus: float = 1.0        # Ray resources per client (simulation)
+    sim_cpus: int | None = None     # CPUs the simulation may use (clients at a time = sim_cpus / client_cpus); None: all
+    save_dir: str | None = None     # LoRA: write the merged global model (mask kept) here as a run directory
+    force: bool = False             # replace a layerprune run at save_dir
     out_dir: str | None = None
     name: str | None = None         # output file stem (default fed_<scheme>)
     progress: bool = True
@@ -76,6 +81,14 @@ class FedConfig:
             raise UserError("--clients and --rounds must be at least 1")
         if self.masks not in ("auto", "on", "off"):
             raise UserError(f"--masks {self.masks!r}: use auto, on or off")
+        if self.lora_rank < 0:
+            raise UserError(f"--lora-rank {self.lora_rank} must be 0 (full weights) or a positive rank")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UserError(f"--lora-alpha {self.lora_alpha} must be positive")
+        if self.save_dir and not self.lora_rank:
+            raise UserError("--save writes the merged LoRA model: give --lora-rank too")
+        if self.fraction <= 0 or self.fraction > 1:
+            raise UserError(f"--fraction {self.fraction} must be in (0, 1]")
         if self.depth_flag is not None and not 1 <= int(self.depth_flag) <= self.n_levels:
             raise UserError(f"--depth-flag {self.depth_flag} is not a depth level: use u or a level in 1..{self.n_levels}")
         self.eval_sets = tuple(self.eval_sets)
@@ -90,7 +103,11 @@ class FedConfig:
 
     def train_dict(self) -> dict:
         return {"local_steps": self.local_steps, "batch_size": self.batch_size, "seqlen": self.seqlen,
-                "lr": self.lr, "seed": self.seed, "threads": self.threads}
+                "lr": self.lr, "seed": self.seed, "threads": self.threads, "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha_value()}
+
+    def lora_alpha_value(self) -> float:
+        return float(2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 
     @classmethod
     def from_run_config(cls, rc) -> FedConfig:
@@ -103,9 +120,11 @@ class FedConfig:
             v = rc[key]
             if f.name in ("eval_sets", "fail_clients"):
                 v = tuple(x for x in str(v).split(",") if x.strip())
-            elif f.name in ("depth_flag", "num_blocks", "eval_windows", "data_dir", "out_dir", "name"):
+            elif f.name in ("depth_flag", "num_blocks", "eval_windows", "data_dir", "out_dir", "name", "save_dir",
+                            "lora_alpha", "sim_cpus"):
                 v = None if str(v) in ("", "u", "none", "None") else v
-                v = int(v) if v is not None and f.name not in ("data_dir", "out_dir", "name") else v
+                if v is not None and f.name not in ("data_dir", "out_dir", "name", "save_dir"):
+                    v = float(v) if f.name == "lora_alpha" else int(v)
             kw[f.name] = v
         return cls(**kw)
 
@@ -202,9 +221,25 @@ def prepare(cfg: FedConfig, model=None, tokenizer=None, domains=None, eval_texts
     if model is None:
         model, tokenizer = load(cfg)
     model = model.float().eval()
-    layout = layout_of(model)
-    state = shared_state(model)
-    masks = None if cfg.masks == "off" else fixed_masks(state, layout, 0.0 if cfg.masks == "on" else 0.01)
+    lora = None
+    if cfg.lora_rank:  # the exchanged state is the adapters; the base stays where it is
+        from . import lora as L
+
+        a = cfg.lora_alpha_value()
+        lora = SimpleNamespace(rank=cfg.lora_rank, alpha=a, scale=a / cfg.lora_rank,
+                               masks=L.masks_if_sparse(model, cfg.masks), base=L.base_weights(model))
+        lora.sparsity_init = L.zero_pattern_check(model, lora.masks)["sparsity"] if lora.masks else None
+        if cfg.save_dir:
+            from ..models.info import measure_sparsity
+
+            lora.measured_sparsity_init = measure_sparsity(model)["overall"]
+        state = L.initial_adapters(model, cfg.lora_rank, cfg.lora_alpha_value(), cfg.seed)
+        layout = L.lora_layout(model)
+        masks = None  # adapters carry no masks: the mask is applied where they are merged
+    else:
+        layout = layout_of(model)
+        state = shared_state(model)
+        masks = None if cfg.masks == "off" else fixed_masks(state, layout, 0.0 if cfg.masks == "on" else 0.01)
     levels = depth_levels(layout.n_blocks, cfg.n_levels)
     depths = draw_depths(cfg.clients, levels, cfg.depth_flag, cfg.seed) if cfg.scheme == "hetero" else None
     strategy = FedLPStrategy(layout, cfg.scheme, cfg.keep_prob if cfg.scheme == "homo" else 1.0, depths, cfg.weighted,
@@ -216,14 +251,21 @@ def prepare(cfg: FedConfig, model=None, tokenizer=None, domains=None, eval_texts
         sizes[layout.unit(k)] = sizes.get(layout.unit(k), 0) + v.numel()
     prep = SimpleNamespace(cfg=cfg, model=model, tokenizer=tokenizer, layout=layout, strategy=strategy, masks=masks,
                            initial=ArrayRecord.from_torch_state_dict(state), evals=[], levels=levels, depths=depths,
-                           unit_sizes=sizes, shards=None, partition_counts=[], t0=time.time(), bar=None)
+                           unit_sizes=sizes, shards=None, partition_counts=[], t0=time.time(), bar=None, lora=lora)
 
     bos = bos_id(tokenizer) if callable(tokenizer) and hasattr(tokenizer, "bos_token_id") else None  # HF tokenizers
 
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        zero = None
+        if lora is not None:
+            from . import lora as L
+
+            L.merge_adapters(model, lora.base, arrays.to_torch_state_dict(), lora.scale, lora.masks)
+            zero = L.zero_pattern_check(model, lora.masks) if lora.masks else None
+        else:
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         ppl = {name: _ppl(model, ids, cfg.eval_seqlen, cfg.eval_windows, bos) for name, ids in ev.items()}
-        prep.evals.append({"round": rnd, "ppl": ppl, "elapsed_s": time.time() - prep.t0})
+        prep.evals.append({"round": rnd, "ppl": ppl, "elapsed_s": time.time() - prep.t0, "zero_pattern": zero})
         if cfg.progress:
             if prep.bar is None:
                 prep.bar = tqdm(total=cfg.rounds, desc=f"fed {cfg.scheme}", unit="round")
@@ -265,6 +307,11 @@ def summarize(prep) -> dict:
             row.update(clients=cl, accepted=h["accepted"], down_bytes=down, up_bytes=up, fedavg_bytes=fed,
                        per_client_bytes=(down + up) / max(1, len(cl)), kept_previous_units=h["kept_previous_units"],
                        masked_sparsity=h["masked_sparsity"], round_seconds=round(h["seconds"], 2))
+            secs = [c["train_seconds"] for c in cl if "train_seconds" in c]
+            if secs:
+                row.update(client_train_seconds_mean=sum(secs) / len(secs), client_train_seconds_max=max(secs))
+        if ev.get("zero_pattern") is not None:
+            row.update(zero_pattern=ev["zero_pattern"], masked_sparsity=ev["zero_pattern"]["sparsity"])
         row.update(cum_bytes=cum, cum_fedavg_bytes=cum_fedavg)
         rows.append(row)
     n_params = sum(prep.unit_sizes.values())
@@ -272,8 +319,20 @@ def summarize(prep) -> dict:
     predicted = unit_params(prep.unit_sizes, cfg.scheme, cfg.keep_prob, prep.levels, probs)
     measured = [r["per_client_bytes"] for r in rows if "per_client_bytes" in r]
     final = rows[-1]["ppl"] if rows else {}
+    lora = None
+    if prep.lora is not None:
+        from . import lora as L
+
+        tokens = cfg.local_steps * cfg.batch_size * cfg.seqlen
+        depths = sorted(set(prep.depths or [prep.layout.n_blocks]))
+        lora = {"rank": prep.lora.rank, "alpha": prep.lora.alpha, "adapter_params": n_params,
+                "fixed_mask": prep.lora.masks is not None, "masked_sparsity_init": prep.lora.sparsity_init,
+                "client_cost": {str(d): L.client_cost(prep.model, d, prep.lora.rank, tokens) for d in depths}}
+    peak = [c["peak_rss_mib"] for r in rows for c in r.get("clients", []) if "peak_rss_mib" in c]
+    seconds = [r["round_seconds"] for r in rows if "round_seconds" in r]
     return {
         "config": asdict(cfg),
+        "lora": lora,
         "model": {"params": n_params, "blocks": prep.layout.n_blocks, "unit_params": prep.unit_sizes,
                   "masked_sparsity_init": masked_sparsity({k: v.numpy() for k, v in prep.initial.items()
                                                            if k in prep.masks}, prep.masks) if prep.masks else None},
@@ -286,6 +345,8 @@ def summarize(prep) -> dict:
                     "predicted_params_per_client_round": predicted,
                     "predicted_fp32_bytes_per_client_round": 4 * predicted,
                     "fedavg_params_per_client_round": 2 * n_params,
+                    "mean_round_seconds": sum(seconds) / len(seconds) if seconds else None,
+                    "client_peak_rss_mib": max(peak) if peak else None,
                     "wall_s": round(time.time() - prep.t0, 2)},
     }
 
@@ -335,36 +396,102 @@ def quiet_flower(verbose: bool) -> None:
     flwr_log.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def check_outputs(cfg: FedConfig) -> None:
+    """Before any work: the save directory may be written (absent, empty, or a layerprune run with force)."""
+    if cfg.save_dir:
+        from ..outputs import prepare_dir
+
+        prepare_dir(cfg.save_dir, cfg.force, inputs=[cfg.model], flag="--save", create=False)
+
+
 def run_federated(config: FedConfig | dict, model=None, tokenizer=None, domains: dict[str, list[str]] | None = None,
                   eval_texts: dict[str, str] | None = None) -> dict:
     """Run one FedLP experiment on Flower's simulation engine (Ray) and return its record.
 
     ``model``/``tokenizer`` (any object with ``encode(text) -> ids``) replace loading ``config.model``;
     ``domains`` (name -> documents) and ``eval_texts`` (name -> text) replace the local corpora.
+    With ``lora_rank`` the frozen base is handed to the simulated clients once, through a temporary
+    ``save_pretrained`` folder they load from (as deployed clients load ``config.model`` themselves).
     """
+    import tempfile
+
     from flwr.simulation import run_simulation
 
     cfg = config if isinstance(config, FedConfig) else FedConfig(**config)
+    check_outputs(cfg)
     quiet_flower(cfg.verbose)
     prep = prepare(cfg, model, tokenizer, domains, eval_texts)
     out: dict = {}
     server = make_server_app(prep.strategy, prep.initial, cfg.rounds, prep.evaluate, cfg.round_timeout, out)
-    client = make_client_app(prep.model.config, prep.shards, cfg.train_dict(), cfg.fail_clients)
-    cpus = max(1, os.cpu_count() or 1)
-    run_simulation(server, client, num_supernodes=cfg.clients,
-                   backend_config={"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": cpus, "logging_level": "error", "log_to_driver": True}})
+    cpus = cfg.sim_cpus or max(1, os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix="layerprune-fed-base-") as tmp:
+        if cfg.lora_rank:
+            prep.model.save_pretrained(tmp)  # the pristine base: no evaluation has merged adapters into it yet
+        client = make_client_app(prep.model.config, prep.shards, cfg.train_dict(), cfg.fail_clients,
+                                 base=tmp if cfg.lora_rank else None)
+        run_simulation(server, client, num_supernodes=cfg.clients,
+                       backend_config={"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": cpus, "logging_level": "error",
+                                                     "log_to_driver": True}})
     if "error" in out:
         raise out["error"]
     if "result" not in out:
         raise RuntimeError("the Flower simulation ended without a result (see the log above)")
     res = summarize(prep)
+    if cfg.save_dir:
+        res["saved"] = save_merged(prep, out["result"].arrays, res)
     return write(res, cfg)
+
+
+def save_merged(prep, arrays: ArrayRecord, result: dict) -> dict:
+    """Merge the final adapters into the base (mask re-applied), check the zero pattern, save a run directory."""
+    from ..models.info import measure_sparsity
+    from ..outputs import RECORD_NAME, finish_dir, prepare_dir
+    from ..record import read_record, save_run, versions
+    from . import lora as L
+
+    cfg, lora, model = prep.cfg, prep.lora, prep.model
+    L.merge_adapters(model, lora.base, arrays.to_torch_state_dict(), lora.scale, lora.masks)
+    zero = L.zero_pattern_check(model, lora.masks) if lora.masks else None
+    if zero and zero["pruned_now_nonzero"]:  # merge_adapters makes this impossible; checked because it is the claim
+        raise UserError(f"{zero['pruned_now_nonzero']} pruned weights are nonzero after merging; nothing was saved")
+    src = Path(cfg.model)
+    record = dict(read_record(src)) if (src / RECORD_NAME).is_file() else {"model": cfg.model}
+    sp_after = measure_sparsity(model)["overall"]
+    s = result["summary"]
+    record["federated_finetune"] = {
+        "source": cfg.model, "method": "fedlp-lora", "scheme": cfg.scheme, "config": asdict(cfg),
+        "ppl_per_round": [{"round": r["round"], "ppl": r["ppl"]} for r in result["rounds"]],
+        "eval": {"seqlen": cfg.eval_seqlen, "windows": cfg.eval_windows},
+        "sparsity_before": lora.measured_sparsity_init, "sparsity_after": sp_after, "zero_pattern": zero,
+        "zero_pattern_identical": zero is None or (zero["pruned_now_nonzero"] == 0 and zero["kept_now_zero"] == 0),
+        "total_bytes": s["total_bytes"], "fedavg_equivalent_bytes": s["fedavg_equivalent_bytes"]}
+    record["measured_sparsity"] = sp_after
+    record["versions"] = versions() | {"peft": _version("peft"), "flwr": _version("flwr")}
+    tok = prep.tokenizer if hasattr(prep.tokenizer, "save_pretrained") else None
+    work = prepare_dir(cfg.save_dir, force=cfg.force, inputs=[cfg.model], flag="--save")
+    save_run(model, tok, work, record)
+    finish_dir(work, Path(cfg.save_dir))
+    return {"dir": cfg.save_dir, "sparsity_before": lora.measured_sparsity_init, "sparsity_after": sp_after,
+            "zero_pattern": zero, "zero_pattern_identical": record["federated_finetune"]["zero_pattern_identical"]}
+
+
+def _version(pkg):
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def serve(cfg: FedConfig, grid) -> dict:
     """Deployment engine ServerApp body: same experiment, clients on remote SuperNodes."""
+    check_outputs(cfg)
     prep = prepare(cfg, with_shards=False)
-    prep.strategy.start(grid=grid, initial_arrays=prep.initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout,
-                        evaluate_fn=prep.evaluate)
-    return write(summarize(prep), cfg)
+    result = prep.strategy.start(grid=grid, initial_arrays=prep.initial, num_rounds=cfg.rounds,
+                                 timeout=cfg.round_timeout, evaluate_fn=prep.evaluate)
+    res = summarize(prep)
+    if cfg.save_dir:
+        res["saved"] = save_merged(prep, result.arrays, res)
+    return write(res, cfg)

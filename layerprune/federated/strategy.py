@@ -38,6 +38,7 @@ from .accounting import record_bytes
 from .depth import Layout
 
 SCHEMES = ("fedavg", "homo", "hetero")
+CLIENT_METRICS = ("train-loss", "train-seconds", "peak-rss-mib")
 
 
 def fixed_masks(state: dict[str, torch.Tensor], layout: Layout, min_sparsity: float = 0.01) -> dict[str, np.ndarray] | None:
@@ -181,6 +182,9 @@ class FedLPStrategy(FedAvg):
             c.update(status="ok", reason="", units=len({self.layout.unit(k) for k in arrays}))
             accepted.append((w, arrays))
             m = next(iter(msg.content.metric_records.values()))
+            for key in CLIENT_METRICS:  # what the client measured about itself (LoRA clients: seconds, memory)
+                if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool):
+                    c[key.replace("-", "_")] = float(m[key])
             if isinstance(m.get("train-loss"), (int, float)):
                 losses.append((w, float(m["train-loss"])))
         new, kept = {}, []

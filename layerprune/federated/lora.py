@@ -1,0 +1,296 @@
+"""FedLP over LoRA adapters (peft): the base model stays frozen on every client and is never sent.
+
+What travels is the LoRA factors of every decoder-block linear (the linears ``recovery.lora.prunable_linears``
+names): for module m, ``A_m`` (r x in) and ``B_m`` (out x r), named as peft's ``get_peft_model_state_dict`` names them
+(``base_model.model.<module>.lora_A.weight``). A unit ``block.i`` is every adapter tensor of block i, so FedLP's
+layer dropping (homo), depth prefixes (hetero) and the per-key aggregation of ``strategy.FedLPStrategy`` act on the
+adapters unchanged; FedAvg over A and B separately is FedAvg-LoRA (what Flower's FlowerTune baseline does).
+
+The global model is the merged one: every adapted linear W becomes
+
+    W' = W + M * (s B A),    s = alpha / r,    M = (W != 0) of the starting model, or all-ones for a dense model,
+
+so a pruned model keeps its exact zero pattern (the dense update would refill the pruned positions). Clients train
+with the dense update (as ``layerprune finetune`` does); the mask is applied where the weights are merged: on the
+server's evaluation model and on the saved result.
+
+A client of depth c (hetero) runs the first c blocks and exits through the base model's final norm and head, both
+frozen: it trains and exchanges the adapters of blocks < c only (``depth_view``).
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models.adapters import get_adapter
+from ..recovery.lora import prunable_linears
+from .depth import Layout
+
+PEFT_PREFIX = "base_model.model."  # peft's names of the wrapped model's modules
+
+
+def default_alpha(rank: int, alpha: float | None) -> float:
+    return float(2 * rank if alpha is None else alpha)
+
+
+def lora_layout(model: nn.Module) -> Layout:
+    """Units of the adapter tensors: ``block.i`` by the (peft-prefixed) block path; no embed or exit tensors."""
+    ad = get_adapter(model)
+    return Layout(PEFT_PREFIX + ad.blocks_path, (), ad.num_blocks(model))
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, Conv1D)  # GPT-2 style: weight is (in, out), peft sets fan_in_fan_out
+
+
+def attach(model: nn.Module, rank: int, alpha: float, seed: int = 0):
+    """``model`` wrapped by peft with LoRA (rank, alpha, no dropout) on every block linear; base frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    if rank < 1:
+        raise UserError(f"--lora-rank {rank} must be at least 1")
+    targets = list(prunable_linears(model))
+    fan = any(_is_conv1d(model.get_submodule(t)) for t in targets)
+    torch.manual_seed(seed)  # peft's A initialisation
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
+                     fan_in_fan_out=fan)
+    return get_peft_model(model, cfg)
+
+
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    """The LoRA tensors (float32 copies), peft's names without the adapter name."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_adapters(peft_model, state: dict[str, torch.Tensor]) -> None:
+    """Load (some of) the adapter tensors; a name the model does not have is refused."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    known = get_peft_model_state_dict(peft_model)
+    bad = [k for k in state if k not in known or tuple(known[k].shape) != tuple(state[k].shape)]
+    if bad:
+        raise ValueError(f"received adapter tensors do not fit this model: {bad[:3]}")
+    set_peft_model_state_dict(peft_model, state)
+
+
+def initial_adapters(model: nn.Module, rank: int, alpha: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Round-0 adapters (peft's init: A random, B = 0, so the merged model is the base); ``model`` is left as it was."""
+    pm = attach(model, rank, alpha, seed)
+    state = adapter_state(pm)
+    pm.unload()  # removes the LoRA layers, puts the original linears back
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    return state
+
+
+def module_of(key: str) -> tuple[str, str]:
+    """(module name in the base model, 'A' or 'B') of an adapter tensor name."""
+    if not key.startswith(PEFT_PREFIX) or ".lora_" not in key:
+        raise ValueError(f"{key!r} is not a LoRA adapter tensor name")
+    module, rest = key[len(PEFT_PREFIX):].rsplit(".lora_", 1)
+    return module, rest[0]
+
+
+def adapter_pairs(adapters: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A, B) as float32 tensors (numpy arrays accepted)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in adapters.items():
+        module, which = module_of(k)
+        parts.setdefault(module, {})[which] = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).float()
+    missing = [m for m, p in parts.items() if set(p) != {"A", "B"}]
+    if missing:
+        raise ValueError(f"adapters of {missing[:3]} lack their A or B factor")
+    return {m: (p["A"], p["B"]) for m, p in parts.items()}
+
+
+def delta(A: torch.Tensor, B: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+          transpose: bool = False) -> torch.Tensor:
+    """M * (s B A) in the weight's layout (``transpose`` for Conv1D weights, stored (in, out))."""
+    d = scale * (B @ A)
+    if transpose:
+        d = d.T
+    if mask is not None:
+        d = d.masked_fill(~mask, 0.0)
+    return d
+
+
+@torch.no_grad()
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the adapted linears' weights (what merging starts from every time)."""
+    return {name: mod.weight.detach().clone() for name, mod in prunable_linears(model).items()}
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module, base: dict[str, torch.Tensor], adapters: dict, scale: float,
+                   masks: dict[str, torch.Tensor] | None = None) -> None:
+    """Set every adapted linear (in place) to W + M * (s B A) from the base weights ``base``.
+
+    ``masks`` (module -> bool, True = kept): the pruned positions stay exactly zero whatever the adapters hold.
+    A linear without adapters gets its base weight back.
+    """
+    pairs = adapter_pairs(adapters)
+    unknown = [m for m in pairs if m not in base]
+    if unknown:
+        raise ValueError(f"adapters for modules the model does not adapt: {unknown[:3]}")
+    for name, w in base.items():
+        mod = model.get_submodule(name)
+        if name not in pairs:
+            mod.weight.copy_(w)
+            continue
+        A, B = pairs[name]
+        m = masks.get(name) if masks else None
+        merged = w + delta(A, B, scale, None, _is_conv1d(mod)).to(w.dtype)
+        if m is not None:
+            merged.masked_fill_(~m, 0.0)
+        mod.weight.copy_(merged)
+
+
+def masks_if_sparse(model: nn.Module, mode: str = "auto", min_sparsity: float = 0.01) -> dict[str, torch.Tensor] | None:
+    """Kept-masks (W != 0) of the adapted linears: always (``on``), never (``off``), or when >= 1% of them is zero."""
+    if mode == "off":
+        return None
+    masks = {name: mod.weight.detach() != 0 for name, mod in prunable_linears(model).items()}
+    total = sum(m.numel() for m in masks.values())
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    if mode == "auto" and (not total or zeros / total < min_sparsity):
+        return None
+    return masks
+
+
+@torch.no_grad()
+def zero_pattern_check(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
+    """Pruned positions now nonzero (must be 0), kept positions now exactly 0, and the sparsity of those linears."""
+    refilled = kept_zero = zeros = total = 0
+    for name, m in masks.items():
+        w = model.get_submodule(name).weight
+        refilled += int((w[~m] != 0).sum())
+        kept_zero += int((w[m] == 0).sum())
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return {"pruned_now_nonzero": refilled, "kept_now_zero": kept_zero, "sparsity": zeros / max(1, total)}
+
+
+@contextlib.contextmanager
+def depth_view(model: nn.Module, depth: int):
+    """Within the block, ``model`` (a plain or peft-wrapped causal LM) runs only its first ``depth`` blocks and
+    exits through its own final norm and head; the block list and config are restored afterwards."""
+    inner = model.base_model.model if hasattr(model, "peft_config") and hasattr(model, "base_model") else model
+    ad = get_adapter(inner)
+    blocks = ad.blocks(inner)
+    if depth >= len(blocks):
+        yield model
+        return
+    parent_path, attr = ad.blocks_path.rsplit(".", 1) if "." in ad.blocks_path else ("", ad.blocks_path)
+    parent = inner.get_submodule(parent_path)
+    cfg = inner.config
+    saved = {k: getattr(cfg, k) for k in ("num_hidden_layers", "layer_types") if hasattr(cfg, k)}
+    setattr(parent, attr, nn.ModuleList(list(blocks)[:depth]))
+    ad.truncate_config(cfg, depth)
+    try:
+        yield model
+    finally:
+        setattr(parent, attr, blocks)
+        for k, v in saved.items():
+            setattr(cfg, k, v)
+
+
+# --- clients -----------------------------------------------------------------------------------------------------
+_PEFT: dict[tuple, nn.Module] = {}  # per process: (base key, rank, alpha) -> peft-wrapped frozen base
+
+
+def cached_peft(key: str, load_fn, rank: int, alpha: float) -> nn.Module:
+    """The client's frozen base wrapped with LoRA, loaded once per process (``load_fn() -> model``)."""
+    k = (key, int(rank), float(alpha))
+    if k not in _PEFT:
+        _PEFT.clear()  # one base per process
+        base = load_fn().float().eval()
+        _PEFT[k] = attach(base, int(rank), float(alpha))
+    return _PEFT[k]
+
+
+def load_saved(path: str) -> nn.Module:
+    """A base model written by ``save_pretrained`` (the simulation's hand-off of the frozen base to its clients)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def client_round(content, peft_model, ids: torch.Tensor, train: dict, partition: int):
+    """One client's LoRA round: load the received adapters, train those of its first ``depth`` blocks for
+    ``local_steps`` AdamW steps, reply with them (homo: each block's adapters with probability ``keep-prob``)."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    from .apps import local_train
+
+    cfg = content["config"]
+    depth, rnd = int(cfg["depth"]), int(cfg["server-round"])
+    inner = peft_model.base_model.model
+    layout = lora_layout(inner)
+    received = content["arrays"].to_torch_state_dict()
+    load_adapters(peft_model, received)
+    shared = {f"block.{i}" for i in range(depth)}
+    missing = [k for k in adapter_state(peft_model) if layout.unit(k) in shared and k not in received]
+    if missing:
+        raise ValueError(f"a depth-{depth} client did not receive {missing[:3]}")
+    seed = int(train.get("seed", 0)) * 1_000_003 + rnd * 1009 + partition
+    t0 = time.time()
+    with depth_view(peft_model, depth):
+        loss = local_train(peft_model, ids, int(train["local_steps"]), int(train["batch_size"]), int(train["seqlen"]),
+                           float(train["lr"]), seed)
+    seconds = time.time() - t0
+    units = [u for u in layout.units() if u in shared]
+    if cfg["scheme"] == "homo":
+        rng = np.random.default_rng(seed)
+        units = [u for u in units if rng.random() < float(cfg["keep-prob"])]
+    keep = set(units)
+    send = {k: v for k, v in adapter_state(peft_model).items() if layout.unit(k) in keep}
+    metrics = MetricRecord({"num-examples": int(ids.numel()), "train-loss": loss if np.isfinite(loss) else -1.0,
+                            "units-sent": len(units), "depth": depth, "train-seconds": float(seconds),
+                            "peak-rss-mib": float(peak_rss_mib())})
+    return RecordDict({"arrays": ArrayRecord(send), "metrics": metrics})
+
+
+# --- accounting ----------------------------------------------------------------------------------------------------
+def client_cost(model: nn.Module, depth: int, rank: int, tokens_per_round: int) -> dict:
+    """Per client per round at depth ``depth``: parameter memory and an estimate of training FLOPs.
+
+    Forward FLOPs per token ~ 2 x (weights of the block linears run + output head); with the base frozen the backward
+    pass needs input gradients only (about one forward more) plus the small adapter gradients, so training ~ 2 x
+    forward. Memory: the base weights the client runs (fp32) + adapters x 4 (weights, gradients, two AdamW moments).
+    Attention-score FLOPs (seqlen-dependent) are left out.
+    """
+    ad = get_adapter(model)
+    lin = prunable_linears(model)
+    blocks = set(range(depth))
+    prefix = ad.blocks_path + "."
+    run_lin = sum(m.weight.numel() for n, m in lin.items() if int(n[len(prefix):].split(".")[0]) in blocks)
+    adapters = sum(rank * sum(m.weight.shape) for n, m in lin.items() if int(n[len(prefix):].split(".")[0]) in blocks)
+    head = model.get_output_embeddings().weight.numel()
+    seen, base_params = set(), 0
+    for name, p in model.named_parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        if name.startswith(prefix) and int(name[len(prefix):].split(".")[0]) not in blocks:
+            continue
+        base_params += p.numel()
+    fwd = 2 * (run_lin + head)
+    return {"depth": depth, "forward_flops_per_token": fwd, "train_flops_per_round": 2 * fwd * tokens_per_round,
+            "base_param_bytes": 4 * base_params, "adapter_params": adapters,
+            "adapter_train_bytes": 4 * 4 * adapters, "param_memory_bytes": 4 * base_params + 16 * adapters}
