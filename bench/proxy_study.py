@@ -186,6 +186,60 @@ def truth(args) -> None:
         del model
 
 
+# proxy families: one pruning per allocation, then per-window NLL and KL on up to WINDOWS validation windows; a proxy
+# is (family, metric, number of windows), e.g. "oneshot ppl 8" (today's) = the mean NLL of the first 8 windows
+FAMILIES = {"oneshot": 0, "prop4": 4, "prop2": 2}  # name -> calibration windows pruned through with propagation
+WINDOWS = 16
+
+
+def proxies(args) -> None:
+    from layerprune.allocation.dsa.proxy import Proxy, dense_logprobs, eval_windows, window_scores
+    from layerprune.data import resolve_data_dir
+    from layerprune.data.bos import bos_id
+    from layerprune.evaluation.perplexity import tokenize_corpus
+
+    path = OUT / "proxies.jsonl"
+    done = {(r["family"], r["name"]) for r in read_jsonl(path)}
+    rows = read_jsonl(OUT / "truth.jsonl")
+    families = [f for f in FAMILIES if not args.only or f in args.only.split(",")]
+    todo = [(f, r) for f in families for r in rows if (f, r["name"]) not in done]
+    if not todo:
+        print("proxies: nothing to do")
+        return
+    dense, tok = load_model(MODEL, "float32")
+    valid = tokenize_corpus(tok, "wikitext2-valid", resolve_data_dir(None), 512)
+    bos = bos_id(tok)
+    t0 = time.perf_counter()
+    calib = calibration(tok).ids
+    proxy = Proxy(dense, calib, valid, TARGET, windows=8, bos=bos)  # bfloat16, as in the search
+    windows = eval_windows(valid, 512, WINDOWS, bos)
+    ref = dense_logprobs(proxy.model, windows)
+    print(f"setup {time.perf_counter() - t0:.0f}s", flush=True)
+    for fam, row in todo:
+        proxy.propagate = FAMILIES[fam]
+        proxy.prop_calib = calib[:FAMILIES[fam]] if FAMILIES[fam] else None
+        t1 = time.perf_counter()
+        proxy.apply(row["block_sparsity"])
+        t2 = time.perf_counter()
+        per_window = []
+        nll, kl = [], []
+        for w in range(WINDOWS):
+            t = time.perf_counter()
+            a, b = window_scores(proxy.model, windows[w:w + 1], ref[w:w + 1])
+            per_window.append(time.perf_counter() - t)
+            nll += a
+            kl += b
+        rec = {"family": fam, "name": row["name"], "nll": nll, "kl": kl, "apply_seconds": t2 - t1,
+               "window_seconds": per_window, "threads": torch.get_num_threads(), "commit": code_version()["commit"]}
+        append_jsonl(path, rec)
+        print(f"{fam} {row['name']}: ppl8 {math.exp(sum(nll[:8]) / 8):.2f}  kl8 {sum(kl[:8]) / 8:.4f}  "
+              f"apply {t2 - t1:.1f}s  windows {sum(per_window):.1f}s", flush=True)
+
+
+def report(args) -> None:
+    pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("stage", choices=["truth", "proxies", "report"])
@@ -193,7 +247,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    {"truth": truth}[args.stage](args)
+    {"truth": truth, "proxies": proxies, "report": report}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     ``nsamples`` windows of ``seqlen`` tokens are drawn from ``calib`` with ``seed`` like the reference code.
     ``block_stats``: the allocator's per-block statistics if already computed (``allocation.plan.allocation_statistics``
     on the same model and calibration): the dense pre-pass is skipped.
+    ``allocation="auto"``: the allocation is chosen first (``allocation.auto.choose``: candidates scored by a proxy on
+    the WikiText-2 validation split, which needs ``tokenizer`` and the data directory); the record's
+    ``allocation_auto`` says what was tried, the proxy values and why the choice was made.
     """
     if isinstance(nm, str):
         nm = parse_nm(nm)
@@ -51,6 +54,9 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                       true_sequential=true_sequential, batch_size=batch_size, compute_dtype=compute_dtype,
                       offload=offload, skip=tuple(skip))
     cfg.validate()
+    auto = allocation.strip().lower() == "auto"
+    if auto:  # checked before any work
+        _check_auto(cfg, tokenizer, skip)
     t0 = time.perf_counter()
     if calibration is None:
         if tokenizer is None:
@@ -64,9 +70,18 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
         ids = calibration
         calib_info = {"source": "given", "nsamples": ids.shape[0], "seqlen": ids.shape[1], "seed": seed}
     t_calib = time.perf_counter() - t0
+    report = None
+    if auto:
+        report = _choose_auto(model, tokenizer, ids, cfg, data_dir, batch_size, progress)
+        cfg.allocation, cfg.allocation_options = report["spec"], {**report["options"], **{
+            k: v for k, v in cfg.allocation_options.items() if k in ("lo", "hi")}}
+        block_stats = report["block_stats"]
     record = prune_model(model, ids, cfg, device=device, out_dir=out_dir, resume=resume, store=store,
                          progress=progress, block_stats=block_stats)
     record["timings"]["calibration_data"] = t_calib
+    if report is not None:
+        record["allocation_auto"] = {k: v for k, v in report.items() if k != "block_stats"}
+        record["timings"]["auto_choice"] = report["seconds"]["total"]
     record["calibration"] = calib_info
     record["seed"] = calib_info.get("seed", seed)
     if offload != "disk":  # with disk offload the blocks are not in memory; "achieved" per layer says it
@@ -84,3 +99,31 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                              else {"calibration": f"token ids {ids.shape[0]} x {ids.shape[1]}"}),
                           "compute_dtype": compute_dtype, "true_sequential": true_sequential, "skip": list(skip)}
     return record
+
+
+def _check_auto(cfg: PruneConfig, tokenizer, skip) -> None:
+    if tokenizer is None:
+        raise UserError("allocation 'auto' scores candidates on WikiText-2 validation text: pass the tokenizer")
+    if cfg.nm is not None:
+        raise UserError("allocation 'auto' chooses per-block sparsities; it does not combine with N:M: pick an "
+                        "allocation yourself for --nm")
+    if skip:
+        raise UserError("allocation 'auto' prunes every linear in its proxy; it does not combine with --skip")
+    if cfg.offload == "disk":
+        raise UserError("allocation 'auto' scores candidates on a copy of the model in memory; it does not combine "
+                        "with --offload disk")
+    if not 0.0 < cfg.sparsity < 1.0:
+        raise UserError(f"allocation 'auto' needs a sparsity in (0, 1), got {cfg.sparsity}")
+
+
+def _choose_auto(model, tokenizer, ids, cfg: PruneConfig, data_dir, batch_size: int, progress: bool) -> dict:
+    from .allocation.auto import choose
+    from .data.bos import bos_id
+    from .evaluation.perplexity import check_seqlen, tokenize_corpus
+
+    seqlen = check_seqlen(model, None, default=512)  # the search's windows, capped at the model's maximum
+    valid = tokenize_corpus(tokenizer, "wikitext2-valid", resolve_data_dir(data_dir), seqlen)
+    opts = cfg.allocation_options
+    return choose(model, ids, valid, cfg.sparsity, proxy=opts.get("proxy", "oneshot"), lo=opts.get("lo", 0.0),
+                  hi=opts.get("hi", 0.99), seqlen=seqlen, batch_size=batch_size, bos=bos_id(tokenizer),
+                  progress=progress)

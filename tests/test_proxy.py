@@ -60,3 +60,56 @@ def test_proxy_settings_are_checked():
         make_proxy(metric="acc")
     with pytest.raises(UserError, match="calibration windows"):
         make_proxy(propagate=9)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --allocation auto
+
+def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path):
+    from conftest import tiny_tokenizer
+
+    from layerprune.allocation.auto import CANDIDATES
+
+    tok = tiny_tokenizer()
+    data = tmp_path / "data"
+    _tiny_wikitext(data)
+    model = tiny_model("llama", layers=4)
+    rec = prune(model, tok, sparsity=0.7, allocation="auto", calibration=calib(), data_dir=data, progress=False)
+    a = rec["allocation_auto"]
+    tried = [r for r in a["tried"] if r["value"] is not None]
+    assert len(a["tried"]) == len(CANDIDATES) and tried
+    best = min(tried, key=lambda r: r["value"])
+    assert a["chosen"] == best["label"]
+    uni = next(r for r in tried if r["spec"] == "uniform")
+    assert best["value"] <= uni["value"]  # never worse than uniform by the proxy
+    assert rec["allocation"]["block"] == pytest.approx(best["block_sparsity"], abs=1e-12)
+    assert rec["allocation"]["name"] == best["spec"]
+    # the same pruned weights as a run with the chosen allocation given by hand (its pre-pass computed by the engine)
+    ref = tiny_model("llama", layers=4)
+    prune(ref, tok, sparsity=0.7, allocation=best["spec"], allocation_options=best["options"], calibration=calib(),
+          progress=False)
+    for x, y in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(x, y)
+    assert "auto_choice" in rec["timings"] and a["reason"]
+
+
+def test_auto_is_refused_where_it_cannot_run():
+    with pytest.raises(UserError, match="tokenizer"):
+        prune(tiny_model("llama"), None, sparsity=0.7, allocation="auto", calibration=calib(), progress=False)
+    from conftest import tiny_tokenizer
+    with pytest.raises(UserError, match="N:M"):
+        prune(tiny_model("llama"), tiny_tokenizer(), nm="2:4", allocation="auto", calibration=calib(), progress=False)
+    with pytest.raises(UserError, match="unknown"):
+        from layerprune.allocation import get_allocator
+        get_allocator("auto", proxy="nope")
+
+
+def _tiny_wikitext(data):
+    """A WikiText-2 validation file (byte-level tiny tokenizer: 8 windows need a few KB), as a data directory holds it."""
+    import random
+
+    rng = random.Random(0)
+    words = "the of and to in a is was for on as with by he at from his an were are which this".split()
+    (data / "wikitext-2").mkdir(parents=True)
+    (data / "wikitext-2" / "wiki.valid.tokens").write_text(
+        "\n".join(" " + " ".join(rng.choice(words) for _ in range(40)) + " ." for _ in range(120)) + "\n")

@@ -127,7 +127,7 @@ def run(args) -> int:
                        allocation_options=alloc_opts, solver_options=solver_opts, calibration=calib,
                        calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
                        true_sequential=args.true_sequential, batch_size=args.batch_size, skip=cfg.skip,
-                       out_dir=work, resume=args.resume, store=store)
+                       out_dir=work, resume=args.resume, store=store, data_dir=data_dir)
     record["model"] = args.model
     record["command_line"] = getattr(args, "command_line", None)  # shown in the run's model card
     resolved = {"model": _model_path(args.model), "allocation": _inline_user_file(args.allocation),
@@ -175,6 +175,10 @@ def run(args) -> int:
     if params["after"] != params["before"]:
         print(f"parameters {params['before']:,} -> {params['after']:,} "
               f"({params['after'] / params['before']:.3f}x, {1 - params['after'] / params['before']:.1%} removed)")
+    if "allocation_auto" in record:
+        a = record["allocation_auto"]
+        print(f"allocation auto: chose {a['chosen']} ({a['reason']}); {len(a['tried'])} candidates scored by the "
+              f"{a['proxy']['name']} proxy in {a['seconds']['total']:.1f}s")
     t = record["timings"]
     print(f"pruned in {t['total']:.1f}s ("
           + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total")
