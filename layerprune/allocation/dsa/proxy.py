@@ -157,6 +157,7 @@ class Proxy:
         self.eval_ids, self.seqlen, self.windows = eval_ids.reshape(-1), seqlen, windows
         self.eval_batch_size, self.bos = eval_batch_size, bos  # bos: an id starting every window (data.bos)
         self.metric, self.propagate, self.dtype = metric, int(propagate), dtype
+        self.max_windows = windows if metric == "kl" else eval_ids.numel() // seqlen
         self.prop_calib = calib[:propagate].clone() if propagate else None
         self.adapter = get_adapter(model)
         self.stats_passes = 0  # dense calibration passes run by this proxy (0 when the norms came from the cache)
@@ -278,6 +279,16 @@ class Proxy:
         if not math.isfinite(ppl):
             raise InvalidCandidate(f"non-finite perplexity {ppl}")
         return ppl
+
+    def evaluate_on(self, block_sparsity, windows: int) -> float:
+        """``evaluate_allocation`` on the first ``windows`` validation windows (the level search's growing stages)."""
+        if not 1 <= windows <= self.max_windows:
+            raise UserError(f"the proxy holds {self.max_windows} validation windows, {windows} were asked for")
+        old, self.windows = self.windows, windows
+        try:
+            return self.evaluate_allocation(block_sparsity)
+        finally:
+            self.windows = old
 
     def counts(self, block_sparsity) -> tuple[int, ...]:
         """Weights pruned per linear, round(s * numel): equal counts give the same pruned model."""

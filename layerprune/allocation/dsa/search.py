@@ -88,8 +88,12 @@ class _Run:
     """What both searches share: the log (and its cache of fitness values), the budgets, the best, the progress line."""
 
     def __init__(self, fitness: Fitness, kind: str, seed: int, log_path, resume: bool, time_budget_s, max_candidates,
-                 progress: bool, callback, signature=None):
+                 progress: bool, callback, signature=None, evaluate_batch=None):
         self.fitness, self.kind, self.seed, self.callback = fitness, kind, seed, callback
+        # batched mode (evaluate_batch: [function key] -> [(fitness, error or None, seconds)], e.g. on Ray workers):
+        # candidates are reserved (``pending``) as they are drawn and evaluated together; the draws see the same
+        # "already seen" sets as the serial run, so the trajectory and the log are the same
+        self.evaluate_batch, self.pending = evaluate_batch, {}
         self.signature, self.signatures, self.sigs, self.n_equivalent = signature, {}, set(), 0
         self.log_path = Path(log_path)
         if time_budget_s is not None and time_budget_s < 0 or max_candidates is not None and max_candidates < 0:
@@ -110,7 +114,7 @@ class _Run:
         self.bar = tqdm(total=max_candidates, disable=not progress, unit="cand", desc=f"dsa {kind}", dynamic_ncols=True)
 
     def stop_reason(self) -> str | None:
-        if self.max_candidates is not None and len(self.seen) >= self.max_candidates:
+        if self.max_candidates is not None and len(self.seen) + len(self.pending) >= self.max_candidates:
             return "max_candidates"
         if self.time_budget_s is not None and time.monotonic() - self.start >= self.time_budget_s:
             return "time_budget"
@@ -132,7 +136,7 @@ class _Run:
         after 100 misses, random functions."""
         for tries in range(10_000):
             f = make() if tries < 100 else random_function(rng)
-            if f.key in self.seen:
+            if f.key in self.seen or f.key in self.pending:
                 continue
             sig = self._signature(f)
             if sig is not None and sig in self.sigs:
@@ -141,7 +145,26 @@ class _Run:
             return f
         return None
 
-    def evaluate(self, f: AllocationFunction, generation: int) -> float:
+    def reserve(self, f: AllocationFunction, generation: int) -> AllocationFunction:
+        """Batched mode: hold f for the next ``flush`` (it counts as seen, its signature as evaluated)."""
+        f = f.canonical()
+        self.pending[f.key] = (f, generation)
+        sig = self._signature(f)
+        if sig is not None:
+            self.sigs.add(sig)
+        return f
+
+    def flush(self) -> dict[str, float]:
+        """Evaluate the reserved candidates as one batch, then log them in the order they were drawn."""
+        todo = [k for k in self.pending if k not in self.logged]
+        results = dict(zip(todo, self.evaluate_batch(todo))) if todo else {}
+        out = {}
+        for key, (f, generation) in list(self.pending.items()):
+            out[key] = self.evaluate(f, generation, results.get(key))
+        self.pending.clear()
+        return out
+
+    def evaluate(self, f: AllocationFunction, generation: int, result=None) -> float:
         f = f.canonical()
         key = f.key
         rec = self.logged.get(key)
@@ -150,12 +173,16 @@ class _Run:
             self.n_failed += rec["status"] != "ok"
         else:
             t0, error = time.monotonic(), None
-            try:
-                fit = float(self.fitness(f))
-                if not math.isfinite(fit):
-                    error = f"non-finite fitness {fit}"
-            except Exception as e:  # a failed candidate must never stop the search
-                error = f"{type(e).__name__}: {e}"
+            if result is not None:  # evaluated in a batch
+                fit, error, secs = result
+                t0 = time.monotonic() - secs
+            else:
+                try:
+                    fit = float(self.fitness(f))
+                    if not math.isfinite(fit):
+                        error = f"non-finite fitness {fit}"
+                except Exception as e:  # a failed candidate must never stop the search
+                    error = f"{type(e).__name__}: {e}"
             if error is not None:
                 fit = math.inf
                 self.n_failed += 1
@@ -255,10 +282,13 @@ def evolutionary_search(fitness: Fitness, *, seed: int = 0, population: int = 20
                         time_budget_s: float | None = None, max_candidates: int | None = None, tournament: int = 3,
                         crossover_prob: float = 0.5, mutation_prob: float = 0.5, elitism: int = 2,
                         log_path, resume: bool = False, progress: bool = True,
-                        callback: Callable[[dict], None] | None = None, signature=None) -> SearchResult:
+                        callback: Callable[[dict], None] | None = None, signature=None,
+                        evaluate_batch=None) -> SearchResult:
     """Evolve allocation functions; lower fitness is better. ``generations`` counts generations after the initial
     random population (generation 0). Stops at the first of: generations done, ``max_candidates`` evaluated, time.
-    ``signature``: f -> hashable; candidates equivalent to an evaluated one are skipped (see the module doc)."""
+    ``signature``: f -> hashable; candidates equivalent to an evaluated one are skipped (see the module doc).
+    ``evaluate_batch``: [function key] -> [(fitness, error or None, seconds)]: a generation's candidates are drawn
+    first and evaluated together (e.g. on Ray workers, ``ray_search``), with the same log as the serial search."""
     if population < 2 or not 1 <= tournament <= population or not 0 <= elitism < population or generations < 0:
         raise UserError("evolution needs population >= 2, 1 <= tournament <= population, "
                         f"0 <= elitism < population, generations >= 0 (got {population}, {tournament}, {elitism}, "
@@ -267,54 +297,79 @@ def evolutionary_search(fitness: Fitness, *, seed: int = 0, population: int = 20
         raise UserError("crossover_prob and mutation_prob must lie in [0, 1]")
     rng = random.Random(seed)
     run = _Run(fitness, "evolution", seed, log_path, resume, time_budget_s, max_candidates, progress, callback,
-               signature)
+               signature, evaluate_batch)
+    batched = evaluate_batch is not None
 
-    pop: list[tuple[float, AllocationFunction]] = []
+    def add(members, f, g):  # serial: evaluate now; batched: reserve, the fitness comes with the flush
+        if batched:
+            members.append([None, run.reserve(f, g)])
+        else:
+            members.append([run.evaluate(f, g), f])
+
+    def settle(members):
+        if batched and run.pending:
+            fits = run.flush()
+            for m in members:
+                if m[0] is None:
+                    m[0] = fits[m[1].key]
+        return [(m[0], m[1]) for m in members]
+
+    pop: list = []
     while len(pop) < population:
         if (why := run.stop_reason()) is not None:
-            return run.result(why, 0, sorted(pop, key=lambda p: p[0]))
+            return run.result(why, 0, sorted(settle(pop), key=lambda p: p[0]))
         f = run.novel(lambda: random_function(rng), rng)
         if f is None:
-            return run.result("exhausted", 0, sorted(pop, key=lambda p: p[0]))
-        pop.append((run.evaluate(f, 0), f))
+            return run.result("exhausted", 0, sorted(settle(pop), key=lambda p: p[0]))
+        add(pop, f, 0)
+    pop = settle(pop)
 
     def child(ranked):
         a = tournament_select(ranked, tournament, rng)
         c = crossover(a, tournament_select(ranked, tournament, rng), rng) if rng.random() < crossover_prob else a
-        if rng.random() < mutation_prob or c.key in run.seen:
+        if rng.random() < mutation_prob or c.key in run.seen or c.key in run.pending:
             c = mutate(c, rng)
         return c
 
     for g in range(1, generations + 1):
         ranked = sorted(pop, key=lambda p: p[0])  # stable: ties keep their order
-        nxt = ranked[:elitism]
+        nxt = [list(p) for p in ranked[:elitism]]
         while len(nxt) < population:
             if (why := run.stop_reason()) is not None:
-                return run.result(why, g - 1, sorted(nxt + ranked[elitism:], key=lambda p: p[0])[:population])
+                return run.result(why, g - 1, sorted(settle(nxt) + ranked[elitism:], key=lambda p: p[0])[:population])
             f = run.novel(lambda: child(ranked), rng)
             if f is None:
+                settle(nxt)
                 return run.result("exhausted", g - 1, ranked)
-            nxt.append((run.evaluate(f, g), f))
-        pop = nxt
+            add(nxt, f, g)
+        pop = settle(nxt)
     return run.result("generations", generations, sorted(pop, key=lambda p: p[0]))
 
 
 def random_search(fitness: Fitness, *, seed: int = 0, time_budget_s: float | None = None,
                   max_candidates: int | None = None, log_path, resume: bool = False, progress: bool = True,
-                  callback: Callable[[dict], None] | None = None, signature=None) -> SearchResult:
+                  callback: Callable[[dict], None] | None = None, signature=None, evaluate_batch=None,
+                  batch: int = 8) -> SearchResult:
     """The baseline: distinct uniform random functions until ``max_candidates`` or the time budget is used up
-    (``signature``: as in ``evolutionary_search``)."""
+    (``signature``, ``evaluate_batch``: as in ``evolutionary_search``; batched, ``batch`` candidates at a time)."""
     if time_budget_s is None and max_candidates is None:
         raise UserError("random search needs a budget: set time_budget_s and/or max_candidates")
     rng = random.Random(seed)
     run = _Run(fitness, "random", seed, log_path, resume, time_budget_s, max_candidates, progress, callback,
-               signature)
+               signature, evaluate_batch)
     while (why := run.stop_reason()) is None:
         f = run.novel(lambda: random_function(rng), rng)
         if f is None:
             why = "exhausted"
             break
-        run.evaluate(f, 0)
+        if evaluate_batch is None:
+            run.evaluate(f, 0)
+        else:
+            run.reserve(f, 0)
+            if len(run.pending) >= batch:
+                run.flush()
+    if run.pending:
+        run.flush()
     return run.result(why, 0)
 
 

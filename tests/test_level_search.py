@@ -1,0 +1,113 @@
+"""Level search (EvoPress) and the Ray path of the allocation searches (tiny models, CPU)."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from layerprune.allocation.dsa.proxy import Proxy
+from layerprune.allocation.dsa.search import evolutionary_search, random_search
+from layerprune.allocation.levels import LevelSpace, level_search
+from layerprune.errors import UserError
+
+
+def test_levels_keep_the_weighted_budget_and_the_bounds():
+    sizes = [100, 300, 200, 200, 50]
+    sp = LevelSpace(sizes, 0.7, step=0.02, lo=0.5, hi=0.9)
+    rng = random.Random(0)
+    lv = [0] * 5
+    for _ in range(300):
+        lv = sp.mutate(lv, rng, max_moves=3)
+        s = np.array(sp.sparsity(lv))
+        assert sum(lv) == 0
+        assert (s >= 0.5 - 1e-12).all() and (s <= 0.9 + 1e-12).all()
+        assert float((s * sizes).sum() / sum(sizes)) == pytest.approx(0.7, abs=1e-12)
+    assert len({tuple(sp.mutate([0] * 5, rng)) for _ in range(50)}) > 5  # it moves
+    with pytest.raises(UserError):
+        sp.sparsity([1, 0, 0, 0, 0])
+
+
+def _quadratic(goal):
+    """A fitness with a known optimum: squared distance to ``goal`` (windows add a little noise-free weight)."""
+    def f(bs, windows):
+        return float(((np.array(bs) - goal) ** 2).sum()) * (1 + 0.01 / windows)
+    return f
+
+
+def test_level_search_moves_towards_the_optimum_and_is_deterministic(tmp_path):
+    sp = LevelSpace([10] * 6, 0.7, step=0.02)
+    goal = np.array(sp.sparsity([3, 2, 1, -1, -2, -3]))
+    runs = []
+    for k in range(2):
+        r = level_search(_quadratic(goal), sp, seed=3, offspring=6, stages=((1, 3), (4, 1)), max_candidates=240,
+                         log_path=tmp_path / f"l{k}.jsonl")
+        runs.append(r)
+    r = runs[0]
+    assert r.history[0] > r.best_fitness and r.history == sorted(r.history, reverse=True)  # elitist: never worse
+    assert r.best_fitness < 0.1 * r.history[0]
+    assert r.n_candidates == 240 and r.stopped == "max_candidates"
+    logs = [[(x["levels"], x["fitness"]) for x in map(json.loads, (tmp_path / f"l{k}.jsonl").read_text().split("\n")[:-1])]
+            for k in range(2)]
+    assert logs[0] == logs[1]
+    with pytest.raises(UserError, match="survivor"):
+        level_search(_quadratic(goal), sp, stages=((1, 3), (4, 2)), max_candidates=5, log_path=tmp_path / "x.jsonl")
+
+
+def _calib(seed=0, n=4, seqlen=32):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def test_level_search_on_the_proxy_keeps_the_budget(tmp_path):
+    p = Proxy(tiny_model("llama", layers=4), _calib(), _calib(1, 1, 400), 0.7, seqlen=32, windows=4, dtype="float32")
+    sp = LevelSpace(p.weights, 0.7, step=0.05)
+    r = level_search(p.evaluate_on, sp, seed=0, offspring=4, stages=((1, 2), (4, 1)), max_candidates=8,
+                     log_path=tmp_path / "l.jsonl")
+    assert r.best_fitness <= r.history[0]
+    s = r.best_sparsity
+    assert sum(w * x for w, x in zip(p.weights, s)) / sum(p.weights) == pytest.approx(0.7, abs=1e-12)
+
+
+def _records(path, key="function"):
+    return [(r[key], r.get("windows"), r["status"]) for r in map(json.loads, path.read_text().split("\n")[:-1])]
+
+
+def _fitness(path):
+    return [r["fitness"] if r["fitness"] is not None else float("inf")
+            for r in map(json.loads, path.read_text().split("\n")[:-1])]
+
+
+def _same(a, b):
+    """The same logged candidates, and the same fitness (to float noise between processes)."""
+    assert _records(a) == _records(b)
+    assert _fitness(a) == pytest.approx(_fitness(b), rel=1e-3)  # kernels of another process: summation order
+
+
+def test_ray_searches_log_the_same_candidates_and_fitness_as_serial(tmp_path):
+    pytest.importorskip("ray")
+    from layerprune.allocation.ray_search import ProxyFactory, RayEvaluator
+
+    torch.set_num_threads(1)  # the Ray workers run with one thread: the same arithmetic
+    model, calib, ev = tiny_model("llama", layers=4), _calib(), _calib(1, 1, 400)
+    kw = dict(seqlen=32, windows=4, dtype="float32")
+    serial = Proxy(model, calib, ev, 0.7, **kw)
+    evaluator = RayEvaluator(ProxyFactory(tiny_model("llama", layers=4), calib, ev, 0.7, **kw), workers=2)
+    try:
+        common = dict(seed=5, max_candidates=14, progress=False, signature=serial.signature)
+        evolutionary_search(serial.fitness, population=6, log_path=tmp_path / "s.jsonl", **common)
+        evolutionary_search(serial.fitness, population=6, log_path=tmp_path / "r.jsonl", evaluate_batch=evaluator.dsa,
+                            **common)
+        assert len(_records(tmp_path / "s.jsonl")) == 14
+        _same(tmp_path / "s.jsonl", tmp_path / "r.jsonl")
+        random_search(serial.fitness, log_path=tmp_path / "rs.jsonl", **common)
+        random_search(serial.fitness, log_path=tmp_path / "rr.jsonl", evaluate_batch=evaluator.dsa, batch=4, **common)
+        _same(tmp_path / "rs.jsonl", tmp_path / "rr.jsonl")
+        sp = LevelSpace(serial.weights, 0.7, step=0.05)
+        lk = dict(seed=2, offspring=4, stages=((1, 2), (4, 1)), max_candidates=8)
+        level_search(serial.evaluate_on, sp, log_path=tmp_path / "ls.jsonl", **lk)
+        level_search(None, sp, log_path=tmp_path / "lr.jsonl", evaluate_batch=evaluator.levels, **lk)
+        assert _records(tmp_path / "ls.jsonl", "levels") == _records(tmp_path / "lr.jsonl", "levels")
+        assert _fitness(tmp_path / "ls.jsonl") == pytest.approx(_fitness(tmp_path / "lr.jsonl"), rel=1e-3)
+    finally:
+        evaluator.close()
