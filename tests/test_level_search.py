@@ -111,3 +111,34 @@ def test_ray_searches_log_the_same_candidates_and_fitness_as_serial(tmp_path):
         assert _fitness(tmp_path / "ls.jsonl") == pytest.approx(_fitness(tmp_path / "lr.jsonl"), rel=1e-3)
     finally:
         evaluator.close()
+
+
+def test_cli_evopress_writes_a_usable_allocation(tmp_path, text_corpus, capsys):
+    from conftest import tiny_tokenizer
+
+    from layerprune import prune
+    from layerprune.cli import main
+
+    d = tmp_path / "tiny"
+    tiny_model("llama", layers=4).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    out = tmp_path / "evo"
+    base = ["search-allocation", "--model", str(d), "--data-dir", str(text_corpus), "--sparsity", "0.7",
+            "--nsamples", "4", "--seqlen", "32", "--eval-windows", "3", "--rescore-windows", "3",
+            "--proxy-dtype", "float32", "--strategy", "evopress", "--level-step", "0.05", "--offspring", "4",
+            "--stages", "1:2,3:1", "--max-candidates", "8", "--out", str(out)]
+    assert main(base) == 0
+    assert "candidates/min" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    bs = json.loads((out / "best_allocation.json").read_text())["block_sparsity"]
+    assert s["search"]["n_candidates"] == 8 and abs(sum(bs) / 4 - 0.7) < 1e-12 and s["rescore_fitness"] > 0
+    log = [json.loads(x) for x in (out / "search.jsonl").read_text().splitlines()]
+    assert len(log) == 1 + 2 * (4 + 2) and {r["windows"] for r in log} == {1, 3}  # parent; 2 generations: 4, then 2
+    rec = prune(tiny_model("llama", layers=4), sparsity=0.7, allocation=f"user:{out / 'best_allocation.json'}",
+                calibration=_calib(), progress=False)
+    assert rec["allocation"]["block"] == pytest.approx(bs, abs=1e-12)
+    for extra, word in [(["--stages", "1:2,3:2"], "last keeps 1"), (["--stages", "9:1"], "eval-windows"),
+                        (["--workers", "0"], "workers")]:
+        assert main(base + extra + ["--force"]) == 2
+        err = capsys.readouterr().err
+        assert word in err and err.count("\n") == 1

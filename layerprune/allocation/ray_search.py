@@ -24,9 +24,9 @@ THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALL
 class ProxyFactory:
     """Builds a ``Proxy`` in a worker: ``model`` is a model object (sent by value) or a name/path to load there."""
 
-    def __init__(self, model, calib, eval_ids, target: float, dtype: str = "float32", **proxy_kwargs):
+    def __init__(self, model, calib, eval_ids, target: float, load_dtype: str = "float32", **proxy_kwargs):
         self.model, self.calib, self.eval_ids, self.target = model, calib, eval_ids, target
-        self.dtype, self.kwargs = dtype, proxy_kwargs
+        self.load_dtype, self.kwargs = load_dtype, proxy_kwargs
 
     def __call__(self):
         import copy
@@ -36,7 +36,7 @@ class ProxyFactory:
         if isinstance(self.model, str):
             from layerprune.models.loading import load_model
 
-            model, _ = load_model(self.model, self.dtype)
+            model, _ = load_model(self.model, self.load_dtype)
         else:
             model = copy.deepcopy(self.model)
         return Proxy(model, self.calib, self.eval_ids, self.target, **self.kwargs)

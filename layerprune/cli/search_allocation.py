@@ -1,7 +1,11 @@
-"""``layerprune search-allocation``: search a DSA allocation function for one model at one sparsity.
+"""``layerprune search-allocation``: search an allocation for one model at one sparsity.
 
-The fitness is the proxy of ``allocation/dsa/proxy.py`` (one-shot Wanda with dense statistics, perplexity on a few
-WikiText-2 *validation* windows). After the search the ``--rescore-top`` best candidates are scored again in float32 on
+Strategies: ``evolutionary`` and ``random`` search DSA allocation functions (``allocation/dsa/search.py``);
+``evopress`` searches per-block sparsity levels directly (``allocation/levels.py``; writes best_allocation.json, use it
+as ``--allocation user:best_allocation.json``). The fitness is the proxy of ``allocation/dsa/proxy.py`` (``--proxy``:
+one-shot Wanda with dense statistics by default, or pruning with propagation / KL, perplexity or KL on a few
+WikiText-2 *validation* windows). ``--workers N`` (N > 1) evaluates candidates on N Ray actors (a local Ray, or
+``--ray-address`` to join a cluster) with the same log as the serial search for the same seed and candidate budget. After the search the ``--rescore-top`` best candidates are scored again in float32 on
 ``--rescore-windows`` validation windows and the best of them is the result. Files written to ``--out``:
 
     settings.json             what the fitness and the search trajectory depend on (``--resume`` must match it)
@@ -21,15 +25,16 @@ import math
 import time
 from pathlib import Path
 
+from layerprune.allocation.dsa.proxy import PROXIES
 from layerprune.cli.common import DTYPES, _examples
 from layerprune.errors import UserError
 
 OWN_FILES = ("settings.json", "search.jsonl", "search.jsonl.best.json", "best_function.txt", "summary.json",
-             "curve.png")
+             "curve.png", "best_allocation.json")
 # settings a resumed search must share with the log it continues (budgets may change)
 TRAJECTORY = ("model", "sparsity", "strategy", "seed", "population", "tournament", "elitism", "crossover_prob",
               "mutation_prob", "lam", "calib", "nsamples", "seqlen", "calib_seed", "eval_windows", "eval_seqlen",
-              "proxy_dtype")
+              "proxy_dtype", "proxy", "level_step", "offspring", "stages")
 
 
 def add_parser(sub) -> None:
@@ -38,8 +43,17 @@ def add_parser(sub) -> None:
                                         "--out runs/dsa70"))
     p.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub id")
     p.add_argument("--sparsity", type=float, default=0.7, help="global target sparsity in (0, 1)")
-    p.add_argument("--strategy", default="evolutionary", choices=["evolutionary", "random"],
-                   help="evolutionary search, or the random-search baseline at the same budget")
+    p.add_argument("--strategy", default="evolutionary", choices=["evolutionary", "random", "evopress"],
+                   help="DSA functions by evolution or random search (the baseline), or per-block levels (EvoPress)")
+    p.add_argument("--proxy", default="oneshot", choices=list(PROXIES),
+                   help="fitness: oneshot (Wanda with dense norms), propagate (Wanda with propagation on 4 "
+                        "calibration windows); -kl: KL to the dense model instead of perplexity")
+    p.add_argument("--level-step", type=float, default=0.01, help="evopress: sparsity of one level")
+    p.add_argument("--offspring", type=int, default=16, help="evopress: mutants per generation")
+    p.add_argument("--stages", default="1:4,2:2,8:1",
+                   help="evopress: selection steps WINDOWS:SURVIVORS, growing windows, the last keeps 1")
+    p.add_argument("--workers", type=int, default=1, help="evaluate candidates on this many Ray actors (1: serial)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local Ray")
     p.add_argument("--budget-minutes", type=float, default=30.0, help="search time of this run (setup excluded)")
     p.add_argument("--generations", type=int, default=1000, help="evolution: generations after the random first one")
     p.add_argument("--max-candidates", type=int, default=None, help="stop after this many candidates")
@@ -76,7 +90,8 @@ def _settings(args) -> dict:
             "eval_windows": args.eval_windows, "eval_seqlen": args.eval_seqlen or args.seqlen,
             "proxy_dtype": args.proxy_dtype, "budget_minutes": args.budget_minutes, "generations": args.generations,
             "max_candidates": args.max_candidates, "rescore_top": args.rescore_top,
-            "rescore_windows": args.rescore_windows}
+            "rescore_windows": args.rescore_windows, "proxy": args.proxy, "level_step": args.level_step,
+            "offspring": args.offspring, "stages": args.stages, "workers": args.workers}
 
 
 def _check(args) -> None:
@@ -101,6 +116,29 @@ def _check(args) -> None:
         raise UserError("--rescore-top must be >= 0 and --rescore-windows >= 1")
     if args.resume and args.force:
         raise UserError("--resume continues the search in --out and --force starts it over: pass one of them")
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers} must be at least 1")
+    if args.strategy == "evopress":
+        stages = parse_stages(args.stages)
+        if args.resume:
+            raise UserError("--resume is not supported for --strategy evopress: start over with --force")
+        if not 0 < args.level_step < 1 or args.offspring < 1:
+            raise UserError("--level-step must lie in (0, 1) and --offspring be >= 1")
+        if stages[-1][0] > args.eval_windows:
+            raise UserError(f"the last --stages step uses {stages[-1][0]} windows, more than --eval-windows "
+                            f"{args.eval_windows}")
+
+
+def parse_stages(text: str) -> tuple:
+    """"1:4,2:2,8:1" -> ((1, 4), (2, 2), (8, 1)), checked."""
+    try:
+        stages = tuple(tuple(int(x) for x in part.split(":")) for part in text.split(","))
+        assert all(len(st) == 2 and st[0] >= 1 and st[1] >= 1 for st in stages)
+    except (ValueError, AssertionError):
+        raise UserError(f"--stages {text!r}: write WINDOWS:SURVIVORS steps, e.g. 1:4,2:2,8:1")
+    if stages[-1][1] != 1 or any(a[1] < b[1] or a[0] > b[0] for a, b in zip(stages, stages[1:])):
+        raise UserError(f"--stages {text!r}: windows must not shrink, survivors not grow, and the last keeps 1")
+    return stages
 
 
 def _prepare_out(args, settings: dict) -> Path:
@@ -135,7 +173,7 @@ def _prepare_out(args, settings: dict) -> Path:
 def run(args) -> int:
     import torch
 
-    from layerprune.allocation.dsa.proxy import Proxy
+    from layerprune.allocation.dsa.proxy import Proxy, proxy_settings
     from layerprune.allocation.dsa.search import evolutionary_search, plot_curves, random_search, read_log, summarize
     from layerprune.api import calibration_set
     from layerprune.data import resolve_data_dir
@@ -157,23 +195,41 @@ def run(args) -> int:
     calib = calibration_set(tok, args.calib, args.nsamples, seqlen, args.calib_seed, data_dir).ids
     eval_ids = tokenize_corpus(tok, "wikitext2-valid", data_dir, eval_seqlen)
     t_load = time.perf_counter() - t0
-    proxy = Proxy(model, calib, eval_ids, args.sparsity, seqlen=eval_seqlen, windows=args.eval_windows, lam=args.lam,
-                  batch_size=args.batch_size, dtype=args.proxy_dtype, norms_path=out / "dense_norms.safetensors",
-                  bos=bos_id(tok))
+    pset = {k: v for k, v in proxy_settings(args.proxy).items() if k != "windows"}
+    pkw = dict(seqlen=eval_seqlen, windows=args.eval_windows, lam=args.lam, batch_size=args.batch_size,
+               dtype=args.proxy_dtype, norms_path=out / "dense_norms.safetensors", bos=bos_id(tok), **pset)
+    evaluator = None
+    if args.workers > 1:  # the driver's proxy computes (and caches) the dense statistics first
+        from layerprune.allocation.ray_search import ProxyFactory, RayEvaluator
+    proxy = Proxy(model, calib, eval_ids, args.sparsity, **pkw)
+    if args.workers > 1:
+        evaluator = RayEvaluator(ProxyFactory(args.model, calib, eval_ids, args.sparsity, **pkw), args.workers,
+                                 args.ray_address)
     (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     print(f"setup: load {t_load:.1f}s, dense pass {proxy.setup_seconds['dense_pass']:.1f}s"
           f"{' (cached)' if proxy.stats_passes == 0 else ''}, ranks {proxy.setup_seconds['ranks']:.1f}s; "
           f"searching for {args.budget_minutes:g} min")
 
+    if args.strategy == "evopress":
+        try:
+            return _evopress(args, settings, out, proxy, evaluator, t_load)
+        finally:
+            if evaluator is not None:
+                evaluator.close()
     budget = dict(time_budget_s=args.budget_minutes * 60, max_candidates=args.max_candidates, seed=args.seed,
-                  log_path=log_path, resume=args.resume, progress=True, signature=proxy.signature)
+                  log_path=log_path, resume=args.resume, progress=True, signature=proxy.signature,
+                  evaluate_batch=None if evaluator is None else evaluator.dsa)
     t1 = time.perf_counter()
-    if args.strategy == "evolutionary":
-        res = evolutionary_search(proxy.fitness, population=args.population, generations=args.generations,
-                                  tournament=args.tournament, crossover_prob=args.crossover_prob,
-                                  mutation_prob=args.mutation_prob, elitism=args.elitism, **budget)
-    else:
-        res = random_search(proxy.fitness, **budget)
+    try:
+        if args.strategy == "evolutionary":
+            res = evolutionary_search(proxy.fitness, population=args.population, generations=args.generations,
+                                      tournament=args.tournament, crossover_prob=args.crossover_prob,
+                                      mutation_prob=args.mutation_prob, elitism=args.elitism, **budget)
+        else:
+            res = random_search(proxy.fitness, **budget, **({} if evaluator is None else {"batch": 4 * args.workers}))
+    finally:
+        if evaluator is not None:
+            evaluator.close()
     search_s = time.perf_counter() - t1
     if res.best is None:
         raise UserError(f"no candidate of the search gave a valid allocation ({res.n_evaluated} tried): "
@@ -232,4 +288,45 @@ def run(args) -> int:
         print(f"  {r['function']:48s} proxy {r['proxy_fitness']:10.3f}  rescored {r['rescore_fitness']:10.3f}")
     print(f"best: {chosen}  ->  layerprune prune --allocation dsa:\"{chosen}\" --sparsity {args.sparsity}")
     print(f"wrote {out}/summary.json, best_function.txt, search.jsonl, curve.png")
+    return 0
+
+
+def _evopress(args, settings: dict, out: Path, proxy, evaluator, t_load: float) -> int:
+    """The level search: per-block sparsities, written to best_allocation.json (``--allocation user:FILE``)."""
+    import torch
+
+    from layerprune.allocation.levels import LevelSpace, level_search
+
+    space = LevelSpace(proxy.weights, args.sparsity, args.level_step, proxy.lo, proxy.hi)
+    log_path = out / "search.jsonl"
+    t1 = time.perf_counter()
+    res = level_search(proxy.evaluate_on, space, seed=args.seed, offspring=args.offspring,
+                       stages=parse_stages(args.stages), generations=args.generations,
+                       max_candidates=args.max_candidates, time_budget_s=args.budget_minutes * 60,
+                       log_path=log_path, progress=True,
+                       evaluate_batch=None if evaluator is None else evaluator.levels)
+    search_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    rescored = proxy.rescore_allocation(res.best_sparsity, args.rescore_windows) if args.rescore_top else None
+    rescore_s = time.perf_counter() - t2
+    proxy.restore()
+    bs = res.best_sparsity
+    summary = {"settings": settings, "best_allocation": bs, "best_levels": res.best_levels,
+               "spread": max(bs) - min(bs), "best_fitness": res.best_fitness, "rescore_fitness": rescored,
+               "search": {"generations": res.generations, "n_candidates": res.n_candidates,
+                          "n_evaluations": res.n_evaluations, "n_windows": res.n_windows, "stopped": res.stopped,
+                          "history": res.history},
+               "throughput": {"search_seconds": search_s,
+                              "candidates_per_minute": res.n_candidates / search_s * 60 if search_s > 0 else None,
+                              "evaluations_per_minute": res.n_evaluations / search_s * 60 if search_s > 0 else None,
+                              "load_seconds": t_load, "setup_seconds": proxy.setup_seconds,
+                              "rescore_seconds": rescore_s, "workers": args.workers},
+               "threads": torch.get_num_threads()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "best_allocation.json").write_text(json.dumps({"block_sparsity": bs}, indent=1) + "\n")
+    tp = summary["throughput"]
+    print(f"evopress: {res.generations} generations, {res.n_candidates} candidates ({res.n_evaluations} evaluations, "
+          f"{res.n_windows} windows), stopped by {res.stopped}; {tp['candidates_per_minute'] or math.nan:.1f} "
+          f"candidates/min; best proxy {res.best_fitness:.4g}, spread {max(bs) - min(bs):.3f}")
+    print(f"best: layerprune prune --allocation user:{out / 'best_allocation.json'} --sparsity {args.sparsity}")
     return 0

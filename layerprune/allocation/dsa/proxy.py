@@ -308,7 +308,11 @@ class Proxy:
             self.scored[key] = self.evaluate_allocation(s)
         return self.scored[key]
 
-    def rescore(self, functions, windows: int, dtype: str = "float32") -> list[float]:
+    def rescore_allocation(self, block_sparsity, windows: int, dtype: str = "float32") -> float:
+        """``rescore`` of one per-block allocation."""
+        return self.rescore([list(block_sparsity)], windows, dtype, allocations=True)[0]
+
+    def rescore(self, functions, windows: int, dtype: str = "float32", allocations: bool = False) -> list[float]:
         """Perplexity of each function on the first ``windows`` validation windows with the model in ``dtype`` (a
         closer look at the best candidates: more windows, full precision; always perplexity, also for a KL proxy);
         inf where a function gives no allocation."""
@@ -322,7 +326,7 @@ class Proxy:
             out = []
             for f in functions:
                 try:
-                    out.append(self.evaluate_allocation(self.allocation(f)))
+                    out.append(self.evaluate_allocation(f if allocations else self.allocation(f)))
                 except InvalidCandidate:
                     out.append(math.inf)
             return out
