@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.startswith("cuda") and 
 _g = torch.Generator().manual_seed(0)
 CALIB = torch.randint(3, 256, (8, 16), generator=_g)
 STRUCTURED = {"llama", "mistral", "qwen2", "qwen3", "gemma3", "granite"}
-ALLOC_SPECS = {"user": "user:0.5,0.7", "dsa": None}  # built from a spec / needs a search
+ALLOC_SPECS = {"user": "user:0.5,0.7", "dsa": None, "auto": None}  # built from a spec / needs a search or data
 
 
 def _pair(family, **kw):

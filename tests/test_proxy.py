@@ -8,6 +8,7 @@ from conftest import tiny_model
 from layerprune import prune
 from layerprune.allocation.dsa.proxy import (PROXIES, Proxy, dense_logprobs, eval_windows, proxy_settings,
                                              window_scores)
+from layerprune.engine import prune_to_blocks
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import perplexity
 
@@ -26,7 +27,7 @@ def make_proxy(**kw):
 def test_propagated_proxy_prunes_like_a_full_run_on_its_windows():
     """propagate=n: the weights equal those of prune() on the first n calibration windows with the same allocation."""
     s = [0.6, 0.65, 0.75, 0.8]
-    p = make_proxy(propagate=2)
+    p = make_proxy(propagate=2, prune_fn=prune_to_blocks)
     p.apply(s)
     ref = tiny_model("llama", layers=4)
     prune(ref, calibration=calib()[:2], sparsity=0.7, allocation="user:" + ",".join(map(str, s)), progress=False)
@@ -59,7 +60,9 @@ def test_proxy_settings_are_checked():
     with pytest.raises(UserError, match="metric"):
         make_proxy(metric="acc")
     with pytest.raises(UserError, match="calibration windows"):
-        make_proxy(propagate=9)
+        make_proxy(propagate=9, prune_fn=prune_to_blocks)
+    with pytest.raises(UserError, match="prune_fn"):
+        make_proxy(propagate=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

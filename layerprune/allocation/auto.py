@@ -21,7 +21,7 @@ from layerprune.allocation.dsa.proxy import DEFAULT_PROXY, PROXIES, InvalidCandi
 from layerprune.allocation.plan import layer_census
 from layerprune.errors import UserError
 from layerprune.models.adapters import get_adapter
-from layerprune.registry import Option, register_allocator
+from layerprune.registry import ALLOCATOR_REGISTRY, Option, register_allocator
 from layerprune.stats import LayerStats
 
 DSA_FUNCTION = "W:(EXP,TANH)-(GRAM)-(ATAN,SIGMOID)-(SIGMOID)"  # README, DSA: found by evolution at 70% on SmolLM2
@@ -59,6 +59,13 @@ class Auto(BoundedAllocator):
                         "pass it to prune(), not to the plan")
 
 
+def _build(spec: str, opts: dict, lo: float, hi: float):
+    """The allocator of a candidate spec ("dsa:FUNC" fills the class's ``spec_arg``)."""
+    name, _, arg = spec.partition(":")
+    cls = ALLOCATOR_REGISTRY.get(name)
+    return cls(**({cls.spec_arg: arg} if arg else {}), **opts, lo=lo, hi=hi)
+
+
 def block_statistics_from_norms(proxy: Proxy, allocator) -> list[float] | None:
     """The allocator's per-block statistic from the proxy's dense weights and dense input norms (the numbers the full
     run's dense pre-pass gives), or None when it needs none."""
@@ -74,14 +81,13 @@ def block_statistics_from_norms(proxy: Proxy, allocator) -> list[float] | None:
 
 def choose(model, calib, eval_ids, target: float, *, proxy: str = DEFAULT_PROXY, lo: float = 0.0, hi: float = 0.99,
            seqlen: int = 512, batch_size: int = 8, bos: int | None = None, candidates=CANDIDATES,
-           progress: bool = False) -> dict:
-    """Score every candidate allocation with the proxy; the report of what was tried and what was chosen (and why)."""
-    from layerprune.allocation import get_allocator
-
+           progress: bool = False, prune_fn=None) -> dict:
+    """Score every candidate allocation with the proxy; the report of what was tried and what was chosen (and why).
+    ``prune_fn``: for a proxy that propagates (``engine.prune_to_blocks``)."""
     settings = proxy_settings(proxy)
     t0 = time.perf_counter()
     p = Proxy(copy.deepcopy(model), calib, eval_ids, target, seqlen=seqlen, lo=lo, hi=hi, batch_size=batch_size,
-              bos=bos, **settings)
+              bos=bos, prune_fn=prune_fn, **settings)
     t_setup = time.perf_counter() - t0
     infos = layer_census(model, get_adapter(model))
     num_blocks = len(p.block_layers)
@@ -90,7 +96,7 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = DEFAULT_PROXY,
         t1 = time.perf_counter()
         row = {"label": label, "spec": spec, "options": dict(opts)}
         try:
-            alloc = get_allocator(spec, **opts, lo=lo, hi=hi)
+            alloc = _build(spec, opts, lo, hi)
             stats = block_statistics_from_norms(p, alloc)
             bs = alloc.allocate(target, AllocationContext(infos, num_blocks, block_stats=stats)).block_sparsity
             key = p.counts(bs)

@@ -178,6 +178,7 @@ def run(args) -> int:
     from layerprune.api import calibration_set
     from layerprune.data import resolve_data_dir
     from layerprune.data.bos import bos_id
+    from layerprune.engine import prune_to_blocks
     from layerprune.evaluation.perplexity import check_seqlen, tokenize_corpus
     from layerprune.models.loading import load_model
 
@@ -197,7 +198,8 @@ def run(args) -> int:
     t_load = time.perf_counter() - t0
     pset = {k: v for k, v in proxy_settings(args.proxy).items() if k != "windows"}
     pkw = dict(seqlen=eval_seqlen, windows=args.eval_windows, lam=args.lam, batch_size=args.batch_size,
-               dtype=args.proxy_dtype, norms_path=out / "dense_norms.safetensors", bos=bos_id(tok), **pset)
+               dtype=args.proxy_dtype, norms_path=out / "dense_norms.safetensors", bos=bos_id(tok),
+               prune_fn=prune_to_blocks if pset["propagate"] else None, **pset)
     evaluator = None
     if args.workers > 1:  # the driver's proxy computes (and caches) the dense statistics first
         from layerprune.allocation.ray_search import ProxyFactory, RayEvaluator

@@ -19,9 +19,10 @@ Difference from the full protocol: the pruning is one-shot with the dense input 
 norms of every block from the outputs of the already pruned blocks before it).
 
 Two options bring the proxy closer to the full protocol (``bench/proxy_study.py`` measures how much):
-  ``propagate=n``  prune with propagation, as a real run does, on the first n calibration windows: the engine
-                   (``engine.prune_model``, Wanda, a ``user`` allocation, forwards in the proxy dtype) re-collects the
-                   input norms of every block from the outputs of the already pruned blocks. n = 0: one-shot (above).
+  ``propagate=n``  prune with propagation, as a real run does, on the first n calibration windows: ``prune_fn``
+                   (``engine.prune_to_blocks``: Wanda, a ``user`` allocation, forwards in the proxy dtype; passed in,
+                   since allocation/ does not import the engine) re-collects the input norms of every block from the
+                   outputs of the already pruned blocks. n = 0: one-shot (above).
   ``metric="kl"``  the mean per-token KL divergence KL(p_dense || p_pruned) of the next-token distributions on the
                    validation windows (EvoPress) instead of the perplexity; the dense log-probabilities are computed
                    once (``windows`` x seqlen x vocab values, bfloat16).
@@ -140,12 +141,14 @@ class Proxy:
     def __init__(self, model, calib: torch.Tensor, eval_ids: torch.Tensor, target: float, *, seqlen: int = 512,
                  windows: int = 8, lam: float = 0.08, lo: float = 0.0, hi: float = 0.99, batch_size: int = 8,
                  eval_batch_size: int = 4, dtype: str = "bfloat16", norms_path=None, bos: int | None = None,
-                 propagate: int = 0, metric: str = "ppl"):
+                 propagate: int = 0, metric: str = "ppl", prune_fn=None):
         if metric not in METRICS:
             raise UserError(f"proxy metric {metric!r} is unknown: use {', '.join(METRICS)}")
         if not 0 <= propagate <= calib.shape[0]:
             raise UserError(f"the proxy propagates through {propagate} calibration windows but there are "
                             f"{calib.shape[0]}: use 0 to {calib.shape[0]}")
+        if propagate and prune_fn is None:
+            raise UserError("a proxy that propagates needs prune_fn (layerprune.engine.prune_to_blocks)")
         if dtype not in DTYPES:
             raise UserError(f"proxy dtype {dtype!r} is unknown: use {', '.join(DTYPES)}")
         if not 0.0 < target < 1.0:
@@ -159,6 +162,7 @@ class Proxy:
         self.metric, self.propagate, self.dtype = metric, int(propagate), dtype
         self.max_windows = windows if metric == "kl" else eval_ids.numel() // seqlen
         self.prop_calib = calib[:propagate].clone() if propagate else None
+        self.prune_fn = prune_fn
         self.adapter = get_adapter(model)
         self.stats_passes = 0  # dense calibration passes run by this proxy (0 when the norms came from the cache)
         t0 = time.perf_counter()
@@ -239,18 +243,12 @@ class Proxy:
             self.adapter.set_weight(mod, w.masked_fill(rank < counts[:, None].to(rank.dtype), 0.0))
 
     def _apply_propagated(self, block_sparsity) -> None:
-        from layerprune.engine import PruneConfig, prune_model
-
         for s in block_sparsity:
             if not (math.isfinite(float(s)) and 0.0 <= float(s) <= 1.0):
                 raise InvalidCandidate(f"block sparsity {s} is not in [0, 1]")
         self.restore()
-        mean = sum(w * float(s) for w, s in zip(self.weights, block_sparsity)) / sum(self.weights)
-        cfg = PruneConfig(method="wanda", sparsity=mean, allocation="user",
-                          allocation_options={"sparsities": [float(s) for s in block_sparsity], "lo": 0.0, "hi": 1.0},
-                          compute_dtype=next(n for n, d in DTYPES.items()
-                                             if d == next(self.model.parameters()).dtype))
-        prune_model(self.model, self.prop_calib, cfg, progress=False)
+        dtype = next(n for n, d in DTYPES.items() if d == next(self.model.parameters()).dtype)
+        self.prune_fn(self.model, self.prop_calib, [float(s) for s in block_sparsity], dtype)
 
     def score(self) -> float:
         """The metric of the model as it is now: perplexity or mean KL to the dense model on the windows."""
