@@ -199,8 +199,9 @@ def test_deployed_client_trains_lora_on_its_own_base(monkeypatch):
     import layerprune.federated.run as run
     from layerprune.federated import deploy
 
-    monkeypatch.setattr(run, "load", lambda cfg: (tiny_llama(seed=5), ByteTok()))
-    monkeypatch.setattr(deploy, "load", lambda cfg: (tiny_llama(seed=5), ByteTok()))
+    loads = []
+    monkeypatch.setattr(run, "load", lambda cfg: loads.append(cfg.model) or (tiny_llama(seed=5), ByteTok()))
+    run._LOADED_BASE.clear()
     monkeypatch.setattr(run, "default_domains", lambda d: {"c4": ["the cat sat on a mat " * 20] * 8})
     rc = {"model": "tiny", "lora-rank": 2, "scheme": "fedavg", "clients": 2, "local-steps": 1, "batch-size": 1,
           "seqlen": 8, "max-client-tokens": 400}
@@ -211,6 +212,7 @@ def test_deployed_client_trains_lora_on_its_own_base(monkeypatch):
     reply = deploy._deployed_client(msg, ctx)
     assert set(reply.content["arrays"].keys()) == set(ad)
     assert reply.content["metrics"]["num-examples"] > 0
+    assert loads == ["tiny"]  # the base the shards were tokenized with is the one LoRA trains on: loaded once
 
 
 def test_simulation_recovers_a_pruned_run_keeping_its_zeros(tmp_path):
@@ -253,3 +255,21 @@ def test_simulation_recovers_a_pruned_run_keeping_its_zeros(tmp_path):
     assert changed == (ok > 0)
     with pytest.raises(UserError, match="already holds a layerprune run"):
         run_federated(dict(model="tiny", lora_rank=2, save_dir=str(save), progress=False), model, ByteTok(), domains)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["fed", "--lora-rank", "-1"], "--lora-rank -1"),
+    (["fed", "--save", "{tmp}/new"], "give --lora-rank"),
+    (["fed", "--lora-rank", "4", "--save", "{tmp}/mine", "--force"], "did not write"),
+    (["fed", "--lora-rank", "4", "--fraction", "1.5"], "--fraction"),
+    (["fed", "--fail-clients", "a,b"], "--fail-clients"),
+])
+def test_fed_cli_refuses_in_one_line(tmp_path, capfd, argv, message):
+    from layerprune.cli import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    err = [x for x in capfd.readouterr().err.splitlines() if x.strip()]
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()

@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from .apps import client_round
-from .run import FedConfig, client_setup, load, serve
+from .run import FedConfig, client_setup, loaded_base, serve
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -43,4 +43,4 @@ def lora_base(cfg: FedConfig):
     from .lora import cached_peft
 
     key = json.dumps([cfg.model, cfg.num_blocks])
-    return cached_peft(key, lambda: load(cfg)[0], cfg.lora_rank, cfg.lora_alpha_value())
+    return cached_peft(key, lambda: loaded_base(cfg), cfg.lora_rank, cfg.lora_alpha_value())

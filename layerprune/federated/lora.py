@@ -185,7 +185,9 @@ def zero_pattern_check(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict
 def depth_view(model: nn.Module, depth: int):
     """Within the block, ``model`` (a plain or peft-wrapped causal LM) runs only its first ``depth`` blocks and
     exits through its own final norm and head; the block list and config are restored afterwards."""
-    inner = model.base_model.model if hasattr(model, "peft_config") and hasattr(model, "base_model") else model
+    from peft import PeftModel
+
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
     ad = get_adapter(inner)
     blocks = ad.blocks(inner)
     if depth >= len(blocks):

@@ -206,7 +206,18 @@ def client_setup(cfg: FedConfig, pid: int, n: int):
         model, tok = load(cfg)
         texts, _ = client_texts(cfg, default_domains(cfg.data_dir), n)
         _CLIENT_CACHE[key] = (model.config, shard_ids(tok, texts[pid], cfg.max_client_tokens, cfg.seqlen))
+        if cfg.lora_rank:  # the LoRA client's frozen base: handed to deploy.lora_base instead of loading it again
+            _LOADED_BASE[json.dumps([cfg.model, cfg.num_blocks])] = model
     return _CLIENT_CACHE[key]
+
+
+_LOADED_BASE: dict[str, torch.nn.Module] = {}
+
+
+def loaded_base(cfg: FedConfig):
+    """The base model ``client_setup`` already loaded for this process (once), else a fresh load."""
+    model = _LOADED_BASE.pop(json.dumps([cfg.model, cfg.num_blocks]), None)
+    return model if model is not None else load(cfg)[0]
 
 
 # --- the experiment ------------------------------------------------------------------------------------
