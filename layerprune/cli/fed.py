@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     s.add_argument("--eval-windows", type=_positive, default=8, help="server evaluation windows per data set")
     s.add_argument("--eval-seqlen", type=_positive, default=256, help="server evaluation window length")
     s.add_argument("--fail-clients", default="", help="comma list of partitions that raise (robustness demo)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the shards, client sampling, LoRA init and local steps")
     s.add_argument("--lr", type=float, default=1e-4, help="client learning rate")
     s.add_argument("--unweighted", action="store_true", help="the paper's plain mean instead of example-weighted")
     s.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)

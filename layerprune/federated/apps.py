@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from .depth import layout_of, prefix_model, shared_state
+from .train import local_train
 
 _MODELS: dict[tuple, torch.nn.Module] = {}  # per process: one skeleton per (config, depth)
 
@@ -30,35 +31,6 @@ def _skeleton(model_config, depth: int) -> torch.nn.Module:
     if key not in _MODELS:
         _MODELS[key] = prefix_model(model_config, depth)
     return _MODELS[key]
-
-
-def local_train(model, ids: torch.Tensor, steps: int, batch_size: int, seqlen: int, lr: float, seed: int,
-                masks: dict[str, torch.Tensor] | None = None) -> float:
-    """``steps`` AdamW steps of next-token loss on random windows of ``ids``; mean loss.
-
-    ``masks`` (name -> bool, True = zeroed) are re-applied after every step, so pruned weights stay zero.
-    """
-    ids = ids.reshape(-1)
-    seqlen = min(seqlen, ids.numel() - 1)
-    g = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        starts = torch.randint(0, ids.numel() - seqlen, (batch_size,), generator=g)
-        x = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if masks:
-            with torch.no_grad():
-                for name, m in masks.items():
-                    params[name].masked_fill_(m, 0.0)
-        losses.append(loss.item())
-    model.eval()
-    return sum(losses) / max(1, len(losses))
 
 
 def client_round(content: RecordDict, state: RecordDict, model_config, ids: torch.Tensor, train: dict,

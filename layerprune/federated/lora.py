@@ -238,7 +238,7 @@ def client_round(content, peft_model, ids: torch.Tensor, train: dict, partition:
     ``local_steps`` AdamW steps, reply with them (homo: each block's adapters with probability ``keep-prob``)."""
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-    from .apps import local_train
+    from .train import local_train
 
     cfg = content["config"]
     depth, rnd = int(cfg["depth"]), int(cfg["server-round"])
