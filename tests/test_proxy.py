@@ -116,3 +116,13 @@ def _tiny_wikitext(data):
     (data / "wikitext-2").mkdir(parents=True)
     (data / "wikitext-2" / "wiki.valid.tokens").write_text(
         "\n".join(" " + " ".join(rng.choice(words) for _ in range(40)) + " ." for _ in range(120)) + "\n")
+
+
+def test_proxy_without_ranks_prunes_the_same_weights():
+    """ranks=False (auto: a few candidates) masks with the Wanda solver's row_mask: the same weights as the ranks."""
+    a, b = make_proxy(), make_proxy(ranks=False)
+    for s in ([0.6, 0.65, 0.75, 0.8], [0.7] * 4, [0.1, 0.9, 0.33, 0.87]):
+        a.apply(s)
+        b.apply(s)
+        for x, y in zip(a.model.parameters(), b.model.parameters()):
+            assert torch.equal(x, y)

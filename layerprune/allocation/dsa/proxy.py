@@ -47,12 +47,13 @@ from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapters import get_adapter
 from layerprune.offload import MemoryStore
 from layerprune.passes import capture_inputs, dense_input_norms
-from layerprune.solvers.common import prune_count, row_counts
+from layerprune.solvers.common import prune_count, row_counts, row_mask
 
 METRICS = ("ppl", "kl")
 # name -> Proxy settings (windows, propagate, metric); "oneshot" is the proxy the DSA search was built with
 PROXIES = {
     "oneshot": {"windows": 8, "propagate": 0, "metric": "ppl"},
+    "oneshot-4": {"windows": 4, "propagate": 0, "metric": "ppl"},
     "oneshot-kl": {"windows": 8, "propagate": 0, "metric": "kl"},
     "propagate": {"windows": 8, "propagate": 4, "metric": "ppl"},
     "propagate-kl": {"windows": 8, "propagate": 4, "metric": "kl"},
@@ -141,7 +142,7 @@ class Proxy:
     def __init__(self, model, calib: torch.Tensor, eval_ids: torch.Tensor, target: float, *, seqlen: int = 512,
                  windows: int = 8, lam: float = 0.08, lo: float = 0.0, hi: float = 0.99, batch_size: int = 8,
                  eval_batch_size: int = 4, dtype: str = "bfloat16", norms_path=None, bos: int | None = None,
-                 propagate: int = 0, metric: str = "ppl", prune_fn=None):
+                 propagate: int = 0, metric: str = "ppl", prune_fn=None, ranks: bool = True):
         if metric not in METRICS:
             raise UserError(f"proxy metric {metric!r} is unknown: use {', '.join(METRICS)}")
         if not 0 <= propagate <= calib.shape[0]:
@@ -176,11 +177,13 @@ class Proxy:
             for name, mod in self.adapter.linears(block).items():
                 w = self.adapter.get_weight(mod).detach().float().clone()
                 sq_norm = self.norms[f"{b}.{name}"]
-                order = torch.sort(wanda_score(w, sq_norm), dim=1, stable=True).indices
-                rank_dtype = torch.int16 if w.shape[1] < 2 ** 15 else torch.int32  # counts <= cols fit
-                rank = torch.empty(w.shape, dtype=rank_dtype)
-                rank.scatter_(1, order, torch.arange(w.shape[1], dtype=rank_dtype).expand_as(order).contiguous())
-                del order
+                rank = None  # ranks=False (a few candidates, e.g. --allocation auto): masks by row_mask per candidate
+                if ranks:
+                    order = torch.sort(wanda_score(w, sq_norm), dim=1, stable=True).indices
+                    rank_dtype = torch.int16 if w.shape[1] < 2 ** 15 else torch.int32  # counts <= cols fit
+                    rank = torch.empty(w.shape, dtype=rank_dtype)
+                    rank.scatter_(1, order, torch.arange(w.shape[1], dtype=rank_dtype).expand_as(order).contiguous())
+                    del order
                 self.block_layers[-1].append(len(self.layers))
                 self.layers.append((b, name, mod, w, sq_norm, rank))
         self.weights = [sum(self.layers[j][3].numel() for j in js) for js in self.block_layers]
@@ -234,6 +237,9 @@ class Proxy:
             s = float(block_sparsity[b])
             if not (math.isfinite(s) and 0.0 <= s <= 1.0):
                 raise InvalidCandidate(f"block {b} sparsity {s} is not in [0, 1]")
+            if rank is None:  # the Wanda solver's own mask (same entries as the ranks below)
+                self.adapter.set_weight(mod, w.masked_fill(row_mask(wanda_score(w, sq_norm), s), 0.0))
+                continue
 
             def next_lowest(base, w=w, sq_norm=sq_norm, rank=rank):  # each row's score ranked `base`
                 idx = (rank == base).nonzero()[:, 1]
