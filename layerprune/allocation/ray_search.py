@@ -49,6 +49,9 @@ class _Worker:
         torch.set_num_threads(1)
         self.proxy = factory()
 
+    def ready(self) -> bool:
+        return True
+
     def run(self, kind: str, arg):
         t0 = time.monotonic()
         try:
@@ -75,6 +78,9 @@ class RayEvaluator:
             self.started = True
         actor = ray.remote(num_cpus=1)(_Worker)
         self.actors = [actor.remote(factory) for _ in range(workers)]
+        t0 = time.monotonic()
+        ray.get([a.ready.remote() for a in self.actors])  # every actor has built its proxy: setup, not search time
+        self.setup_seconds = time.monotonic() - t0
         self.pool = ActorPool(self.actors)
 
     def _map(self, kind: str, args: list) -> list:
