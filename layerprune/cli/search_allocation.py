@@ -322,7 +322,8 @@ def _evopress(args, settings: dict, out: Path, proxy, evaluator, t_load: float) 
                               "candidates_per_minute": res.n_candidates / search_s * 60 if search_s > 0 else None,
                               "evaluations_per_minute": res.n_evaluations / search_s * 60 if search_s > 0 else None,
                               "load_seconds": t_load, "setup_seconds": proxy.setup_seconds,
-                              "rescore_seconds": rescore_s, "workers": args.workers},
+                              "rescore_seconds": rescore_s, "workers": args.workers,
+                              "ray_setup_seconds": getattr(evaluator, "setup_seconds", None)},
                "threads": torch.get_num_threads()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "best_allocation.json").write_text(json.dumps({"block_sparsity": bs}, indent=1) + "\n")
