@@ -142,3 +142,15 @@ def test_cli_evopress_writes_a_usable_allocation(tmp_path, text_corpus, capsys):
         assert main(base + extra + ["--force"]) == 2
         err = capsys.readouterr().err
         assert word in err and err.count("\n") == 1
+
+
+def test_a_start_allocation_goes_on_the_grid_with_the_budget():
+    sp = LevelSpace([100, 300, 200, 200, 50], 0.7, step=0.01)
+    want = [0.6, 0.75, 0.68, 0.72, 0.69]
+    w = np.array(sp.sizes)
+    want = list(np.array(want) - ((np.array(want) * w).sum() / w.sum() - 0.7))  # exact budget
+    lv = sp.levels_of(want)
+    assert sum(lv) == 0
+    assert np.abs(np.array(sp.sparsity(lv)) - want).max() < 2 * sp.per_level.max()
+    with pytest.raises(UserError):
+        sp.levels_of([0.7] * 3)

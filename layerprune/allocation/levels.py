@@ -71,6 +71,23 @@ class LevelSpace:
             raise UserError("levels must sum to 0 (the budget)")
         return (self.target + lv * self.per_level).tolist()
 
+    def levels_of(self, sparsity) -> list[int]:
+        """The nearest levels (sum 0, inside the bounds) of per-block sparsities, e.g. DLP's or auto's allocation as
+        the search's start: rounded, then the largest rounding errors corrected one level at a time."""
+        s = np.asarray(sparsity, dtype=np.float64)
+        if s.shape != self.sizes.shape:
+            raise UserError(f"the start has {s.size} sparsities for {self.sizes.size} blocks")
+        x = (s - self.target) / self.per_level
+        lv = np.clip(np.round(x), self.min_level, self.max_level).astype(int)
+        while lv.sum() != 0:
+            d = -int(np.sign(lv.sum()))
+            ok = (lv + d <= self.max_level) & (lv + d >= self.min_level)
+            if not ok.any():
+                raise UserError("the start cannot be put on the level grid inside the bounds")
+            err = np.where(ok, (x - lv) * d, -np.inf)  # move the block that most wants to go that way
+            lv[int(np.argmax(err))] += d
+        return lv.tolist()
+
     def mutate(self, levels, rng: random.Random, max_moves: int = 3) -> list[int]:
         """``1..max_moves`` moves of one level from one block to another, inside the bounds."""
         lv = list(levels)

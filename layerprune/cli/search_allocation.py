@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
     p.add_argument("--offspring", type=int, default=16, help="evopress: mutants per generation")
     p.add_argument("--stages", default="1:4,2:2,8:1",
                    help="evopress: selection steps WINDOWS:SURVIVORS, growing windows, the last keeps 1")
+    p.add_argument("--start", default=None,
+                   help="evopress: start from these per-block sparsities (a JSON list or {\"block_sparsity\": [...]}, "
+                        "e.g. a run's allocation) instead of uniform")
     p.add_argument("--workers", type=int, default=1, help="evaluate candidates on this many Ray actors (1: serial)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local Ray")
     p.add_argument("--budget-minutes", type=float, default=30.0, help="search time of this run (setup excluded)")
@@ -91,7 +94,7 @@ def _settings(args) -> dict:
             "proxy_dtype": args.proxy_dtype, "budget_minutes": args.budget_minutes, "generations": args.generations,
             "max_candidates": args.max_candidates, "rescore_top": args.rescore_top,
             "rescore_windows": args.rescore_windows, "proxy": args.proxy, "level_step": args.level_step,
-            "offspring": args.offspring, "stages": args.stages, "workers": args.workers}
+            "offspring": args.offspring, "stages": args.stages, "workers": args.workers, "start": args.start}
 
 
 def _check(args) -> None:
@@ -299,11 +302,14 @@ def _evopress(args, settings: dict, out: Path, proxy, evaluator, t_load: float) 
 
     from layerprune.allocation.levels import LevelSpace, level_search
 
+    from layerprune.allocation.user import parse_sparsities
+
     space = LevelSpace(proxy.weights, args.sparsity, args.level_step, proxy.lo, proxy.hi)
+    start = space.levels_of(parse_sparsities(args.start)) if args.start else None
     log_path = out / "search.jsonl"
     t1 = time.perf_counter()
     res = level_search(proxy.evaluate_on, space, seed=args.seed, offspring=args.offspring,
-                       stages=parse_stages(args.stages), generations=args.generations,
+                       stages=parse_stages(args.stages), generations=args.generations, start=start,
                        max_candidates=args.max_candidates, time_budget_s=args.budget_minutes * 60,
                        log_path=log_path, progress=True,
                        evaluate_batch=None if evaluator is None else evaluator.levels)
