@@ -25,7 +25,7 @@ import math
 import time
 from pathlib import Path
 
-from layerprune.allocation.dsa.proxy import PROXIES
+from layerprune.allocation.dsa.proxy import DEFAULT_PROXY, PROXIES
 from layerprune.cli.common import DTYPES, _examples
 from layerprune.errors import UserError
 
@@ -45,9 +45,10 @@ def add_parser(sub) -> None:
     p.add_argument("--sparsity", type=float, default=0.7, help="global target sparsity in (0, 1)")
     p.add_argument("--strategy", default="evolutionary", choices=["evolutionary", "random", "evopress"],
                    help="DSA functions by evolution or random search (the baseline), or per-block levels (EvoPress)")
-    p.add_argument("--proxy", default="oneshot", choices=list(PROXIES),
+    p.add_argument("--proxy", default=DEFAULT_PROXY, choices=list(PROXIES),
                    help="fitness: oneshot (Wanda with dense norms), propagate (Wanda with propagation on 4 "
-                        "calibration windows); -kl: KL to the dense model instead of perplexity")
+                        "calibration windows); -kl: KL to the dense model instead of perplexity (default "
+                        f"{DEFAULT_PROXY}: bench/results/proxy_study)")
     p.add_argument("--level-step", type=float, default=0.01, help="evopress: sparsity of one level")
     p.add_argument("--offspring", type=int, default=16, help="evopress: mutants per generation")
     p.add_argument("--stages", default="1:4,2:2,8:1",
