@@ -150,7 +150,8 @@ def ffn_widths(model, adapter, align: int) -> list[tuple[int, int]] | None:
     whose FFN layout is not padded (see ``--align``)."""
     if not adapter.structured:
         return None
-    widths = [adapter.get_weight(adapter.linears(b)[adapter.up]).shape[0] for b in adapter.blocks(model)]
+    hd = adapter.geometry(model.config).head_dim
+    widths = [adapter.widths(b, hd)[2] for b in adapter.blocks(model)]
     return [(ff, ff + (-ff % max(align, 1))) for ff in widths]
 
 
