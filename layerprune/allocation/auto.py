@@ -122,8 +122,7 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, lo
     else:
         why = (f"lowest proxy value ({best['value']:.4g}) of {len(ok)} candidates; uniform's is "
                + (f"{uni:.4g} ({(best['value'] / uni - 1) * 100:+.1f}%)" if uni else "not available"))
-    p.restore()
-    del p
+    del p  # its model is a copy: nothing to restore
     return {"chosen": best["label"], "spec": best["spec"], "options": best["options"],
             "block_stats": best["block_stats"], "block_sparsity": best["block_sparsity"], "reason": why,
             "proxy": {"name": proxy, **settings, "split": "wikitext2 validation"},
