@@ -20,7 +20,6 @@ frozen: it trains and exchanges the adapters of blocks < c only (``depth_view``)
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 
 import numpy as np
@@ -29,7 +28,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.adapters import get_adapter
-from ..recovery.lora import prunable_linears
+from ..offload import peak_rss_mb
+from ..recovery.lora import masks_of, prunable_linears
 from .depth import Layout
 
 PEFT_PREFIX = "base_model.model."  # peft's names of the wrapped model's modules
@@ -160,7 +160,7 @@ def masks_if_sparse(model: nn.Module, mode: str = "auto", min_sparsity: float = 
     """Kept-masks (W != 0) of the adapted linears: always (``on``), never (``off``), or when >= 1% of them is zero."""
     if mode == "off":
         return None
-    masks = {name: mod.weight.detach() != 0 for name, mod in prunable_linears(model).items()}
+    masks = masks_of(model)
     total = sum(m.numel() for m in masks.values())
     zeros = sum(int((~m).sum()) for m in masks.values())
     if mode == "auto" and (not total or zeros / total < min_sparsity):
@@ -228,11 +228,6 @@ def load_saved(path: str) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def client_round(content, peft_model, ids: torch.Tensor, train: dict, partition: int):
     """One client's LoRA round: load the received adapters, train those of its first ``depth`` blocks for
     ``local_steps`` AdamW steps, reply with them (homo: each block's adapters with probability ``keep-prob``)."""
@@ -264,7 +259,7 @@ def client_round(content, peft_model, ids: torch.Tensor, train: dict, partition:
     send = {k: v for k, v in adapter_state(peft_model).items() if layout.unit(k) in keep}
     metrics = MetricRecord({"num-examples": int(ids.numel()), "train-loss": loss if np.isfinite(loss) else -1.0,
                             "units-sent": len(units), "depth": depth, "train-seconds": float(seconds),
-                            "peak-rss-mib": float(peak_rss_mib())})
+                            "peak-rss-mib": float(peak_rss_mb())})
     return RecordDict({"arrays": ArrayRecord(send), "metrics": metrics})
 
 
