@@ -381,15 +381,17 @@ def test_hessian_from_upper_bands_is_exact_and_symmetric():
 
 
 def test_sparsegpt_inverse_factor_and_group_cache():
-    from layerprune.solvers.sparsegpt import inverse_cholesky, upper_inverse
+    from layerprune.solvers.sparsegpt import reversed_cholesky, upper_inverse
 
     H = make_stats(correlated_x(1500, 600)).hessian
     R = torch.linalg.cholesky(H.double(), upper=True)
     assert torch.allclose(upper_inverse(R, leaf=64) @ R, torch.eye(600, dtype=torch.float64), atol=1e-9)
-    U = inverse_cholesky(H, 0.01).double()
+    R = reversed_cholesky(H, 0.01).double()
     damped = H.double() + 0.01 * H.double().diagonal().mean() * torch.eye(600, dtype=torch.float64)
+    assert torch.equal(R, R.triu()) and (R.diagonal() > 0).all()
+    assert torch.allclose(R @ R.T, damped, rtol=1e-4, atol=1e-4 * damped.abs().max().item())
+    U = torch.linalg.inv(R)  # the factor the sweep uses block by block: U^T U = damped^-1
     assert torch.allclose(U.T @ U @ damped, torch.eye(600, dtype=torch.float64), atol=1e-3)
-    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
     st = make_stats(correlated_x(200, 32))
     sgpt = get_solver("sparsegpt")
     a = sgpt.prune(rand_w(8, 32, 1), st, 0.5)

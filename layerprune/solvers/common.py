@@ -75,6 +75,25 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
     return _first_k_per_row(flat, counts, kth).view_as(score)
 
 
+def lowest_k_t(score_t: torch.Tensor, k: int) -> torch.Tensor:
+    """``lowest_k(score_t.t(), k).t()`` without transposing: the k lowest entries of a score held transposed
+    ([cols, rows], contiguous), ties broken earliest first in the order of the untransposed [rows, cols] score."""
+    if k <= 0:
+        return torch.zeros_like(score_t, dtype=torch.bool)
+    if k >= score_t.numel():
+        return torch.ones_like(score_t, dtype=torch.bool)
+    kth = kth_lowest(score_t.reshape(1, -1), k)[0]
+    mask = score_t < kth
+    eq = score_t == kth
+    need = k - int(mask.sum())
+    if int(eq.sum()) == need:
+        mask |= eq
+    else:  # the earliest ties in [rows, cols] order
+        idx = eq.t().nonzero()[:need]
+        mask[idx[:, 1], idx[:, 0]] = True
+    return mask
+
+
 def matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """One comparison group for the whole matrix: prune the round(s*numel) lowest scores."""
     return lowest_k(score, prune_count(sparsity, score.numel()))

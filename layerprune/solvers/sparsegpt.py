@@ -6,10 +6,14 @@ With H = (2/n) X^T X (+ percdamp * mean(diag H) * I) and U the upper Cholesky fa
   the block prunes round(s * rows * end) - round(s * rows * start) weights, so the matrix total is round(s * numel);
 - N:M: at the first column of each group of m columns, each row prunes the n lowest w^2 / U_jj^2 of the group;
 - for each column j: q = w_j with the pruned entries zeroed (then optionally quantized), err = (w_j - q) / U_jj,
-  W[:, j+1:] -= err * U[j, j+1:] inside the block; after the block the rest gets W[:, end:] -= Err @ U[block, end:].
-  The in-block update is itself lazy: rank-1 within sub-blocks of 16 columns, one product per sub-block for the rest
-  of the block (same arithmetic, ~all of it GEMM). U comes from one Cholesky of the reversed H and a triangular
-  inverse, and is computed once per input group (q/k/v, gate/up share a Hessian).
+  W[:, j+1:] -= err * U[j, j+1:]. Inside a block the update is lazy: rank-1 within sub-blocks of 16 columns, one
+  product per sub-block for the rest of the block.
+- the later blocks' share is applied left-looking, without forming U: with H = R R^T (R upper, one Cholesky of the
+  reversed H, once per input group: q/k/v and gate/up share it), U = R^-1, and the whole sweep gives W_end = W - E U
+  (E: the errors), so Z = E U = W - W_end satisfies Z R = E. Solving that block row by block row, the update a block
+  receives from all earlier ones is P_b = -(Z[:, <b] R[<b, b]) U_bb, with U_bb = R_bb^-1 (blocksize x blocksize).
+  One product per block (the same rows x cols^2 flops as the right-looking sweep, ~all of it GEMM), and no n^3/3
+  triangular inverse.
 Joint sparsify + quantize (the paper's section 3.5, GPTQ's sweep): with wbits, the kept entries of column j are rounded
 to a min-max grid (layerprune.quant) before err is taken, so the quantization error is compensated by the later
 columns exactly like the pruning error. groupsize -1 fits one grid per output row on the whole weight; groupsize g
@@ -28,7 +32,7 @@ import torch
 from layerprune.errors import UserError
 from layerprune.quant import check_quant, make_column_quantizer
 from layerprune.registry import Option, positive_int, register_solver
-from layerprune.solvers.common import check_options, check_sparsity, check_weight, lowest_k, prune_count
+from layerprune.solvers.common import check_options, check_sparsity, check_weight, lowest_k_t, prune_count
 from layerprune.solvers.nm import check_nm, nm_mask
 from layerprune.stats import LayerStats
 
@@ -50,24 +54,24 @@ def upper_inverse(R: torch.Tensor, leaf: int = 512) -> torch.Tensor:
     return out
 
 
-def inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper U with U^T U = (H + p * mean(diag H) * I)^-1; p starts at percdamp and grows x10 while that fails.
+def reversed_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper R with R R^T = H + p * mean(diag H) * I; p starts at percdamp and grows x10 while that fails.
 
-    With J the order reversal, chol(J A J) = M gives A = R R^T for the upper R = J M J, hence A^-1 = U^T U with
-    U = R^-1: one Cholesky and one triangular inverse (the unique upper Cholesky factor of A^-1, without forming A^-1).
+    With J the order reversal, chol(J A J) = M M^T gives A = R R^T for the upper R = J M J; then A^-1 = U^T U with
+    U = R^-1 the upper Cholesky factor of A^-1 that the sweep uses (never formed whole: see the module docstring).
     """
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean_diag = H.diagonal().mean()
     p = percdamp
     for attempt in range(RETRIES + 1):
-        M, info = torch.linalg.cholesky_ex((H + p * mean_diag * eye).flip(0, 1))
-        if info == 0:
-            U = upper_inverse(M.flip(0, 1))
-            if torch.isfinite(U).all():
-                if attempt:
-                    warnings.warn(f"sparsegpt: Hessian not positive definite with percdamp={percdamp}; "
-                                  f"used percdamp={p:g}", stacklevel=3)
-                return U
+        A = H.flip(0, 1)
+        A.diagonal().add_(p * mean_diag)
+        M, info = torch.linalg.cholesky_ex(A)
+        del A
+        if info == 0 and torch.isfinite(M.diagonal()).all():
+            if attempt:
+                warnings.warn(f"sparsegpt: Hessian not positive definite with percdamp={percdamp}; "
+                              f"used percdamp={p:g}", stacklevel=3)
+            return M.flip(0, 1)
         p = p * 10 if p > 0 else 0.01
     raise UserError(f"sparsegpt: the Hessian stays not positive definite even with percdamp={p / 10:g}; "
                     f"use more calibration samples or a larger percdamp")
@@ -133,59 +137,91 @@ class SparseGPT:
             align = math.lcm(align, gs)
         blocksize = max(align, blocksize // align * align)  # whole N:M groups and quantization groups per block
 
-        W = weight.float().clone()
-        U, dead = stats.memo(("sparsegpt.U", float(percdamp), str(W.device)),
+        Wt = weight.t().contiguous().float()  # the sweep's working copy, transposed (in the weight's dtype: fewer bytes)
+        if Wt.data_ptr() == weight.data_ptr():  # a one-row or one-column fp32 weight: t() was already contiguous
+            Wt = Wt.clone()
+        W = Wt.t()
+        R, dead = stats.memo(("sparsegpt.R", float(percdamp), str(W.device)),
                              lambda: _factor(stats.hessian, float(percdamp), W.device))
-        d = U.diagonal()
+        d = R.diagonal().reciprocal()  # diag U
+        has_dead = bool(dead.any())
         maskt = torch.zeros(cols, rows, dtype=torch.bool, device=W.device)  # transposed, like Wt below
         mask = maskt.t()
         if wbits is not None:  # fitted here (per channel: on the whole weight, as GPTQ / SparseGPT do)
             quantizer = make_column_quantizer(W, wbits, groupsize, sym)
         sub = max(align, SUB // align * align)  # columns per rank-1 stretch; whole N:M and quantization groups
 
-        # The sweep works on the transpose: column j of W is the contiguous row Wt[j]. Inside a sub-block of `sub`
-        # columns each column's error is a rank-1 update of the sub-block's later columns; the rest of the block and
-        # then the rest of the matrix get the sub-block's / block's errors lazily as one matrix product each, so
-        # almost all of the arithmetic is GEMM.
-        Wt = W.t().contiguous()
+        # The sweep works on the transpose: column j of W is the contiguous row Wt[j] (Zt[j]: its total change, Z = E U).
+        # Inside a sub-block of `sub` columns each column's error is a rank-1 update of the sub-block's later columns;
+        # the rest of the block gets the sub-block's errors as one product; a block gets all earlier blocks' as one.
+        Zt = torch.empty_like(Wt)
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
             W1 = Wt[i1:i2]  # [block columns, rows], a view: updated in place
             Err1 = torch.empty_like(W1)
-            U1 = U[i1:i2, i1:i2]
+            U1 = upper_inverse(R[i1:i2, i1:i2])
+            Zt[i1:i2] = W1
+            if i1:  # P_b^T = -U_bb^T (R[<b, b]^T Z[:, <b]^T)
+                W1.addmm_(U1.t(), R[:i1, i1:i2].t() @ Zt[:i1])
             if nm is None:
-                score = W1.t().square() / d[i1:i2].square()
-                score[:, dead[i1:i2]] = 0
+                score = W1.square().div_(d[i1:i2, None].square())  # transposed, like W1
+                if has_dead:
+                    score[dead[i1:i2]] = 0
                 k = prune_count(s, rows * i2) - prune_count(s, rows * i1)
-                mask[:, i1:i2] = lowest_k(score, k)
+                maskt[i1:i2] = lowest_k_t(score, k)
+            pruned = maskt[i1:i2].view(torch.uint8).float() if quantizer is None else None  # (bool->float: 5x slower)
             for s1 in range(0, i2 - i1, sub):
                 s2 = min(s1 + sub, i2 - i1)
-                for i in range(s1, s2):
-                    j = i1 + i
-                    if nm is not None and i % m == 0:
-                        score = W1[i:i + m].t().square() / d[j:j + m].square()
-                        score[:, dead[j:j + m]] = 0
-                        mask[:, j:j + m] = nm_mask(score, n, m)
-                    w = W1[i]
-                    q = w.masked_fill(maskt[j], 0)
-                    if quantizer is not None:
+                if quantizer is None:
+                    _sweep_pruned(W1, Err1, U1, maskt[i1:i2], pruned, d[i1:i2], dead[i1:i2], s1, s2, nm)
+                else:
+                    for i in range(s1, s2):
+                        j = i1 + i
+                        if nm is not None and i % m == 0:
+                            mask[:, j:j + m] = _nm_group(W1[i:i + m], d[j:j + m], dead[j:j + m], nm)
+                        w = W1[i]
+                        q = w.masked_fill(maskt[j], 0)
                         q = quantizer(j, q, W1[i:s2].t(), mask[:, j:i1 + s2]).masked_fill(maskt[j], 0)
-                    err = (w - q).div_(U1[i, i])
-                    W1[i + 1:s2].addmm_(U1[i, i + 1:s2, None], err[None], alpha=-1)  # rank 1 (faster than addr_)
-                    W1[i] = q
-                    Err1[i] = err
+                        err = (w - q).div_(U1[i, i])
+                        W1[i + 1:s2].addmm_(U1[i, i + 1:s2, None], err[None], alpha=-1)  # rank 1 (faster than addr_)
+                        W1[i] = q
+                        Err1[i] = err
                 W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1)
-            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+            Zt[i1:i2] -= W1
         W = Wt.t()
         return W.to(weight.dtype)
 
 
+def _nm_group(cols_t: torch.Tensor, d: torch.Tensor, dead: torch.Tensor, nm) -> torch.Tensor:
+    """The N:M mask [rows, m] of one group of m columns (given transposed, [m, rows]): per row the n lowest w^2/U_jj^2."""
+    score = cols_t.t().square() / d.square()
+    score[:, dead] = 0
+    return nm_mask(score, nm[0], nm[1])
+
+
+def _sweep_pruned(W1, Err1, U1, maskt1, pruned, d1, dead1, s1: int, s2: int, nm) -> None:
+    """Columns s1..s2-1 of one block without quantization (arguments: the block's slices; ``pruned`` = ``maskt1`` as
+    0/1 floats, both written here for N:M): err_i = w_i * pruned_i / U_ii is one product and one rank-1 update per
+    column, and the sub-block's pruned entries are zeroed once at its end (no later column writes them)."""
+    step = s2 - s1 if nm is None else nm[1]  # columns whose mask is known at once: the sub-block, or one N:M group
+    for g in range(s1, s2, step):
+        if nm is not None:
+            maskt1[g:g + step] = _nm_group(W1[g:g + step], d1[g:g + step], dead1[g:g + step], nm).t()
+            pruned[g:g + step] = maskt1[g:g + step].view(torch.uint8)
+        scale = pruned[g:g + step] / d1[g:g + step, None]
+        for i in range(g, g + step):
+            torch.mul(W1[i], scale[i - g], out=Err1[i])
+            if i + 1 < s2:
+                W1[i + 1:s2].addmm_(U1[i, i + 1:s2, None], Err1[i, None], alpha=-1)  # rank 1 (faster than addr_)
+    W1[s1:s2].mul_(1 - pruned[s1:s2]).add_(0.0)  # x * 0 keeps the sign of x; -0.0 + 0.0 = +0.0 (masked_fill_: 30x slower)
+
+
 def _factor(hessian: torch.Tensor, percdamp: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead) for one Hessian: dead inputs (diag 0, the feature is always zero) get diag 1, then U = the upper
-    Cholesky factor of the damped inverse. Computed once per input group (q/k/v and gate/up share it)."""
+    """(R, dead) for one Hessian: dead inputs (diag 0, the feature is always zero) get diag 1, then R R^T = the damped
+    Hessian, R upper. Computed once per input group (q/k/v and gate/up share it)."""
     H = hessian.to(device=device, dtype=torch.float32).clone()
     if not torch.isfinite(H).all():
         raise ValueError("sparsegpt: the Hessian has NaN/inf entries")
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1
-    return inverse_cholesky(H, percdamp), dead
+    return reversed_cholesky(H, percdamp), dead
