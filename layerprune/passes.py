@@ -183,6 +183,10 @@ def make_collect(block: nn.Module, buf: ActivationBuffer, kwargs, batch_size: in
 
     @torch.no_grad()
     def collect(names, needs) -> dict:
+        with timers("statistics"):
+            return _collect(names, needs)
+
+    def _collect(names, needs) -> dict:
         fwd = forward_copy(block, dtype)
         mods = {n: fwd.get_submodule(n) for n in names}
         seen: set = set()
@@ -193,7 +197,7 @@ def make_collect(block: nn.Module, buf: ActivationBuffer, kwargs, batch_size: in
                 raise _Stop
 
         args, kw = kwargs
-        with timers("statistics"), HookSet(mods, set(needs)) as hs:
+        with HookSet(mods, set(needs)) as hs:
             handles = [m.register_forward_hook(lambda m, a, o, n=n: stop(m, a, o, n)) for n, m in mods.items()]
             try:
                 for _, x in buf.batches(batch_size):

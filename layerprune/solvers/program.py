@@ -47,7 +47,7 @@ class LinearProgram:
                     w = self.adapter.get_weight(mods[name]).detach()
                     target = targets.layers[name]
                     new = self.solver.prune(w, st, target, targets.nm, **self.options)
-                    err = relative_error(w.float(), new.float(), st)
+                    err = relative_error(w, new, st)
                     self.adapter.set_weight(mods[name], new)
                     achieved = float((new == 0).sum()) / new.numel()
                     rows.append({"name": name, "shape": list(new.shape), "target": target,

@@ -518,7 +518,7 @@ class SlimGPTProgram:
                     heads = [h for g in gone for h in groups[g]]
                 else:
                     new, heads = prune_heads(w, st.hessian, hd, q_rm, groups=groups, **kw)
-                errors[adapter.o] = relative_error(w.float(), new.float(), st)
+                errors[adapter.o] = relative_error(w, new, st)
                 adapter.set_weight(adapter.linears(block)[adapter.o], new)
                 structured.remove_heads(block, adapter, hd, heads, gone)
             if ch_rm:  # then the FFN, its Hessian collected through the pruned attention
@@ -526,7 +526,7 @@ class SlimGPTProgram:
                 new, chans = prune_channels(w, st.hessian, ch_rm, dynamic_group_size=o["dynamic_group_size"],
                                             fixed_group=o["fixed_group"], compensate=o["compensate"],
                                             percdamp=o["percdamp"])
-                errors[adapter.down] = relative_error(w.float(), new.float(), st)
+                errors[adapter.down] = relative_error(w, new, st)
                 adapter.set_weight(adapter.linears(block)[adapter.down], new)
                 structured.remove_channels(block, adapter, chans)
         info = {adapter.o: {"heads_removed": heads, "kv_heads_removed": gone},

@@ -54,19 +54,22 @@ def upper_inverse(R: torch.Tensor, leaf: int = 512) -> torch.Tensor:
     return out
 
 
-def reversed_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper R with R R^T = H + p * mean(diag H) * I; p starts at percdamp and grows x10 while that fails.
+def reversed_cholesky(H: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper R with R R^T = H + p * mean(diag H) * I (H with diag 1 at ``dead``); p starts at percdamp and grows x10
+    while that fails. ``H`` is not changed.
 
     With J the order reversal, chol(J A J) = M M^T gives A = R R^T for the upper R = J M J; then A^-1 = U^T U with
     U = R^-1 the upper Cholesky factor of A^-1 that the sweep uses (never formed whole: see the module docstring).
     """
-    mean_diag = H.diagonal().mean()
+    diag = H.diagonal().float()
+    if dead is not None:
+        diag = diag.masked_fill(dead, 1.0)
+    mean_diag = diag.mean()
     p = percdamp
     for attempt in range(RETRIES + 1):
-        A = H.flip(0, 1)
-        A.diagonal().add_(p * mean_diag)
-        M, info = torch.linalg.cholesky_ex(A)
-        del A
+        A = H.flip(0, 1).float()  # a copy: flip always copies
+        A.diagonal().copy_((diag + p * mean_diag).flip(0))
+        M, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
         if info == 0 and torch.isfinite(M.diagonal()).all():
             if attempt:
                 warnings.warn(f"sparsegpt: Hessian not positive definite with percdamp={percdamp}; "
@@ -188,8 +191,8 @@ class SparseGPT:
                         Err1[i] = err
                 W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1)
             Zt[i1:i2] -= W1
-        W = Wt.t()
-        return W.to(weight.dtype)
+        return Wt.to(weight.dtype).t().contiguous()  # the weight's layout (a transposed result makes the copy into
+        # the module a strided one); cast first: fewer bytes to transpose
 
 
 def _nm_group(cols_t: torch.Tensor, d: torch.Tensor, dead: torch.Tensor, nm) -> torch.Tensor:
@@ -219,9 +222,8 @@ def _sweep_pruned(W1, Err1, U1, maskt1, pruned, d1, dead1, s1: int, s2: int, nm)
 def _factor(hessian: torch.Tensor, percdamp: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, dead) for one Hessian: dead inputs (diag 0, the feature is always zero) get diag 1, then R R^T = the damped
     Hessian, R upper. Computed once per input group (q/k/v and gate/up share it)."""
-    H = hessian.to(device=device, dtype=torch.float32).clone()
-    if not torch.isfinite(H).all():
+    H = hessian.to(device=device)
+    if not torch.isfinite(H.sum(dtype=torch.float64)):  # one pass, no n x n bool tensor
         raise ValueError("sparsegpt: the Hessian has NaN/inf entries")
     dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1
-    return reversed_cholesky(H, percdamp), dead
+    return reversed_cholesky(H, percdamp, dead), dead
