@@ -138,7 +138,7 @@ def test_cli_evopress_writes_a_usable_allocation(tmp_path, text_corpus, capsys):
                 calibration=_calib(), progress=False)
     assert rec["allocation"]["block"] == pytest.approx(bs, abs=1e-12)
     for extra, word in [(["--stages", "1:2,3:2"], "last keeps 1"), (["--stages", "9:1"], "eval-windows"),
-                        (["--workers", "0"], "workers")]:
+                        (["--workers", "0"], "workers"), (["--min-sparsity", "0.75"], "min-sparsity")]:
         assert main(base + extra + ["--force"]) == 2
         err = capsys.readouterr().err
         assert word in err and err.count("\n") == 1

@@ -96,6 +96,30 @@ def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path):
     assert "auto_choice" in rec["timings"] and a["reason"]
 
 
+def test_auto_screens_every_candidate_then_scores_uniform_and_the_best_with_the_proxy():
+    from layerprune.allocation.auto import CANDIDATES, SCREEN_PROXY, choose
+
+    kw = dict(seqlen=32, prune_fn=prune_to_blocks)
+    rep = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, **kw)
+    tried = [r for r in rep["tried"] if "error" not in r]
+    assert len(tried) >= 4 and all(r["screen"] is not None for r in tried)
+    final = [r for r in tried if r["value"] is not None]
+    others = sorted((r for r in tried if r["spec"] != "uniform"), key=lambda r: r["screen"])
+    assert [r["label"] for r in final if r["spec"] != "uniform"] == sorted(
+        (r["label"] for r in others[:2]), key=[r["label"] for r in tried].index)
+    assert any(r["spec"] == "uniform" for r in final)  # always a finalist: never worse than uniform by the proxy
+    assert rep["chosen"] == min(final, key=lambda r: r["value"])["label"]
+    assert rep["screen"]["name"] == SCREEN_PROXY and rep["proxy"]["propagate"] == 4
+    # no screen: every candidate scored by the proxy, the finalists' values unchanged (the model is not touched)
+    full = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=len(CANDIDATES), **kw)
+    assert full["screen"] is None and all(r["value"] is not None for r in full["tried"] if "error" not in r)
+    by_label = {r["label"]: r["value"] for r in full["tried"]}
+    for r in final:
+        assert r["value"] == pytest.approx(by_label[r["label"]], rel=1e-6)
+    assert full["chosen"] == min((r for r in full["tried"] if r["value"] is not None), key=lambda r: r["value"])[
+        "label"]
+
+
 def test_auto_is_refused_where_it_cannot_run():
     with pytest.raises(UserError, match="tokenizer"):
         prune(tiny_model("llama"), None, sparsity=0.7, allocation="auto", calibration=calib(), progress=False)

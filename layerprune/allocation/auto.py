@@ -3,12 +3,16 @@
 The candidates (``CANDIDATES``) are uniform and a small grid of spreads of OWL, DLP (median), ATP and one DSA function
 (the one the 70% evolution found on SmolLM2). Each candidate's per-block sparsities are computed as a real run would
 compute them, from ONE dense pass (the proxy's cached dense input norms: the allocators' statistics are those of the
-full run's pre-pass), then scored by the proxy (``dsa/proxy.py``, ``PROXIES[name]``: default one-shot Wanda, perplexity
-on 4 validation windows in bfloat16; the masks come from the Wanda solver's ``row_mask`` per candidate instead of a
-sort of every weight, cheaper for a few candidates). The lowest value wins; uniform is a candidate and wins ties, so the choice is
-never worse than uniform *by the proxy*. The proxy works on a copy of the model (the model passed in is not changed).
+full run's pre-pass, which the run then skips), and scored in two steps (EvoPress's multi-step selection):
+  1. screen: every candidate by ``SCREEN_PROXY`` (one-shot Wanda with the dense norms, perplexity on 2 validation
+     windows in bfloat16: bench/results/proxy_study, rho 0.92 over 20 allocations at 0.37x the cost of the old proxy);
+  2. the ``finalists`` best of the screen, and uniform, by the proxy (``dsa/proxy.py``, ``PROXIES[name]``; default
+     ``propagate-kl``: Wanda with propagation on 4 calibration windows, KL to the dense model on 8 windows, rho 0.96).
+The lowest proxy value wins; uniform is always a finalist and wins ties, so the choice is never worse than uniform *by
+the proxy*. ``finalists`` >= the number of candidates skips the screen. The proxy works on a copy of the model (the
+model passed in is not changed).
 
-    report = choose(model, calib_ids, valid_ids, 0.7, bos=bos)
+    report = choose(model, calib_ids, valid_ids, 0.7, bos=bos, prune_fn=engine.prune_to_blocks)
     report["spec"], report["options"], report["block_stats"]   # what prune() then runs with, pre-pass skipped
 """
 from __future__ import annotations
@@ -25,7 +29,10 @@ from layerprune.models.adapters import get_adapter
 from layerprune.registry import ALLOCATOR_REGISTRY, Option, register_allocator
 from layerprune.stats import LayerStats
 
-AUTO_PROXY = "oneshot-4"  # bench/proxy_study.md: ranks as well as 8 windows (rho 0.80), at half the cost
+AUTO_PROXY = "propagate-kl"  # the finalists' proxy: bench/results/proxy_study, rho 0.959 over 20 allocations
+SCREEN_PROXY = "oneshot-2"  # every candidate's first score: rho 0.916 at 0.37x the old proxy's cost
+FINALISTS = 2  # best candidates of the screen the proxy scores (with uniform)
+SPREAD_OPTIONS = ("lam", "alpha", "beta_frac")  # change the map from statistic to sparsity, not the statistic
 DSA_FUNCTION = "W:(EXP,TANH)-(GRAM)-(ATAN,SIGMOID)-(SIGMOID)"  # README, DSA: found by evolution at 70% on SmolLM2
 
 # (label, allocation spec, options); uniform first: it wins ties
@@ -48,13 +55,19 @@ class Auto(BoundedAllocator):
     """A placeholder in the registry (flags, checks): ``prune()`` replaces it by the candidate ``choose`` picks."""
 
     name = "auto"
-    options = (Option("proxy", str, None, f"auto: the proxy that ranks the candidates (default {AUTO_PROXY})",
-                      choices=tuple(PROXIES), flag="--auto-proxy"), *BoundedAllocator.options)
+    options = (Option("proxy", str, None, f"auto: the proxy that ranks the finalists (default {AUTO_PROXY})",
+                      choices=tuple(PROXIES), flag="--auto-proxy"),
+               Option("finalists", int, None, f"auto: candidates passed from the {SCREEN_PROXY} screen to the proxy, "
+                      f"besides uniform (default {FINALISTS}; {len(CANDIDATES)} or more: no screen)",
+                      flag="--auto-finalists"),
+               *BoundedAllocator.options)
 
-    def __init__(self, proxy: str = AUTO_PROXY, lo: float = 0.0, hi: float = 0.99):
+    def __init__(self, proxy: str = AUTO_PROXY, finalists: int = FINALISTS, lo: float = 0.0, hi: float = 0.99):
         super().__init__(lo, hi)
         proxy_settings(proxy)
-        self.proxy = proxy
+        if int(finalists) < 1:
+            raise UserError(f"--auto-finalists must be at least 1, got {finalists}")
+        self.proxy, self.finalists = proxy, int(finalists)
 
     def allocate(self, target, ctx):
         raise UserError("allocation 'auto' is chosen by prune() before pruning (layerprune.allocation.auto.choose); "
@@ -81,51 +94,87 @@ def block_statistics_from_norms(proxy: Proxy, allocator) -> list[float] | None:
     return out
 
 
-def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, lo: float = 0.0, hi: float = 0.99,
-           seqlen: int = 512, batch_size: int = 8, bos: int | None = None, candidates=CANDIDATES,
-           progress: bool = False, prune_fn=None) -> dict:
-    """Score every candidate allocation with the proxy; the report of what was tried and what was chosen (and why).
-    ``prune_fn``: for a proxy that propagates (``engine.prune_to_blocks``)."""
+def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, finalists: int = FINALISTS,
+           lo: float = 0.0, hi: float = 0.99, seqlen: int = 512, batch_size: int = 8, bos: int | None = None,
+           candidates=CANDIDATES, progress: bool = False, prune_fn=None) -> dict:
+    """Screen every candidate allocation, score the finalists with the proxy; the report of what was tried and what
+    was chosen (and why). ``prune_fn``: for a proxy that propagates (``engine.prune_to_blocks``)."""
     settings = proxy_settings(proxy)
+    settings["propagate"] = min(settings["propagate"], int(calib.shape[0]))  # a short calibration: all of it
+    screen = proxy_settings(SCREEN_PROXY)
+    screen["windows"] = min(screen["windows"], settings["windows"])
     t0 = time.perf_counter()
     p = Proxy(copy.deepcopy(model), calib, eval_ids, target, seqlen=seqlen, lo=lo, hi=hi, batch_size=batch_size,
               bos=bos, prune_fn=prune_fn, ranks=False, **settings)  # a few candidates: no sort of every weight
     t_setup = time.perf_counter() - t0
     infos = layer_census(model, get_adapter(model))
     num_blocks = len(p.block_layers)
-    rows, scored = [], {}
-    for label, spec, opts in candidates:
+    rows, stat_cache = [], {}
+    for label, spec, opts in candidates:  # every candidate's allocation (the statistics shared across spreads)
         t1 = time.perf_counter()
-        row = {"label": label, "spec": spec, "options": dict(opts)}
+        row = {"label": label, "spec": spec, "options": dict(opts), "screen": None, "value": None}
         try:
             alloc = _build(spec, opts, lo, hi)
-            stats = block_statistics_from_norms(p, alloc)
+            key = (spec, tuple(sorted((k, v) for k, v in opts.items() if k not in SPREAD_OPTIONS)))
+            if key not in stat_cache:
+                stat_cache[key] = block_statistics_from_norms(p, alloc)
+            stats = stat_cache[key]
             bs = alloc.allocate(target, AllocationContext(infos, num_blocks, block_stats=stats)).block_sparsity
-            key = p.counts(bs)
-            if key not in scored:
-                scored[key] = p.evaluate_allocation(bs)
-            row.update(value=scored[key], spread=max(bs) - min(bs), block_sparsity=bs, block_stats=stats)
+            row.update(spread=max(bs) - min(bs), block_sparsity=bs, block_stats=stats, counts=p.counts(bs))
         except (UserError, InvalidCandidate) as e:  # e.g. a DSA function that is constant on this model
-            row.update(value=None, error=str(e))
+            row["error"] = str(e)
         row["seconds"] = time.perf_counter() - t1
         rows.append(row)
-        if progress:
-            v = row["value"]
-            print(f"auto: {label:20s} proxy {v if v is None else round(v, 4)}  ({row['seconds']:.1f}s)", flush=True)
-    ok = [r for r in rows if r["value"] is not None and math.isfinite(r["value"])]
+    ok = [r for r in rows if "error" not in r]
     if not ok:
-        raise UserError("allocation 'auto': no candidate gave a finite proxy value on this model; pick one yourself")
-    best = min(ok, key=lambda r: r["value"])  # the first of equals: uniform wins ties
-    uni = next((r["value"] for r in ok if r["spec"] == "uniform"), None)
-    if best["spec"] == "uniform":
-        why = "uniform has the lowest proxy value of all candidates"
+        raise UserError("allocation 'auto': no candidate gave an allocation on this model; pick one yourself")
+
+    def score(rows_, field, evaluate):
+        done = {}
+        for r in rows_:
+            t1 = time.perf_counter()
+            try:
+                if r["counts"] not in done:  # equal pruned counts: the same pruned model
+                    done[r["counts"]] = evaluate(r["block_sparsity"])
+                r[field] = done[r["counts"]]
+            except InvalidCandidate as e:
+                r["error"] = str(e)
+            r["seconds"] += time.perf_counter() - t1
+            if progress:
+                v = r[field]
+                print(f"auto ({field}): {r['label']:20s} {v if v is None else round(v, 4)}  ({r['seconds']:.1f}s)",
+                      flush=True)
+
+    t1 = time.perf_counter()
+    if finalists < len(ok):
+        score(ok, "screen", lambda bs: p.evaluate_as(bs, **screen))
+        ranked = sorted((r for r in ok if r["screen"] is not None and math.isfinite(r["screen"])),
+                        key=lambda r: r["screen"])
+        final = [r for r in ok if r["spec"] == "uniform"] + [r for r in ranked if r["spec"] != "uniform"][:finalists]
     else:
-        why = (f"lowest proxy value ({best['value']:.4g}) of {len(ok)} candidates; uniform's is "
+        final = ok
+    t_screen = time.perf_counter() - t1
+    score(sorted(final, key=rows.index), "value", p.evaluate_allocation)
+    t_final = time.perf_counter() - t1 - t_screen
+    scored = [r for r in rows if r["value"] is not None and math.isfinite(r["value"])]
+    if not scored:
+        raise UserError("allocation 'auto': no candidate gave a finite proxy value on this model; pick one yourself")
+    best = min(scored, key=lambda r: r["value"])  # the first of equals: uniform (first) wins ties
+    uni = next((r["value"] for r in scored if r["spec"] == "uniform"), None)
+    names = ", ".join(r["label"] for r in scored)
+    if best["spec"] == "uniform":
+        why = f"uniform has the lowest proxy value of the finalists ({names})"
+    else:
+        why = (f"lowest proxy value ({best['value']:.4g}) of the finalists ({names}); uniform's is "
                + (f"{uni:.4g} ({(best['value'] / uni - 1) * 100:+.1f}%)" if uni else "not available"))
+    if final is not ok:
+        why += f"; finalists: uniform and the {finalists} lowest of {len(ok)} candidates by the {SCREEN_PROXY} screen"
+    dense_pass = p.setup_seconds["dense_pass"]
     del p  # its model is a copy: nothing to restore
     return {"chosen": best["label"], "spec": best["spec"], "options": best["options"],
             "block_stats": best["block_stats"], "block_sparsity": best["block_sparsity"], "reason": why,
             "proxy": {"name": proxy, **settings, "split": "wikitext2 validation"},
-            "tried": [{k: v for k, v in r.items() if k not in ("block_stats",)} for r in rows],
-            "seconds": {"setup": t_setup, "candidates": sum(r["seconds"] for r in rows),
+            "screen": {"name": SCREEN_PROXY, **screen, "finalists": finalists} if final is not ok else None,
+            "tried": [{k: v for k, v in r.items() if k not in ("block_stats", "counts")} for r in rows],
+            "seconds": {"setup": t_setup, "dense_pass": dense_pass, "screen": t_screen, "final": t_final,
                         "total": time.perf_counter() - t0}}

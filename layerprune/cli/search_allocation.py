@@ -56,6 +56,10 @@ def add_parser(sub) -> None:
     p.add_argument("--start", default=None,
                    help="evopress: start from these per-block sparsities (a JSON list or {\"block_sparsity\": [...]}, "
                         "e.g. a run's allocation) instead of uniform")
+    p.add_argument("--min-sparsity", type=float, default=0.0,
+                   help="evopress: lowest per-block sparsity a candidate may have (with --max-sparsity: the spread "
+                        "stays under their difference, e.g. a start's own range)")
+    p.add_argument("--max-sparsity", type=float, default=0.99, help="evopress: highest per-block sparsity")
     p.add_argument("--workers", type=int, default=1, help="evaluate candidates on this many Ray actors (1: serial)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local Ray")
     p.add_argument("--budget-minutes", type=float, default=30.0, help="search time of this run (setup excluded)")
@@ -95,7 +99,8 @@ def _settings(args) -> dict:
             "proxy_dtype": args.proxy_dtype, "budget_minutes": args.budget_minutes, "generations": args.generations,
             "max_candidates": args.max_candidates, "rescore_top": args.rescore_top,
             "rescore_windows": args.rescore_windows, "proxy": args.proxy, "level_step": args.level_step,
-            "offspring": args.offspring, "stages": args.stages, "workers": args.workers, "start": args.start}
+            "offspring": args.offspring, "stages": args.stages, "workers": args.workers, "start": args.start,
+            "min_sparsity": args.min_sparsity, "max_sparsity": args.max_sparsity}
 
 
 def _check(args) -> None:
@@ -128,9 +133,14 @@ def _check(args) -> None:
             raise UserError("--resume is not supported for --strategy evopress: start over with --force")
         if not 0 < args.level_step < 1 or args.offspring < 1:
             raise UserError("--level-step must lie in (0, 1) and --offspring be >= 1")
+        if not 0 <= args.min_sparsity <= args.sparsity <= args.max_sparsity <= 1:
+            raise UserError(f"--min-sparsity {args.min_sparsity} <= --sparsity {args.sparsity} <= --max-sparsity "
+                            f"{args.max_sparsity} must hold inside [0, 1]")
         if stages[-1][0] > args.eval_windows:
             raise UserError(f"the last --stages step uses {stages[-1][0]} windows, more than --eval-windows "
                             f"{args.eval_windows}")
+    elif (args.min_sparsity, args.max_sparsity) != (0.0, 0.99):
+        raise UserError("--min-sparsity / --max-sparsity bound the level search: use them with --strategy evopress")
 
 
 def parse_stages(text: str) -> tuple:
@@ -203,7 +213,8 @@ def run(args) -> int:
     pset = {k: v for k, v in proxy_settings(args.proxy).items() if k != "windows"}
     pkw = dict(seqlen=eval_seqlen, windows=args.eval_windows, lam=args.lam, batch_size=args.batch_size,
                dtype=args.proxy_dtype, norms_path=out / "dense_norms.safetensors", bos=bos_id(tok),
-               prune_fn=prune_to_blocks if pset["propagate"] else None, **pset)
+               prune_fn=prune_to_blocks if pset["propagate"] else None, lo=args.min_sparsity, hi=args.max_sparsity,
+               **pset)
     evaluator = None
     if args.workers > 1:  # the driver's proxy computes (and caches) the dense statistics first
         from layerprune.allocation.ray_search import ProxyFactory, RayEvaluator

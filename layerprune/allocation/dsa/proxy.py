@@ -53,6 +53,7 @@ METRICS = ("ppl", "kl")
 # name -> Proxy settings (windows, propagate, metric); "oneshot" is the proxy the DSA search was built with
 PROXIES = {
     "oneshot": {"windows": 8, "propagate": 0, "metric": "ppl"},
+    "oneshot-2": {"windows": 2, "propagate": 0, "metric": "ppl"},
     "oneshot-4": {"windows": 4, "propagate": 0, "metric": "ppl"},
     "oneshot-kl": {"windows": 8, "propagate": 0, "metric": "kl"},
     "propagate": {"windows": 8, "propagate": 4, "metric": "ppl"},
@@ -283,6 +284,23 @@ class Proxy:
         if not math.isfinite(ppl):
             raise InvalidCandidate(f"non-finite perplexity {ppl}")
         return ppl
+
+    def evaluate_as(self, block_sparsity, windows: int, propagate: int, metric: str) -> float:
+        """``evaluate_allocation`` with other settings (``--allocation auto``'s cheap screen before the proxy): fewer
+        or as many windows, no more propagation windows than this proxy holds, KL only where it holds the dense
+        log-probabilities."""
+        if metric not in METRICS or not 1 <= windows <= (self.windows if metric == "kl" else self.max_windows) \
+                or not 0 <= propagate <= (0 if self.prop_calib is None else len(self.prop_calib)) \
+                or (metric == "kl" and self.dense_logp is None):
+            raise UserError(f"this proxy cannot score with windows={windows}, propagate={propagate}, metric={metric}")
+        old = self.windows, self.propagate, self.metric, self.prop_calib
+        self.windows, self.propagate, self.metric = windows, propagate, metric
+        if propagate:
+            self.prop_calib = self.prop_calib[:propagate]
+        try:
+            return self.evaluate_allocation(block_sparsity)
+        finally:
+            self.windows, self.propagate, self.metric, self.prop_calib = old
 
     def evaluate_on(self, block_sparsity, windows: int) -> float:
         """``evaluate_allocation`` on the first ``windows`` validation windows (the level search's growing stages)."""
