@@ -10,8 +10,9 @@ Every method then runs as its own ``layerprune prune`` process, measured from ou
 - peak extra disk: the least free space on the file system during the run against the free space before it;
 - the saved run's size;
 - SparseGPT's solve against its arithmetic floor: the GEMM-shaped flops of one block (the column sweep's updates,
-  rows x cols^2 per linear, plus one Cholesky and one triangular inverse, 2/3 n^3, per distinct input) at the fp32
-  GEMM rate measured here in the same process before the runs;
+  rows x cols^2 per linear, plus one Cholesky and one triangular inverse, 2/3 n^3, per distinct input: issue #16's
+  floor) at the fp32 GEMM rate measured here in the same process before the runs; and against the strict floor of
+  today's solver, which needs the Cholesky alone (1/3 n^3);
 - the extrapolation to 128 x 2048 calibration tokens: statistics and propagation grow with the token count (x64
   from 8 x 512; attention's quadratic part is ignored, so this is a lower bound), the solve does not.
 
@@ -117,12 +118,14 @@ def gemm_gflops(n: int = 4096, reps: int = 3) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def sparsegpt_block_flops() -> float:
-    """GEMM-shaped flops of SparseGPT on one block: the sweep's updates (rows x cols^2 per linear) plus 2/3 n^3 per
-    distinct input (q/k/v share one Hessian, gate/up another; o and down have their own)."""
+def sparsegpt_block_flops(factor: float = 2 / 3) -> float:
+    """GEMM-shaped flops of SparseGPT on one block: the sweep's updates (rows x cols^2 per linear) plus ``factor`` n^3
+    per distinct input (q/k/v share one Hessian, gate/up another; o and down have their own). 2/3: a Cholesky and a
+    triangular inverse (issue #16's floor); 1/3: the Cholesky alone, all the left-looking sweep needs (the strict
+    floor of today's solver)."""
     h, m = SHAPE["hidden_size"], SHAPE["intermediate_size"]
     linears = [(h, h)] * 4 + [(m, h)] * 2 + [(h, m)]
-    return sum(r * c * c for r, c in linears) + 2 / 3 * (3 * h ** 3 + m ** 3)
+    return sum(r * c * c for r, c in linears) + factor * (3 * h ** 3 + m ** 3)
 
 
 def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int, data_dir: str | None,
@@ -165,7 +168,8 @@ def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int
             "params": rec.get("params")}
 
 
-def summarize(r: dict, n_blocks: int, tokens_now: int, tokens_target: int, floor_s: float | None) -> dict:
+def summarize(r: dict, n_blocks: int, tokens_now: int, tokens_target: int, floor_s: float | None,
+              strict_floor_s: float | None = None) -> dict:
     """Per-block medians per stage, the 128 x 2048 extrapolation and (SparseGPT) the solve / floor ratio."""
     bt = r.get("block_timings") or []
     med = lambda k: sorted(b.get(k, 0.0) for b in bt)[len(bt) // 2] if bt else None  # noqa: E731
@@ -179,6 +183,9 @@ def summarize(r: dict, n_blocks: int, tokens_now: int, tokens_target: int, floor
     if floor_s is not None and per_block["solve"]:
         out["solve_floor_s"] = floor_s
         out["solve_over_floor"] = per_block["solve"] / floor_s
+    if strict_floor_s is not None and per_block["solve"]:
+        out["solve_strict_floor_s"] = strict_floor_s
+        out["solve_over_strict_floor"] = per_block["solve"] / strict_floor_s
     return out
 
 
@@ -201,12 +208,13 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t
     rate = gemm_gflops()  # the CPU's; on a GPU the ratio below is not meaningful
     floor = sparsegpt_block_flops() / (rate * 1e9)
+    strict = sparsegpt_block_flops(1 / 3) / (rate * 1e9)
     results = {}
     for name in a.methods.split(","):
         r = run_one(model, work / f"run-{name}", METHODS[name], a.nsamples, a.seqlen, a.data_dir, a.device)
         if r["rc"] == 0:
             r["summary"] = summarize(r, a.blocks, a.nsamples * a.seqlen, 128 * 2048,
-                                     floor if name == "sparsegpt" else None)
+                                     *((floor, strict) if name == "sparsegpt" else (None, None)))
         results[name] = r
         print(name, json.dumps(r.get("summary", r), indent=1), flush=True)
         remove_ours(work / f"run-{name}")  # a layerprune run directory, or refused
@@ -215,7 +223,8 @@ def main(argv=None) -> int:
     write_json(out, {"shape": SHAPE, "blocks": a.blocks, "vocab": "SmolLM2 tokenizer (49152)", "weights": "random bf16",
                      "calibration": f"{a.nsamples} x {a.seqlen} C4", "threads": torch.get_num_threads(), "device": a.device,
                      "model_build_s": build_s, "gemm_gflops_fp32": rate,
-                     "sparsegpt_block_gflop": sparsegpt_block_flops() / 1e9, "results": results})
+                     "sparsegpt_block_gflop": sparsegpt_block_flops() / 1e9,
+                     "sparsegpt_block_gflop_strict": sparsegpt_block_flops(1 / 3) / 1e9, "results": results})
     print(f"wrote {out}")
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
 

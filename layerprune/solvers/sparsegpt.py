@@ -12,8 +12,9 @@ With H = (2/n) X^T X (+ percdamp * mean(diag H) * I) and U the upper Cholesky fa
   reversed H, once per input group: q/k/v and gate/up share it), U = R^-1, and the whole sweep gives W_end = W - E U
   (E: the errors), so Z = E U = W - W_end satisfies Z R = E. Solving that block row by block row, the update a block
   receives from all earlier ones is P_b = -(Z[:, <b] R[<b, b]) U_bb, with U_bb = R_bb^-1 (blocksize x blocksize).
-  One product per block (the same rows x cols^2 flops as the right-looking sweep, ~all of it GEMM), and no n^3/3
-  triangular inverse.
+  The share of earlier groups of 4 blocks is one product per group (a taller GEMM), that of the group's own earlier
+  blocks one small product per block: the same rows x cols^2 flops as the right-looking sweep, ~all of it GEMM, and no
+  n^3/3 triangular inverse.
 Joint sparsify + quantize (the paper's section 3.5, GPTQ's sweep): with wbits, the kept entries of column j are rounded
 to a min-max grid (layerprune.quant) before err is taken, so the quantization error is compensated by the later
 columns exactly like the pruning error. groupsize -1 fits one grid per output row on the whole weight; groupsize g
@@ -37,6 +38,7 @@ from layerprune.solvers.nm import check_nm, nm_mask
 from layerprune.stats import LayerStats
 
 SUB = 16  # columns swept with rank-1 updates between two matrix-product updates
+GROUP = 4  # blocks that take their share of all earlier groups as one product
 RETRIES = 4  # damping escalations (x10 each) tried when H + damp*I is not positive definite
 
 
@@ -158,14 +160,24 @@ class SparseGPT:
         # Inside a sub-block of `sub` columns each column's error is a rank-1 update of the sub-block's later columns;
         # the rest of the block gets the sub-block's errors as one product; a block gets all earlier blocks' as one.
         Zt = torch.empty_like(Wt)
+        span = blocksize * GROUP  # columns whose share of all earlier ones is one product (a taller GEMM)
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
+            g1 = i1 // span * span  # the group of blocks this one is in
+            if i1 == g1 and g1:
+                S = R[:g1, g1:g1 + span].t() @ Zt[:g1]  # R[<g, g]^T Z[:, <g]^T, for the group's blocks at once
             W1 = Wt[i1:i2]  # [block columns, rows], a view: updated in place
             Err1 = torch.empty_like(W1)
             U1 = upper_inverse(R[i1:i2, i1:i2])
             Zt[i1:i2] = W1
-            if i1:  # P_b^T = -U_bb^T (R[<b, b]^T Z[:, <b]^T)
-                W1.addmm_(U1.t(), R[:i1, i1:i2].t() @ Zt[:i1])
+            if i1:  # P_b^T = -U_bb^T (R[<b, b]^T Z[:, <b]^T): the group's product plus its earlier blocks
+                if i1 == g1:
+                    T = S[:i2 - i1]
+                elif g1:
+                    T = torch.addmm(S[i1 - g1:i2 - g1], R[g1:i1, i1:i2].t(), Zt[g1:i1])
+                else:
+                    T = R[:i1, i1:i2].t() @ Zt[:i1]
+                W1.addmm_(U1.t(), T)
             if nm is None:
                 score = W1.square().div_(d[i1:i2, None].square())  # transposed, like W1
                 if has_dead:

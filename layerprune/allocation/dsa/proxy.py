@@ -58,6 +58,7 @@ PROXIES = {
     "oneshot-kl": {"windows": 8, "propagate": 0, "metric": "kl"},
     "propagate": {"windows": 8, "propagate": 4, "metric": "ppl"},
     "propagate-kl": {"windows": 8, "propagate": 4, "metric": "kl"},
+    "propagate-kl-4": {"windows": 4, "propagate": 4, "metric": "kl"},
 }
 DEFAULT_PROXY = "propagate-kl"  # bench/results/proxy_study: rho 0.959 over 20 allocations at 1.6x oneshot's cost
 
