@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--proxy", default=None, help="auto's proxy (default: the library's)")
     ap.add_argument("--finalists", type=int, default=None, help="auto's finalists (default: the library's)")
+    ap.add_argument("--margin", type=float, default=None, help="auto's margin (default: the library's)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -34,7 +35,8 @@ def main() -> None:
     calib = calibration(tok)
     t0 = time.perf_counter()
     rec = prune(model, tok, method=args.method, sparsity=args.sparsity, allocation="auto",
-                allocation_options={k: v for k, v in (("proxy", args.proxy), ("finalists", args.finalists))
+                allocation_options={k: v for k, v in (("proxy", args.proxy), ("finalists", args.finalists),
+                                                               ("margin", args.margin))
                                     if v is not None}, calibration=calib, progress=False)
     total = time.perf_counter() - t0
     ppl = wikitext_ppl(model, tok)
@@ -52,7 +54,8 @@ def main() -> None:
            "auto_added_vs_pruning": (t["auto_choice"] - auto["seconds"]["dense_pass"]) / t["total"],
            "threads": torch.get_num_threads()}
     tag = (f"{args.method}_{round(args.sparsity * 100)}" + (f"_{args.proxy}" if args.proxy else "")
-           + (f"_f{args.finalists}" if args.finalists is not None else ""))
+           + (f"_f{args.finalists}" if args.finalists is not None else "")
+           + (f"_m{args.margin:g}" if args.margin is not None else ""))
     write_json(RESULTS / "auto" / f"{tag}.json", out)
     print(f"{tag}: chose {auto['chosen']} ({auto['reason']}); test PPL {ppl:.2f}; auto {t['auto_choice']:.0f}s "
           f"(dense pass {auto['seconds']['dense_pass']:.0f}s, the run's pre-pass) vs pruning {t['total']:.0f}s: "

@@ -124,7 +124,7 @@ def _choose_auto(model, tokenizer, ids, cfg: PruneConfig, data_dir, batch_size: 
     seqlen = check_seqlen(model, None, default=512)  # the search's windows, capped at the model's maximum
     valid = tokenize_corpus(tokenizer, "wikitext2-valid", resolve_data_dir(data_dir), seqlen)
     opts = cfg.allocation_options
-    named = {k: opts[k] for k in ("proxy", "finalists") if opts.get(k) is not None}  # else auto's defaults
+    named = {k: opts[k] for k in ("proxy", "finalists", "margin") if opts.get(k) is not None}  # else auto's defaults
     return choose(model, ids, valid, cfg.sparsity, **named, lo=opts.get("lo", 0.0),
                   hi=opts.get("hi", 0.99), seqlen=seqlen, batch_size=batch_size, bos=bos_id(tokenizer),
                   progress=progress, prune_fn=prune_to_blocks)

@@ -100,13 +100,16 @@ def test_auto_screens_every_candidate_then_scores_uniform_and_the_best_with_the_
     from layerprune.allocation.auto import CANDIDATES, SCREEN_PROXY, choose
 
     kw = dict(seqlen=32, prune_fn=prune_to_blocks)
-    rep = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, **kw)
+    rep = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=10.0, **kw)
     tried = [r for r in rep["tried"] if "error" not in r]
     assert len(tried) >= 4 and all(r["screen"] is not None for r in tried)
     final = [r for r in tried if r["value"] is not None]
     others = sorted((r for r in tried if r["spec"] != "uniform"), key=lambda r: r["screen"])
     assert [r["label"] for r in final if r["spec"] != "uniform"] == sorted(
         (r["label"] for r in others[:2]), key=[r["label"] for r in tried].index)
+    alone = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=0.0, **kw)
+    final0 = [r["label"] for r in alone["tried"] if r["value"] is not None]  # no margin: the screen's best alone
+    assert len(final0) == 2 and others[0]["label"] in final0
     assert any(r["spec"] == "uniform" for r in final)  # always a finalist: never worse than uniform by the proxy
     assert rep["chosen"] == min(final, key=lambda r: r["value"])["label"]
     assert rep["screen"]["name"] == SCREEN_PROXY and rep["proxy"]["propagate"] == 4

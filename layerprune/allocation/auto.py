@@ -6,7 +6,8 @@ compute them, from ONE dense pass (the proxy's cached dense input norms: the all
 full run's pre-pass, which the run then skips), and scored in two steps (EvoPress's multi-step selection):
   1. screen: every candidate by ``SCREEN_PROXY`` (one-shot Wanda with the dense norms, perplexity on 2 validation
      windows in bfloat16: bench/results/proxy_study, rho 0.92 over 20 allocations at 0.37x the cost of the old proxy);
-  2. the ``finalists`` best of the screen, and uniform, by the proxy (``dsa/proxy.py``, ``PROXIES[name]``; default
+  2. the screen's best, the next ones up to ``finalists`` in all if their screen value is within ``margin`` of the best
+     (only near-ties need the better proxy), and uniform, by the proxy (``dsa/proxy.py``, ``PROXIES[name]``; default
      ``propagate-kl-4``: Wanda with propagation on 4 calibration windows, KL to the dense model on 4 validation
      windows, rho 0.94 at 1.26x the old proxy's cost; ``propagate-kl``, 8 windows, ranks better, rho 0.96, at 1.6x).
 The lowest proxy value wins; uniform is always a finalist and wins ties, so the choice is never worse than uniform *by
@@ -32,7 +33,8 @@ from layerprune.stats import LayerStats
 
 AUTO_PROXY = "propagate-kl-4"  # the finalists' proxy: bench/results/proxy_study, rho 0.938 over 20 allocations
 SCREEN_PROXY = "oneshot-2"  # every candidate's first score: rho 0.916 at 0.37x the old proxy's cost
-FINALISTS = 2  # best candidates of the screen the proxy scores (with uniform)
+FINALISTS = 2  # at most this many of the screen's best go on to the proxy (with uniform) ...
+MARGIN = 0.10  # ... those within this fraction of the screen's best value (a clear winner goes alone)
 SPREAD_OPTIONS = ("lam", "alpha", "beta_frac")  # change the map from statistic to sparsity, not the statistic
 DSA_FUNCTION = "W:(EXP,TANH)-(GRAM)-(ATAN,SIGMOID)-(SIGMOID)"  # README, DSA: found by evolution at 70% on SmolLM2
 
@@ -58,17 +60,20 @@ class Auto(BoundedAllocator):
     name = "auto"
     options = (Option("proxy", str, None, f"auto: the proxy that ranks the finalists (default {AUTO_PROXY})",
                       choices=tuple(PROXIES), flag="--auto-proxy"),
-               Option("finalists", int, None, f"auto: candidates passed from the {SCREEN_PROXY} screen to the proxy, "
-                      f"besides uniform (default {FINALISTS}; {len(CANDIDATES)} or more: no screen)",
+               Option("finalists", int, None, f"auto: at most this many candidates go from the {SCREEN_PROXY} screen "
+                      f"to the proxy, besides uniform (default {FINALISTS}; {len(CANDIDATES)} or more: no screen)",
                       flag="--auto-finalists"),
+               Option("margin", float, None, f"auto: after the screen's best, the proxy also scores those within this "
+                      f"fraction of its screen value (default {MARGIN})", flag="--auto-margin"),
                *BoundedAllocator.options)
 
-    def __init__(self, proxy: str = AUTO_PROXY, finalists: int = FINALISTS, lo: float = 0.0, hi: float = 0.99):
+    def __init__(self, proxy: str = AUTO_PROXY, finalists: int = FINALISTS, margin: float = MARGIN, lo: float = 0.0,
+                 hi: float = 0.99):
         super().__init__(lo, hi)
         proxy_settings(proxy)
-        if int(finalists) < 1:
-            raise UserError(f"--auto-finalists must be at least 1, got {finalists}")
-        self.proxy, self.finalists = proxy, int(finalists)
+        if int(finalists) < 1 or not float(margin) >= 0:
+            raise UserError(f"--auto-finalists must be at least 1 and --auto-margin >= 0, got {finalists}, {margin}")
+        self.proxy, self.finalists, self.margin = proxy, int(finalists), float(margin)
 
     def allocate(self, target, ctx):
         raise UserError("allocation 'auto' is chosen by prune() before pruning (layerprune.allocation.auto.choose); "
@@ -96,7 +101,7 @@ def block_statistics_from_norms(proxy: Proxy, allocator) -> list[float] | None:
 
 
 def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, finalists: int = FINALISTS,
-           lo: float = 0.0, hi: float = 0.99, seqlen: int = 512, batch_size: int = 8, bos: int | None = None,
+           margin: float = MARGIN, lo: float = 0.0, hi: float = 0.99, seqlen: int = 512, batch_size: int = 8, bos: int | None = None,
            candidates=CANDIDATES, progress: bool = False, prune_fn=None) -> dict:
     """Screen every candidate allocation, score the finalists with the proxy; the report of what was tried and what
     was chosen (and why). ``prune_fn``: for a proxy that propagates (``engine.prune_to_blocks``)."""
@@ -106,7 +111,7 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
     screen["windows"] = min(screen["windows"], settings["windows"])
     t0 = time.perf_counter()
     p = Proxy(copy.deepcopy(model), calib, eval_ids, target, seqlen=seqlen, lo=lo, hi=hi, batch_size=batch_size,
-              bos=bos, prune_fn=prune_fn, ranks=False, **settings)  # a few candidates: no sort of every weight
+              bos=bos, prune_fn=prune_fn, ranks=finalists < len(candidates), **settings)  # ranks: a cheaper screen
     t_setup = time.perf_counter() - t0
     infos = layer_census(model, get_adapter(model))
     num_blocks = len(p.block_layers)
@@ -151,7 +156,9 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
         score(ok, "screen", lambda bs: p.evaluate_as(bs, **screen))
         ranked = sorted((r for r in ok if r["screen"] is not None and math.isfinite(r["screen"])),
                         key=lambda r: r["screen"])
-        final = [r for r in ok if r["spec"] == "uniform"] + [r for r in ranked if r["spec"] != "uniform"][:finalists]
+        best = [r for r in ranked if r["spec"] != "uniform"][:finalists]
+        best = [r for r in best if r is best[0] or r["screen"] <= (1 + margin) * best[0]["screen"]]
+        final = [r for r in ok if r["spec"] == "uniform"] + best
     else:
         final = ok
     t_screen = time.perf_counter() - t1
@@ -169,13 +176,15 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
         why = (f"lowest proxy value ({best['value']:.4g}) of the finalists ({names}); uniform's is "
                + (f"{uni:.4g} ({(best['value'] / uni - 1) * 100:+.1f}%)" if uni else "not available"))
     if final is not ok:
-        why += f"; finalists: uniform and the {finalists} lowest of {len(ok)} candidates by the {SCREEN_PROXY} screen"
+        why += (f"; finalists: uniform and the lowest of {len(ok)} candidates by the {SCREEN_PROXY} screen, with the "
+                f"next ones within {margin:.0%} of it, {finalists} at most")
     dense_pass = p.setup_seconds["dense_pass"]
     del p  # its model is a copy: nothing to restore
     return {"chosen": best["label"], "spec": best["spec"], "options": best["options"],
             "block_stats": best["block_stats"], "block_sparsity": best["block_sparsity"], "reason": why,
             "proxy": {"name": proxy, **settings, "split": "wikitext2 validation"},
-            "screen": {"name": SCREEN_PROXY, **screen, "finalists": finalists} if final is not ok else None,
+            "screen": {"name": SCREEN_PROXY, **screen, "finalists": finalists, "margin": margin}
+            if final is not ok else None,
             "tried": [{k: v for k, v in r.items() if k not in ("block_stats", "counts")} for r in rows],
             "seconds": {"setup": t_setup, "dense_pass": dense_pass, "screen": t_screen, "final": t_final,
                         "total": time.perf_counter() - t0}}
