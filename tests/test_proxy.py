@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import FAMILIES, tiny_model
 
 from layerprune import prune
 from layerprune.allocation.dsa.proxy import (PROXIES, Proxy, dense_logprobs, eval_windows, proxy_settings,
@@ -68,7 +68,8 @@ def test_proxy_settings_are_checked():
 # ---------------------------------------------------------------------------------------------------------------------
 # --allocation auto
 
-def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path, family):
     from conftest import tiny_tokenizer
 
     from layerprune.allocation.auto import CANDIDATES
@@ -76,7 +77,7 @@ def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path):
     tok = tiny_tokenizer()
     data = tmp_path / "data"
     _tiny_wikitext(data)
-    model = tiny_model("llama", layers=4)
+    model = tiny_model(family, layers=4)
     rec = prune(model, tok, sparsity=0.7, allocation="auto", calibration=calib(), data_dir=data, progress=False)
     a = rec["allocation_auto"]
     tried = [r for r in a["tried"] if r["value"] is not None]
@@ -88,7 +89,7 @@ def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path):
     assert rec["allocation"]["block"] == pytest.approx(best["block_sparsity"], abs=1e-12)
     assert rec["allocation"]["name"] == best["spec"]
     # the same pruned weights as a run with the chosen allocation given by hand (its pre-pass computed by the engine)
-    ref = tiny_model("llama", layers=4)
+    ref = tiny_model(family, layers=4)
     prune(ref, tok, sparsity=0.7, allocation=best["spec"], allocation_options=best["options"], calibration=calib(),
           progress=False)
     for x, y in zip(model.parameters(), ref.parameters()):
