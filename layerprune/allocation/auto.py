@@ -156,9 +156,9 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
         score(ok, "screen", lambda bs: p.evaluate_as(bs, **screen))
         ranked = sorted((r for r in ok if r["screen"] is not None and math.isfinite(r["screen"])),
                         key=lambda r: r["screen"])
-        best = [r for r in ranked if r["spec"] != "uniform"][:finalists]
-        best = [r for r in best if r is best[0] or r["screen"] <= (1 + margin) * best[0]["screen"]]
-        final = [r for r in ok if r["spec"] == "uniform"] + best
+        top = [r for r in ranked if r["spec"] != "uniform"][:finalists]
+        final = [r for r in ok if r["spec"] == "uniform"] + [
+            r for r in top if r is top[0] or r["screen"] <= (1 + margin) * top[0]["screen"]]
     else:
         final = ok
     t_screen = time.perf_counter() - t1

@@ -307,11 +307,7 @@ class Proxy:
         """``evaluate_allocation`` on the first ``windows`` validation windows (the level search's growing stages)."""
         if not 1 <= windows <= self.max_windows:
             raise UserError(f"the proxy holds {self.max_windows} validation windows, {windows} were asked for")
-        old, self.windows = self.windows, windows
-        try:
-            return self.evaluate_allocation(block_sparsity)
-        finally:
-            self.windows = old
+        return self.evaluate_as(block_sparsity, windows, self.propagate, self.metric)
 
     def counts(self, block_sparsity) -> tuple[int, ...]:
         """Weights pruned per linear, round(s * numel): equal counts give the same pruned model."""
