@@ -114,7 +114,7 @@ def _mask(H: Tensor, cols: Tensor) -> None:
     H[cols, cols] = 1.0
 
 
-def _obs_remove(W: Tensor, Hinv: Tensor, Q: Tensor, alive: Tensor, compensate: bool, percdamp: float) -> None:
+def _obs_remove(W: Tensor, Hinv: Tensor, Q: Tensor, compensate: bool, percdamp: float) -> None:
     """Zero columns Q of W (in place); with `compensate`, first apply the joint OBS update to the alive columns.
     Then Hinv becomes the inverse of H with Q masked (see _mask), in place.
 
@@ -125,13 +125,8 @@ def _obs_remove(W: Tensor, Hinv: Tensor, Q: Tensor, alive: Tensor, compensate: b
     """
     U = _cholesky(Hinv[Q][:, Q], upper=True, damp=percdamp)                     # fresh copy: damping stays local
     Z = torch.linalg.solve_triangular(U.T, Hinv[Q], upper=False)                # [|Q|, n] = U⁻ᵀ [H⁻¹]_Q:
-    if compensate:
-        R = alive.clone()
-        R[Q] = False
-        R = R.nonzero().flatten()
-        Err = torch.linalg.solve_triangular(U, W[:, Q], upper=True, left=False)
-        if R.numel():
-            W[:, R] -= Err @ Z[:, R]
+    if compensate:  # W_R -= Err Z_R as one in-place product: Z is zero on the removed columns, W_Q is zeroed below
+        W.addmm_(torch.linalg.solve_triangular(U, W[:, Q], upper=True, left=False), Z, alpha=-1)
     W[:, Q] = 0.0
     Hinv.addmm_(Z.T, Z, alpha=-1)
     _mask(Hinv, Q)
@@ -148,7 +143,7 @@ def _head_scores(W: Tensor, Hinv: Tensor, head_dim: int, grouped_cholesky: bool,
         d = _cholesky(blocks, damp=percdamp).diagonal(dim1=-2, dim2=-1).reshape(-1) ** 2
     else:
         d = torch.diag(Hinv)
-    return (W ** 2 / d).sum(0).view(nh, head_dim).sum(1)
+    return W.square().sum(0).div_(d).view(nh, head_dim).sum(1)
 
 
 def _joint_errors(W: Tensor, Hinv: Tensor, units: Tensor, percdamp: float) -> Tensor:
@@ -195,7 +190,6 @@ def _greedy(weight: Tensor, hessian: Tensor, head_dim: int, units: list[list[int
     unit_cols = _head_columns(unit_heads.reshape(-1), head_dim, dev).view(len(units), -1)
     if score == "magnitude":
         compensate = False
-    alive = torch.ones(W.shape[1], dtype=torch.bool, device=dev)
     removed: list[int] = []
     Hinv = None
     for _ in range(n_units):
@@ -215,8 +209,7 @@ def _greedy(weight: Tensor, hessian: Tensor, head_dim: int, units: list[list[int
         if score == "magnitude":
             W[:, Q] = 0.0
         else:
-            _obs_remove(W, Hinv, Q, alive, compensate, percdamp)
-        alive[Q] = False
+            _obs_remove(W, Hinv, Q, compensate, percdamp)
         removed.append(best)
     return W.to(weight.dtype), sorted(removed)
 
