@@ -402,3 +402,50 @@ def test_sparsegpt_inverse_factor_and_group_cache():
     b = sgpt.prune(rand_w(8, 32, 2), st, 0.5)
     assert len(st.derived) == 1 and not torch.equal(a, b)
     assert torch.equal(b, sgpt.prune(rand_w(8, 32, 2), make_stats(correlated_x(200, 32)), 0.5))
+
+
+def test_hessian_with_one_nan_or_inf_is_refused_and_overflowing_sums_are_not():
+    from layerprune.solvers.common import all_finite
+    from layerprune.solvers.slimgpt import prune_channels
+
+    H = make_stats(correlated_x(200, 32)).hessian
+    assert all_finite(H)
+    big = torch.full((4, 4), 3e38)  # finite, but the fp32 sum overflows: the exact check decides
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf")):
+        for where in ((3, 5), (5, 3), (7, 7)):  # lower, upper triangle, diagonal: one entry is enough
+            Hb = H.clone()
+            Hb[where] = bad
+            assert not all_finite(Hb)
+            with pytest.raises(ValueError, match="NaN/inf"):
+                get_solver("sparsegpt").prune(rand_w(8, 32, 1), LayerStats(200, None, Hb, None), 0.5)
+            with pytest.raises(UserError, match="NaN/inf"):
+                prune_channels(rand_w(8, 32, 1), Hb, 4)
+
+
+def test_sparsegpt_blocked_factor_matches_one_call(monkeypatch):
+    import layerprune.solvers.sparsegpt as sg
+
+    st = make_stats(correlated_x(1500, 600))
+    H = st.hessian
+    one = sg.reversed_cholesky(H, 0.01)  # 600 <= 2 x CHOL_BLOCK: one LAPACK call
+    monkeypatch.setattr(sg, "CHOL_BLOCK", 64)  # 600 = 9 blocks of 64 and one of 24
+    R = sg.reversed_cholesky(H, 0.01)
+    damped = H.double() + 0.01 * H.double().diagonal().mean() * torch.eye(600, dtype=torch.float64)
+    assert torch.equal(R, R.triu()) and (R.diagonal() > 0).all()
+    assert torch.allclose(R.double() @ R.double().T, damped, rtol=1e-4, atol=1e-4 * damped.abs().max().item())
+    assert torch.allclose(R, one, rtol=1e-3, atol=1e-5 * one.abs().max().item())
+    assert torch.equal(H, st.hessian)  # not changed
+    w = rand_w(16, 600, 3)
+    monkeypatch.setattr(sg, "CHOL_BLOCK", 1024)
+    ref = get_solver("sparsegpt").prune(w, make_stats(correlated_x(1500, 600)), 0.5)
+    monkeypatch.setattr(sg, "CHOL_BLOCK", 64)
+    out = get_solver("sparsegpt").prune(w, make_stats(correlated_x(1500, 600)), 0.5)
+    assert ((out == 0) != (ref == 0)).float().mean() < 0.01  # rounding may flip a near tie, no more
+    assert torch.allclose(out, ref, atol=1e-3 * w.abs().max().item())
+    singular = torch.zeros(600, 600)
+    singular[:300, :300] = H[:300, :300]  # the last 300 inputs always zero: dead, not an error
+    singular[0, 0] = -1.0  # not positive definite without more damping
+    with pytest.warns(UserWarning, match="not positive definite"):
+        R = sg.reversed_cholesky(singular, 0.0)
+    assert torch.isfinite(R).all()

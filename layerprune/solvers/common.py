@@ -26,6 +26,12 @@ def check_sparsity(sparsity: float) -> float:
     return s
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``: one fp32 sum (a NaN or inf entry makes it non-finite), and only when the sum is not finite
+    (NaN/inf, or an overflow of large finite entries) the exact elementwise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_options(solver: str, options: dict, known: tuple[str, ...]) -> None:
     if options:
         raise UserError(f"{solver}: unknown option(s) {sorted(options)}; known options: {', '.join(known) or 'none'}")

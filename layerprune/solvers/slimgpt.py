@@ -36,7 +36,7 @@ from layerprune.errors import UserError
 from layerprune.models import structured
 from layerprune.models.structured import GQA_MODES
 from layerprune.registry import Option, positive_int, register_solver
-from layerprune.solvers.common import relative_error
+from layerprune.solvers.common import all_finite, relative_error
 
 SCORES = ("obs", "magnitude", "exact")
 
@@ -85,7 +85,7 @@ def _prepare(weight: Tensor, hessian: Tensor, percdamp: float) -> tuple[Tensor, 
         raise UserError(f"slimgpt: percdamp must be >= 0, got {percdamp}")
     W = weight.detach().to(torch.float32).clone()
     H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
-    if not math.isfinite(float(H.sum(dtype=torch.float64))):  # any NaN/inf makes the float64 sum non-finite
+    if not all_finite(H):
         raise UserError("slimgpt: hessian contains NaN/inf; check the calibration activations")
     _symmetrize_(H)
     dead = torch.diag(H) == 0
