@@ -9,9 +9,9 @@ With H = (2/n) X^T X (+ percdamp * mean(diag H) * I) and U the upper Cholesky fa
   W[:, j+1:] -= err * U[j, j+1:]. Inside a block the update is lazy: rank-1 within sub-blocks of 16 columns, one
   product per sub-block for the rest of the block.
 - the later blocks' share is applied left-looking, without forming U: with H = R R^T (R upper, one Cholesky of the
-  reversed H, once per input group: q/k/v and gate/up share it), U = R^-1, and the whole sweep gives W_end = W - E U
-  (E: the errors), so Z = E U = W - W_end satisfies Z R = E. Solving that block row by block row, the update a block
-  receives from all earlier ones is P_b = -(Z[:, <b] R[<b, b]) U_bb, with U_bb = R_bb^-1 (blocksize x blocksize).
+  reversed H, by blocks above n = 2048, once per input group: q/k/v and gate/up share it), U = R^-1, and the whole
+  sweep gives W_end = W - E U (E: the errors), so Z = E U = W - W_end satisfies Z R = E. Solving that block row by
+  block row, the update a block receives from all earlier ones is P_b = -(Z[:, <b] R[<b, b]) U_bb, with U_bb = R_bb^-1 (blocksize x blocksize).
   The share of earlier groups of 4 blocks is one product per group (a taller GEMM), that of the group's own earlier
   blocks one small product per block: the same rows x cols^2 flops as the right-looking sweep, ~all of it GEMM, and no
   n^3/3 triangular inverse.
@@ -242,8 +242,8 @@ def _sweep_pruned(W1, Err1, U1, maskt1, pruned, d1, dead1, s1: int, s2: int, nm)
 def _reversed_cholesky_(A: torch.Tensor, nb: int) -> bool:
     """In place: the symmetric A (its upper triangle is read) becomes the upper R with R R^T = A, by blocks of ``nb``
     from the bottom-right: R22 from the last diagonal block (one LAPACK call on it reversed), R12 = A12 R22^-T, then
-    A11 -= R12 R12^T on the upper blocks only (matrix products; ~all of the n^3/3 flops) and the same for A11. The
-    lower triangle is zeroed. False when a block is not positive definite (A is then garbage)."""
+    A11 -= R12 R12^T on its upper blocks only (matrix products: ~all of the n^3/3 flops), and the same again on A11.
+    The lower triangle is zeroed. False when a block is not positive definite (A is then garbage)."""
     n = A.shape[0]
     for k in range(n, 0, -nb):
         s = max(0, k - nb)
