@@ -12,8 +12,9 @@ With H = (2/n) X^T X (+ percdamp * mean(diag H) * I) and U the upper Cholesky fa
   reversed H, by blocks above n = 2048, once per input group: q/k/v and gate/up share it), U = R^-1, and the whole
   sweep gives W_end = W - E U (E: the errors), so Z = E U = W - W_end satisfies Z R = E. Solving that block row by
   block row, the update a block receives from all earlier ones is P_b = -(Z[:, <b] R[<b, b]) U_bb, with
-  U_bb = R_bb^-1 (blocksize x blocksize). The share of earlier groups of 4 blocks is one product per group (a taller GEMM), that of the group's own earlier
-  blocks one small product per block: the same rows x cols^2 flops as the right-looking sweep, ~all of it GEMM, and no
+  U_bb = R_bb^-1 (blocksize x blocksize). The share of earlier groups of 4 blocks is one product per group (a taller
+  GEMM), that of the group's own earlier blocks one small product per block: the same rows x cols^2 flops as the
+  right-looking sweep, ~all of it GEMM, and no
   n^3/3 triangular inverse.
 Joint sparsify + quantize (the paper's section 3.5, GPTQ's sweep): with wbits, the kept entries of column j are rounded
 to a min-max grid (layerprune.quant) before err is taken, so the quantization error is compensated by the later
