@@ -228,15 +228,18 @@ def _sweep_pruned(W1, Err1, U1, maskt1, pruned, d1, dead1, s1: int, s2: int, nm)
     0/1 floats, both written here for N:M): err_i = w_i * pruned_i / U_ii is one product and one rank-1 update per
     column, and the sub-block's pruned entries are zeroed once at its end (no later column writes them)."""
     step = s2 - s1 if nm is None else nm[1]  # columns whose mask is known at once: the sub-block, or one N:M group
+    # per-column views made in one call each (indexing a tensor per column cost more than the arithmetic at 576 wide)
+    w, e = W1[s1:s2].unbind(0), Err1[s1:s2].unbind(0)
+    e_row, u_col = Err1[s1:s2, None].unbind(0), U1[s1:s2, :, None].unbind(0)  # [1, rows] and [block, 1] each
     for g in range(s1, s2, step):
         if nm is not None:
             maskt1[g:g + step] = _nm_group(W1[g:g + step], d1[g:g + step], dead1[g:g + step], nm).t()
             pruned[g:g + step] = maskt1[g:g + step].view(torch.uint8)
-        scale = pruned[g:g + step] / d1[g:g + step, None]
+        scale = (pruned[g:g + step] / d1[g:g + step, None]).unbind(0)
         for i in range(g, g + step):
-            torch.mul(W1[i], scale[i - g], out=Err1[i])
+            torch.mul(w[i - s1], scale[i - g], out=e[i - s1])
             if i + 1 < s2:
-                W1[i + 1:s2].addmm_(U1[i, i + 1:s2, None], Err1[i, None], alpha=-1)  # rank 1 (faster than addr_)
+                W1[i + 1:s2].addmm_(u_col[i - s1][i + 1:s2], e_row[i - s1], alpha=-1)  # rank 1 (faster than addr_)
     W1[s1:s2].mul_(1 - pruned[s1:s2]).add_(0.0)  # x * 0 keeps the sign of x; -0.0 + 0.0 = +0.0 (masked_fill_: 30x slower)
 
 
