@@ -71,17 +71,10 @@ def reversed_cholesky(H: torch.Tensor, percdamp: float, dead: torch.Tensor | Non
     mean_diag = diag.mean()
     p = percdamp
     for attempt in range(RETRIES + 1):
-        if H.shape[0] > 2 * CHOL_BLOCK:
-            R = H.to(torch.float32, copy=True)
-            R.diagonal().copy_(diag + p * mean_diag)
-            ok = _reversed_cholesky_(R, CHOL_BLOCK)
-        else:  # one LAPACK call on the reversed matrix
-            A = H.flip(0, 1).float()  # a copy: flip always copies
-            A.diagonal().copy_((diag + p * mean_diag).flip(0))
-            M, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
-            ok = info == 0 and bool(torch.isfinite(M.diagonal()).all())
-            R = M.flip(0, 1) if ok else None
-        if ok:
+        R = H.to(torch.float32, copy=True)
+        R.diagonal().copy_(diag + p * mean_diag)
+        n = R.shape[0]  # up to 2 x CHOL_BLOCK: one block, i.e. one LAPACK call on the reversed matrix
+        if _reversed_cholesky_(R, CHOL_BLOCK if n > 2 * CHOL_BLOCK else n):
             if attempt:
                 warnings.warn(f"sparsegpt: Hessian not positive definite with percdamp={percdamp}; "
                               f"used percdamp={p:g}", stacklevel=3)
