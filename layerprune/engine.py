@@ -44,9 +44,9 @@ def preflight(model, cfg: PruneConfig) -> list[LayerInfo]:
     adapter = get_adapter(model)
     program = block_program(get_solver(cfg.method), model, adapter, cfg)
     skip = set(cfg.skip)
-    if program.changes_shapes and (cfg.nm is not None or skip or cfg.offload == "disk"):
-        raise UserError(f"{cfg.method} prunes whole blocks and changes their shapes: --nm, --skip and --offload disk "
-                        "do not apply; drop them")
+    if program.changes_shapes and (cfg.nm is not None or skip):
+        raise UserError(f"{cfg.method} prunes whole blocks and changes their shapes: --nm and --skip do not apply; "
+                        "drop them")
     program.check(model)
     unknown = skip - set(adapter.linear_names())
     if unknown:
@@ -168,6 +168,8 @@ def _restore(model, blocks, store, program, ckpt: Checkpoint, state: dict, buf: 
             if i not in store.modified:
                 raise UserError(f"{ckpt.folder.parent} lacks the shard of pruned block {i}, so the run cannot be "
                                 "resumed: rerun with --force to start over")
+            if program.changes_shapes:  # the (meta) block takes its shard's widths; its weights stay on disk
+                program.load_block(blocks[i], store.block_shapes(i))
             continue
         store.onload(model, i, "cpu")
         program.load_block(blocks[i], ckpt.block_weights(i))

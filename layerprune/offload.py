@@ -194,12 +194,17 @@ def _read(where: dict[str, tuple[Path, str]], names: list[str]) -> dict[str, tor
     return out
 
 
-def _shard_sizes(path: Path) -> dict[str, int]:
-    """Key -> byte size of every tensor in a safetensors file, from its header alone."""
+def _header(path: Path) -> dict[str, dict]:
+    """Key -> {dtype, shape, data_offsets} of every tensor in a safetensors file (its header alone)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _shard_sizes(path: Path) -> dict[str, int]:
+    """Key -> byte size of every tensor in a safetensors file, from its header alone."""
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in _header(path).items()}
 
 
 # --- disk store ---------------------------------------------------------------------------
@@ -265,6 +270,13 @@ class DiskStore:
         block = self.adapter.blocks(model)[i]
         names = [p + k for k in block.state_dict()]
         return {n[len(p):]: cast(t, device, self.dtype) for n, t in _read(self.where, names).items()}
+
+    def block_shapes(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i as offload() wrote it (keys relative to the block): meta tensors of its stored shapes and dtypes,
+        from the file's header alone (e.g. the widths of a structurally pruned block, on resume)."""
+        p = self.prefix(i) if self.persists else ""
+        return {k[len(p):]: torch.empty(v["shape"], dtype=ST_DTYPES[v["dtype"]], device="meta")
+                for k, v in _header(self.block_file(i)).items()}
 
     def onload(self, model, i: int, device) -> None:
         block = self.adapter.blocks(model)[i]

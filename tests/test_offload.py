@@ -297,3 +297,58 @@ def test_bound_store_writes_final_shards_once_and_resumes(saved, tmp_path):
     store3.save_pretrained(model3, run2)
     back = AutoModelForCausalLM.from_pretrained(run2, dtype=torch.float32)
     assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())
+
+
+def test_structured_prune_under_disk_offload_matches_in_memory_and_resumes(tmp_path):
+    """SlimGPT changes block shapes: under a bound disk store each pruned block is written once, at its new widths, as
+    its final shard; the saved run loads with its per-block widths and equals an in-memory prune; a run stopped after
+    block 0 resumes with block 0's widths taken from its shard (its meta skeleton resized), to the same result."""
+    from layerprune import prune
+    from layerprune.checkpoint import Checkpoint
+    from layerprune.models.structured import model_widths
+    from layerprune.record import save_run
+
+    src = tmp_path / "src"
+    _tiny("llama").save_pretrained(src)
+    x = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(2))
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    kw = dict(calibration=x, method="slimgpt", sparsity=0.4, allocation="ipr-log", progress=False)
+    want_rec = prune(ref, **kw)
+    want = ref.state_dict()
+    widths = model_widths(ref)
+    assert len(set(widths)) > 1 and widths[0] != (4, 2, 48)  # per-block widths, block 0 pruned
+
+    def run_disk(run, resume=False, stop_at=None):
+        model, _, store = load_model_lazy(src, torch.float32)
+        store.bind(run, torch.float32)
+        real, calls = Checkpoint.save, {"n": 0}
+
+        def save(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == stop_at:
+                raise KeyboardInterrupt
+            return real(self, *a, **k)
+
+        Checkpoint.save = save
+        try:
+            rec = prune(model, offload="disk", store=store, out_dir=run, resume=resume, **kw)
+        finally:
+            Checkpoint.save = real
+        assert model_widths(model) == widths  # the meta skeleton has the pruned widths (what the config is made of)
+        save_run(model, None, run, rec, store)  # the CLI's save: config, remote code, record; the checkpoint goes
+        return rec
+
+    rec = run_disk(tmp_path / "run")
+    assert rec["params"] == want_rec["params"] and rec["structure"] == want_rec["structure"]
+    assert len(list((tmp_path / "run").glob("model-*.safetensors"))) == N_BLOCKS + 1
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "run", trust_remote_code=True)  # per-block widths
+    assert model_widths(back) == widths
+    assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())
+
+    run2 = tmp_path / "run2"
+    with pytest.raises(KeyboardInterrupt):
+        run_disk(run2, stop_at=2)
+    assert json.loads((run2 / ".checkpoint" / "state.json").read_text())["next_block"] == 1
+    run_disk(run2, resume=True)
+    back2 = AutoModelForCausalLM.from_pretrained(run2, trust_remote_code=True)
+    assert all(torch.equal(v, want[k]) for k, v in back2.state_dict().items())

@@ -205,3 +205,24 @@ def test_a_foreign_folder_in_the_staging_place_is_never_deleted(tmp_path, model_
     assert main(_args(model_dir, text_corpus, out, "--force")) == 2
     assert "did not write" in capsys.readouterr().err
     assert (stage / "mine.txt").read_text() == "mine"
+
+
+def test_cli_structured_prune_with_disk_offload_equals_in_memory(tmp_path, model_dir, text_corpus):
+    """`--method slimgpt --offload disk`: the run directory loads with stock transformers (remote code, per-block
+    widths) and holds the same weights, config and parameter count as the in-memory run."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--method", "slimgpt", "--sparsity", "0.4", "--allocation", "ipr-log"]
+    assert main(_args(model_dir, text_corpus, tmp_path / "mem", *flags)) == 0
+    assert main(_args(model_dir, text_corpus, tmp_path / "disk", *flags, "--offload", "disk")) == 0
+    mem, disk = (json.loads((tmp_path / r / "layerprune.json").read_text()) for r in ("mem", "disk"))
+    assert disk["params"] == mem["params"] and disk["params"]["after"] < disk["params"]["before"]
+    assert disk["structure"] == mem["structure"] and len(set(disk["structure"]["intermediate"])) > 1
+    assert not (tmp_path / "disk" / ".checkpoint").exists()
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "mem", trust_remote_code=True).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", trust_remote_code=True).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shards = sorted((tmp_path / "disk").glob("model-*.safetensors"))
+    assert len(shards) == 4 and load_file(shards[1])["model.layers.0.mlp.down_proj.weight"].shape == \
+        a["model.layers.0.mlp.down_proj.weight"].shape
