@@ -59,7 +59,8 @@ class InputCollector:
 
 
 class HookSet:
-    """Attach collectors to modules for the duration of a ``with`` block."""
+    """Attach collectors to modules (forward pre-hooks: a module's input is all they read) for the duration of a
+    ``with`` block."""
 
     def __init__(self, modules: dict[str, nn.Module], want: set[str], sample_rows: int = 256):
         self.modules = modules
@@ -69,7 +70,7 @@ class HookSet:
     def __enter__(self) -> HookSet:
         for name, mod in self.modules.items():
             col = self.collectors[name]
-            self._handles.append(mod.register_forward_hook(lambda m, args, out, c=col: c.add_batch(args[0])))
+            self._handles.append(mod.register_forward_pre_hook(lambda m, args, c=col: c.add_batch(args[0])))
         return self
 
     def __exit__(self, *exc) -> None:

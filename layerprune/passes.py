@@ -179,7 +179,8 @@ def forward_all(block, buf: ActivationBuffer, kwargs, batch_size: int, keep: boo
 
 def make_collect(block: nn.Module, buf: ActivationBuffer, kwargs, batch_size: int, dtype, timers: Timers):
     """collect(names, needs) -> {name: LayerStats}: runs the block *as it is now* (a fresh forward copy in the compute
-    dtype) over the calibration inputs with hooks on the named submodules; a batch stops once all of them ran."""
+    dtype) over the calibration inputs with hooks on the named submodules; a batch stops once all of them were called,
+    before the last one computes (the statistics need their inputs only: e.g. down_proj's product is never run)."""
 
     @torch.no_grad()
     def collect(names, needs) -> dict:
@@ -191,14 +192,14 @@ def make_collect(block: nn.Module, buf: ActivationBuffer, kwargs, batch_size: in
         mods = {n: fwd.get_submodule(n) for n in names}
         seen: set = set()
 
-        def stop(m, args, out, name):
+        def stop(name):
             seen.add(name)
             if len(seen) == len(mods):
                 raise _Stop
 
         args, kw = kwargs
-        with HookSet(mods, set(needs)) as hs:
-            handles = [m.register_forward_hook(lambda m, a, o, n=n: stop(m, a, o, n)) for n, m in mods.items()]
+        with HookSet(mods, set(needs)) as hs:  # its pre-hooks run first (registered first)
+            handles = [m.register_forward_pre_hook(lambda m, a, n=n: stop(n)) for n, m in mods.items()]
             try:
                 for _, x in buf.batches(batch_size):
                     seen.clear()

@@ -347,3 +347,32 @@ def test_cli_prune_bad_input_leaves_nothing(tmp_path, tiny_model_dir, text_corpu
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg.lower() in err.lower(), err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_statistics_pass_stops_before_the_last_hooked_linear_computes(family):
+    """collect() reads inputs only: a batch stops at the last hooked linear's call, before its product runs (the
+    down projection's, for the whole-block stage), and the statistics equal those of a full forward with hooks."""
+    from layerprune.passes import ActivationBuffer, Timers, make_collect
+
+    model = tiny_model(family, layers=2)
+    a = get_adapter(model)
+    hidden, kwargs = capture_inputs(model, a, calib(6, 16), torch.device("cpu"), torch.float32, 2)
+    block = a.blocks(model)[0]
+    groups = [g[0] for stage in a.stages(False) for g in stage]
+    ran = {n: 0 for n in groups}
+    handles = [block.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: ran.__setitem__(n, ran[n] + 1))
+               for n in groups]
+    buf = ActivationBuffer(hidden.clone(), "none", torch.device("cpu"))
+    got = make_collect(block, buf, kwargs[0], 2, torch.float32, Timers())(groups, {"hessian", "sq_norm"})
+    for h in handles:
+        h.remove()
+    assert min(ran.values()) == 0 and max(ran.values()) == 3  # 3 batches: the last linear called never computed
+    with HookSet({n: block.get_submodule(n) for n in groups}, {"hessian", "sq_norm"}) as hs:
+        args, kw = kwargs[0]
+        for s in range(0, hidden.shape[0], 2):
+            block(hidden[s:s + 2], *args, **kw)
+    for n in groups:
+        want = hs.collectors[n].stats()
+        assert torch.equal(got[n].hessian, want.hessian) and torch.equal(got[n].sq_norm, want.sq_norm), n
