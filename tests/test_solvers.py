@@ -449,3 +449,26 @@ def test_sparsegpt_blocked_factor_matches_one_call(monkeypatch):
     with pytest.warns(UserWarning, match="not positive definite"):
         R = sg.reversed_cholesky(singular, 0.0)
     assert torch.isfinite(R).all()
+
+
+@pytest.mark.parametrize("kw", [{}, {"nm": (2, 4)}, {"wbits": 4, "groupsize": 16}], ids=["unstructured", "2:4", "w4g16"])
+def test_sparsegpt_group_sweep_equals_one_weight_at_a_time(kw):
+    """prune_group (the linears of one input, e.g. q/k/v, in one sweep) gives each weight exactly what prune gives it
+    alone: each mask over its own rows and its own sparsity (0 too), dead inputs, a bf16 weight among fp32 ones."""
+    X = correlated_x(400, 48)
+    X[:, 5] = 0  # a dead input
+    st = make_stats(X)
+    ws = [rand_w(40, 48, 1), rand_w(8, 48, 2).bfloat16(), rand_w(24, 48, 3)]
+    sp = [0.5, 0.3, 0.0] if "wbits" not in kw else [0.5, 0.5, 0.5]
+    nm = kw.get("nm")
+    opts = {k: v for k, v in kw.items() if k != "nm"}
+    sg = get_solver("sparsegpt")
+    group = sg.prune_group(ws, st, sp, nm, blocksize=32, **opts)
+    for w, s, g in zip(ws, sp, group):
+        one = sg.prune(w, st, s, nm, blocksize=32, **opts)
+        assert g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous()
+        assert torch.equal(g, one)
+        if nm is None and "wbits" not in kw:
+            assert zeros(g) == round(s * w.numel()) + zeros(w) * (s == 0)
+    with pytest.raises(ValueError):
+        sg.prune_group([rand_w(4, 48), rand_w(4, 40)], st, [0.5, 0.5])

@@ -11,7 +11,9 @@ on the named linears; ``targets`` is the block's ``allocation.plan.BlockTargets`
 removes rows/columns (N:M, --skip and disk offload then do not apply).
 
 A block-level solver (e.g. SlimGPT) makes its own program: ``solver.program(model, adapter, cfg)``. A per-linear
-solver (``prune(weight, stats, sparsity, nm, **options) -> weight``) is wrapped by ``LinearProgram``.
+solver (``prune(weight, stats, sparsity, nm, **options) -> weight``) is wrapped by ``LinearProgram``; one that also has
+``prune_group(weights, stats, sparsities, nm, **options) -> weights`` (the same results as ``prune`` on each) gets the
+linears of an input group (q/k/v, gate/up) in one call.
 """
 from __future__ import annotations
 
@@ -43,10 +45,13 @@ class LinearProgram:
             mods = self.adapter.linears(block)
             for g in groups:
                 st = stats.pop(g[0])
-                for name in g:
-                    w = self.adapter.get_weight(mods[name]).detach()
-                    target = targets.layers[name]
-                    new = self.solver.prune(w, st, target, targets.nm, **self.options)
+                ws = [self.adapter.get_weight(mods[name]).detach() for name in g]
+                sparsities = [targets.layers[name] for name in g]
+                if hasattr(self.solver, "prune_group"):  # the group's linears in one call (they share the input)
+                    news = self.solver.prune_group(ws, st, sparsities, targets.nm, **self.options)
+                else:
+                    news = [self.solver.prune(w, st, s, targets.nm, **self.options) for w, s in zip(ws, sparsities)]
+                for name, w, new, target in zip(g, ws, news, sparsities):
                     err = relative_error(w, new, st)
                     self.adapter.set_weight(mods[name], new)
                     achieved = float((new == 0).sum()) / new.numel()

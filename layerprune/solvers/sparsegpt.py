@@ -106,19 +106,31 @@ class SparseGPT:
             check_quant(opts["wbits"], opts["groupsize"])
         return opts
 
-    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, nm=None, blocksize: int = 128,
-              percdamp: float = 0.01, wbits: int | None = None, groupsize: int = -1, sym: bool = False,
-              quantizer=None, **options) -> torch.Tensor:
+    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, nm=None, **options) -> torch.Tensor:
         """Prune (and with wbits, quantize) one weight; returns the dequantized weight, pruned entries exactly 0.
 
-        wbits/groupsize/sym: GPTQ-style min-max grid, see layerprune.quant. `quantizer`, instead of wbits, is any
-        callable quantizer(j, column, block, mask) -> column, called once per column j in order, where block is the
-        solver's working copy of columns j..end of the current sub-block (always whole groups, already compensated) and mask its pruned entries (True = pruned) so far;
-        if it has a `groupsize` attribute the sweep blocks are aligned to it as for wbits.
+        Options: blocksize (128), percdamp (0.01); wbits/groupsize/sym: GPTQ-style min-max grid, see layerprune.quant.
+        `quantizer`, instead of wbits, is any callable quantizer(j, column, block, mask) -> column, called once per
+        column j in order, where block is the solver's working copy of columns j..end of the current sub-block (always
+        whole groups, already compensated) and mask its pruned entries (True = pruned) so far; if it has a
+        `groupsize` attribute the sweep blocks are aligned to it as for wbits.
         """
+        return self.prune_group([weight], stats, [sparsity], nm, **options)[0]
+
+    def prune_group(self, weights: list[torch.Tensor], stats: LayerStats, sparsities: list[float], nm=None,
+                    blocksize: int = 128, percdamp: float = 0.01, wbits: int | None = None, groupsize: int = -1,
+                    sym: bool = False, quantizer=None, **options) -> list[torch.Tensor]:
+        """``[prune(w, stats, s, nm, ...) for w, s in zip(weights, sparsities)]`` for linears that read one input
+        (q/k/v, gate/up), in one sweep: the rows of all of them, each weight's mask chosen over its own rows. A row's
+        sweep never reads another row, so the result is the same; the per-column steps run once for the group."""
         check_options(self.name, options, ("blocksize", "percdamp", "wbits", "groupsize", "sym", "quantizer"))
-        check_weight(weight)
-        rows, cols = weight.shape
+        if not weights or len(weights) != len(sparsities):
+            raise ValueError("sparsegpt: prune_group needs one sparsity per weight")
+        for w in weights:
+            check_weight(w)
+        cols = weights[0].shape[1]
+        if any(w.shape[1] != cols or w.device != weights[0].device for w in weights):
+            raise ValueError("sparsegpt: prune_group needs weights of one input width, on one device")
         if not (isinstance(blocksize, int) and blocksize >= 1):
             raise UserError(f"sparsegpt: blocksize must be a positive integer, got {blocksize!r}")
         if not float(percdamp) >= 0:
@@ -127,6 +139,9 @@ class SparseGPT:
             raise UserError("sparsegpt: groupsize/sym only apply with wbits; pass wbits (e.g. 4) or drop them")
         if wbits is not None and quantizer is not None:
             raise UserError("sparsegpt: pass either wbits (built-in grid) or a quantizer callable, not both")
+        if quantizer is not None and len(weights) > 1:  # a quantizer callable sees one weight's columns
+            return [self.prune_group([w], stats, [s], nm, blocksize, percdamp, quantizer=quantizer)[0]
+                    for w, s in zip(weights, sparsities)]
         if stats.hessian is None or stats.hessian.shape != (cols, cols):
             raise ValueError(f"sparsegpt needs stats.hessian of shape [{cols}, {cols}]")
         align = 1
@@ -134,9 +149,15 @@ class SparseGPT:
             n, m = check_nm(nm, cols)
             align = m
         else:
-            s = check_sparsity(sparsity)
-            if s == 0 and quantizer is None and wbits is None:
-                return weight.clone()
+            sparsities = [check_sparsity(s) for s in sparsities]
+            if quantizer is None and wbits is None and 0 in sparsities:  # nothing to prune there: unchanged
+                todo = [i for i, s in enumerate(sparsities) if s != 0]
+                done = self.prune_group([weights[i] for i in todo], stats, [sparsities[i] for i in todo], nm,
+                                        blocksize, percdamp) if todo else []
+                out = [w.clone() for w in weights]
+                for i, w in zip(todo, done):
+                    out[i] = w
+                return out
         if wbits is not None:
             check_quant(wbits, groupsize)
         gs = groupsize if wbits is not None else getattr(quantizer, "groupsize", -1)
@@ -144,9 +165,13 @@ class SparseGPT:
             align = math.lcm(align, gs)
         blocksize = max(align, blocksize // align * align)  # whole N:M groups and quantization groups per block
 
-        Wt = weight.t().contiguous().float()  # the sweep's working copy, transposed (in the weight's dtype: fewer bytes)
-        if Wt.data_ptr() == weight.data_ptr():  # a one-row or one-column fp32 weight: t() was already contiguous
-            Wt = Wt.clone()
+        bounds = [0]  # the weights' rows in the working copy: weight w is rows bounds[w]:bounds[w + 1]
+        for w in weights:
+            bounds.append(bounds[-1] + w.shape[0])
+        rows = bounds[-1]
+        Wt = torch.empty(cols, rows, dtype=torch.float32, device=weights[0].device)  # the sweep's working copy,
+        for w, r0, r1 in zip(weights, bounds, bounds[1:]):  # transposed: column j of W is the contiguous row Wt[j]
+            Wt[:, r0:r1] = w.t()
         W = Wt.t()
         R, dead = stats.memo(("sparsegpt.R", float(percdamp), str(W.device)),
                              lambda: _factor(stats.hessian, float(percdamp), W.device))
@@ -184,8 +209,9 @@ class SparseGPT:
                 score = W1.square().div_(d[i1:i2, None].square())  # transposed, like W1
                 if has_dead:
                     score[dead[i1:i2]] = 0
-                k = prune_count(s, rows * i2) - prune_count(s, rows * i1)
-                maskt[i1:i2] = lowest_k_t(score, k)
+                for s, r0, r1 in zip(sparsities, bounds, bounds[1:]):  # each weight over its own rows
+                    k = prune_count(s, (r1 - r0) * i2) - prune_count(s, (r1 - r0) * i1)
+                    maskt[i1:i2, r0:r1] = lowest_k_t(score[:, r0:r1], k)
             pruned = maskt[i1:i2].view(torch.uint8).float() if quantizer is None else None  # (bool->float: 5x slower)
             for s1 in range(0, i2 - i1, sub):
                 s2 = min(s1 + sub, i2 - i1)
@@ -205,8 +231,9 @@ class SparseGPT:
                         Err1[i] = err
                 W1[s2:].addmm_(U1[s1:s2, s2:].t(), Err1[s1:s2], alpha=-1)
             Zt[i1:i2] -= W1
-        return Wt.to(weight.dtype).t().contiguous()  # the weight's layout (a transposed result makes the copy into
-        # the module a strided one); cast first: fewer bytes to transpose
+        # each in its weight's layout (a transposed result makes the copy into the module a strided one); cast first:
+        # fewer bytes to transpose
+        return [Wt[:, r0:r1].to(w.dtype).t().contiguous() for w, r0, r1 in zip(weights, bounds, bounds[1:])]
 
 
 def _nm_group(cols_t: torch.Tensor, d: torch.Tensor, dead: torch.Tensor, nm) -> torch.Tensor:
