@@ -193,6 +193,10 @@ def test_exact_median_above_quantile_limit():
     # even count: the LOWER median, as torch.median (numpy.median would give 2.5 here)
     assert block_median({"x": torch.tensor([4.0, 1.0]), "y": torch.tensor([3.0, 2.0])}) == 2.0
     assert torch.tensor([1.0, 2.0, 3.0, 4.0]).median() == 2.0
+    one = torch.tensor([[5.0, 1.0, 4.0], [2.0, 3.0, 0.0]])
+    assert block_median({"w": one}) == 2.0 and torch.equal(one, torch.tensor([[5.0, 1.0, 4.0], [2.0, 3.0, 0.0]]))
+    half = torch.tensor([3.0, 1.0, 2.0]).half()
+    assert block_median({"w": half}) == 2.0 and half.tolist() == [3.0, 1.0, 2.0]  # partitioned a copy, not the input
 
 
 # ------------------------------------------------------------------------------------------------------------- helpers
