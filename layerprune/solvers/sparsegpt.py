@@ -9,7 +9,7 @@ With H = (2/n) X^T X (+ percdamp * mean(diag H) * I) and U the upper Cholesky fa
   W[:, j+1:] -= err * U[j, j+1:]. Inside a block the update is lazy: rank-1 within sub-blocks of 16 columns, one
   product per sub-block for the rest of the block.
 - the later blocks' share is applied left-looking, without forming U: with H = R R^T (R upper, one Cholesky of the
-  reversed H, by blocks above n = 2048, once per input group: q/k/v and gate/up share it), U = R^-1, and the whole
+  reversed H, by blocks of n / 8 (256-1024), once per input group: q/k/v and gate/up share it), U = R^-1, and the whole
   sweep gives W_end = W - E U (E: the errors), so Z = E U = W - W_end satisfies Z R = E. Solving that block row by
   block row, the update a block receives from all earlier ones is P_b = -(Z[:, <b] R[<b, b]) U_bb, with
   U_bb = R_bb^-1 (blocksize x blocksize). The share of earlier groups of 4 blocks is one product per group (a taller
@@ -40,7 +40,9 @@ from layerprune.stats import LayerStats
 
 SUB = 16  # columns swept with rank-1 updates between two matrix-product updates
 GROUP = 4  # blocks that take their share of all earlier groups as one product
-CHOL_BLOCK = 1024  # factors larger than 2x this go by blocks (MKL's one-call Cholesky: ~120 GFLOP/s at n = 11008 here)
+CHOL_BLOCK, CHOL_MIN = 1024, 256  # the factor goes by blocks of n / 8 within these bounds (one LAPACK call below):
+# MKL's one-call Cholesky ran at 38 GFLOP/s at n = 1536 and ~120 at 11008 here; blocks of 192-384, 512 and 1024 were
+# the fastest at n = 1536, 4096 and 11008 (24 / 282 / 3944 ms against 59 / 350 (1024) / 4517 (512))
 RETRIES = 4  # damping escalations (x10 each) tried when H + damp*I is not positive definite
 
 
@@ -73,8 +75,7 @@ def reversed_cholesky(H: torch.Tensor, percdamp: float, dead: torch.Tensor | Non
     for attempt in range(RETRIES + 1):
         R = H.to(torch.float32, copy=True)
         R.diagonal().copy_(diag + p * mean_diag)
-        n = R.shape[0]  # up to 2 x CHOL_BLOCK: one block, i.e. one LAPACK call on the reversed matrix
-        if _reversed_cholesky_(R, CHOL_BLOCK if n > 2 * CHOL_BLOCK else n):
+        if _reversed_cholesky_(R, min(CHOL_BLOCK, max(CHOL_MIN, R.shape[0] // 8))):
             if attempt:
                 warnings.warn(f"sparsegpt: Hessian not positive definite with percdamp={percdamp}; "
                               f"used percdamp={p:g}", stacklevel=3)
