@@ -8,7 +8,8 @@
 
 ``collect(names, needs) -> {name: LayerStats}`` runs the block as it is now over the calibration inputs with hooks
 on the named linears; ``targets`` is the block's ``allocation.plan.BlockTargets``. ``changes_shapes``: the program
-removes rows/columns (N:M, --skip and disk offload then do not apply).
+removes rows/columns (N:M and --skip then do not apply; under disk offload a pruned block is stored at its new widths,
+and a resume reads them back with ``load_block`` from the stored shapes).
 
 A block-level solver (e.g. SlimGPT) makes its own program: ``solver.program(model, adapter, cfg)``. A per-linear
 solver (``prune(weight, stats, sparsity, nm, **options) -> weight``) is wrapped by ``LinearProgram``; one that also has
