@@ -299,24 +299,29 @@ def test_bound_store_writes_final_shards_once_and_resumes(saved, tmp_path):
     assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())
 
 
-def test_structured_prune_under_disk_offload_matches_in_memory_and_resumes(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma3", "qwen3", "granite"])
+def test_structured_prune_under_disk_offload_matches_in_memory_and_resumes(tmp_path, family):
     """SlimGPT changes block shapes: under a bound disk store each pruned block is written once, at its new widths, as
     its final shard; the saved run loads with its per-block widths and equals an in-memory prune; a run stopped after
-    block 0 resumes with block 0's widths taken from its shard (its meta skeleton resized), to the same result."""
+    block 0 resumes with block 0's widths taken from its shard (its meta skeleton resized), to the same result. Every
+    family SlimGPT supports (biases, GQA ratios, a decoupled head_dim)."""
+    from conftest import tiny_model
+
     from layerprune import prune
     from layerprune.checkpoint import Checkpoint
     from layerprune.models.structured import model_widths
     from layerprune.record import save_run
 
     src = tmp_path / "src"
-    _tiny("llama").save_pretrained(src)
+    dense = tiny_model(family, layers=3)
+    dense.save_pretrained(src)
     x = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(2))
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     kw = dict(calibration=x, method="slimgpt", sparsity=0.4, allocation="ipr-log", progress=False)
     want_rec = prune(ref, **kw)
     want = ref.state_dict()
     widths = model_widths(ref)
-    assert len(set(widths)) > 1 and widths[0] != (4, 2, 48)  # per-block widths, block 0 pruned
+    assert len(set(widths)) > 1 and widths[0] != model_widths(dense)[0]  # per-block widths, block 0 pruned
 
     def run_disk(run, resume=False, stop_at=None):
         model, _, store = load_model_lazy(src, torch.float32)
