@@ -35,13 +35,14 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           seqlen: int = 2048, seed: int = 0, data_dir=None, device=None, offload: str = "none",
           compute_dtype: str = "float32", true_sequential: bool = False, batch_size: int = 8, skip=(),
           out_dir: Path | None = None, resume: bool = False, store=None, progress: bool = True,
-          block_stats: list[float] | None = None) -> dict:
+          block_stats: list[float] | None = None, checkpoint: str | None = None) -> dict:
     """Prune ``model`` in place and return the run record (a dict, JSON-serialisable).
 
     ``calibration`` may be given directly (a CalibrationSet or a LongTensor [n, seqlen]); otherwise
     ``nsamples`` windows of ``seqlen`` tokens are drawn from ``calib`` with ``seed`` like the reference code.
     ``block_stats``: the allocator's per-block statistics if already computed (``allocation.plan.allocation_statistics``
     on the same model and calibration): the dense pre-pass is skipped.
+    ``checkpoint``: with ``out_dir``, what is kept to resume (full, weights or none; ``checkpoint.checkpoint_mode``).
     ``allocation="auto"``: the allocation is chosen first (``allocation.auto.choose``: candidates scored by a proxy on
     the WikiText-2 validation split, which needs ``tokenizer`` and the data directory); the record's
     ``allocation_auto`` says what was tried, the proxy values and why the choice was made.
@@ -77,7 +78,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
             k: v for k, v in cfg.allocation_options.items() if k in ("lo", "hi")}}
         block_stats = report["block_stats"]
     record = prune_model(model, ids, cfg, device=device, out_dir=out_dir, resume=resume, store=store,
-                         progress=progress, block_stats=block_stats)
+                         progress=progress, block_stats=block_stats, checkpoint=checkpoint)
     record["timings"]["calibration_data"] = t_calib
     if report is not None:
         record["allocation_auto"] = {k: v for k, v in report.items() if k != "block_stats"}

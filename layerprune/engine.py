@@ -19,7 +19,7 @@ from .allocation import get_allocator
 from .allocation.base import LayerInfo
 from .allocation.plan import Plan, allocation_statistics, block_statistics, layer_census, make_plan
 from .allocation.plan import check as check_plan
-from .checkpoint import Checkpoint, fingerprint
+from .checkpoint import Checkpoint, checkpoint_mode, fingerprint
 from .config import DTYPES, PruneConfig
 from .errors import UserError
 from .models.adapters import get_adapter
@@ -58,24 +58,30 @@ def preflight(model, cfg: PruneConfig) -> list[LayerInfo]:
 
 
 def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, out_dir: Path | None = None,
-                resume: bool = False, store=None, progress: bool = True, block_stats: list[float] | None = None
-                ) -> dict:
+                resume: bool = False, store=None, progress: bool = True, block_stats: list[float] | None = None,
+                checkpoint: str | None = None) -> dict:
     """Prune ``model`` in place, block by block. Returns the run record (see ``record.py``).
 
     ``block_stats``: the allocator's per-block statistics when already known (``allocation_statistics`` on the same
-    model and calibration); skips the dense pre-pass."""
+    model and calibration); skips the dense pre-pass. ``checkpoint``: what a run with ``out_dir`` keeps to be resumed
+    (``checkpoint.checkpoint_mode``: full, weights or none; default full on the CPU, weights on a GPU)."""
     t_start = time.perf_counter()
     infos = preflight(model, cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    mode = checkpoint_mode(checkpoint, device)
+    if resume and mode == "none":
+        raise UserError("--resume needs the run's checkpoint, and --checkpoint none keeps none: drop one of them")
     dtype = DTYPES[cfg.compute_dtype]
     adapter = get_adapter(model)
     program = block_program(get_solver(cfg.method), model, adapter, cfg)
     blocks = adapter.blocks(model)
     params_before = sum(p.numel() for p in model.parameters())
     store = store or MemoryStore()
-    timers = Timers()
-    ckpt = Checkpoint(out_dir / ".checkpoint", fingerprint(model, calib, cfg.result_settings())) \
-        if out_dir is not None else None
+    timers = Timers(device)
+    if device.type == "cuda":  # the peak reported is this prune's, not an earlier evaluation's
+        torch.cuda.reset_peak_memory_stats(device)
+    ckpt = Checkpoint(out_dir / ".checkpoint", fingerprint(model, calib, cfg.result_settings()),
+                      activations=mode == "full") if out_dir is not None and mode != "none" else None
     state = ckpt.load() if (ckpt is not None and resume) else None
 
     with timers("capture"):  # the inputs of block 0 and every block's call arguments
@@ -95,7 +101,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     if persist:
         store.restart_at(start)
     if state is not None:
-        _restore(model, blocks, store, program, ckpt, state, buf, timers)
+        _restore(model, blocks, store, program, ckpt, state, buf, timers, kwargs, cfg.batch_size, dtype, device)
     bar = tqdm(range(start, len(blocks)), desc=f"prune {cfg.method}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     try:
@@ -104,11 +110,11 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             with timers("onload"):
                 store.onload(model, i, device)
             block = blocks[i]
-            t0, s0 = time.perf_counter(), timers.t["statistics"]
+            t0, s0 = timers.now(), timers.t["statistics"]
             collect = make_collect(block, buf, kwargs[i], cfg.batch_size, dtype, timers)
             rows = program.run(block, collect, plan.targets(i))
             layers += [{"block": i, **r} for r in rows]
-            timers.t["solve"] += time.perf_counter() - t0 - (timers.t["statistics"] - s0)
+            timers.t["solve"] += timers.now() - t0 - (timers.t["statistics"] - s0)
             with timers("propagate"):
                 propagate(block, buf, kwargs[i], cfg.batch_size, dtype)
             if persist:
@@ -138,7 +144,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         "compute_dtype": cfg.compute_dtype, "offload": cfg.offload, "skip": sorted(set(cfg.skip)), "layers": layers,
         "timings": dict(timers.t), "block_timings": per_block,
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "resumed_from_block": start if state else None,
+        "resumed_from_block": start if state else None, "checkpoint": mode,
     }
 
 
@@ -161,8 +167,12 @@ def _plan(model, adapter, cfg, infos, block_stats, hidden, kwargs, device, dtype
     return make_plan(cfg, allocator, infos, len(blocks), block_stats, weights)
 
 
-def _restore(model, blocks, store, program, ckpt: Checkpoint, state: dict, buf: ActivationBuffer, timers) -> None:
-    """Resume: the finished blocks' pruned weights, the next block's inputs, the time already spent per stage."""
+def _restore(model, blocks, store, program, ckpt: Checkpoint, state: dict, buf: ActivationBuffer, timers, kwargs,
+             batch_size: int, dtype, device) -> None:
+    """Resume: the finished blocks' pruned weights, the next block's inputs (read back, or rebuilt by running the
+    finished blocks over the captured block-0 inputs when the checkpoint kept no inputs), the time already spent per
+    stage."""
+    acts = ckpt.activations(state)
     for i in range(state["next_block"]):
         if getattr(store, "persists", False):  # the finished blocks are the store's shards already
             if i not in store.modified:
@@ -170,11 +180,20 @@ def _restore(model, blocks, store, program, ckpt: Checkpoint, state: dict, buf: 
                                 "resumed: rerun with --force to start over")
             if program.changes_shapes:  # the (meta) block takes its shard's widths; its weights stay on disk
                 program.load_block(blocks[i], store.block_shapes(i))
+            if acts is None:
+                with timers("propagate"):
+                    store.onload(model, i, device)
+                    propagate(blocks[i], buf, kwargs[i], batch_size, dtype)
+                    store.offload(model, i)
             continue
-        store.onload(model, i, "cpu")
+        store.onload(model, i, device if acts is None else "cpu")
         program.load_block(blocks[i], ckpt.block_weights(i))
+        if acts is None:
+            with timers("propagate"):
+                propagate(blocks[i], buf, kwargs[i], batch_size, dtype)
         store.offload(model, i)
-    buf.a.copy_(ckpt.activations(state).to(buf.a.dtype))
+    if acts is not None:
+        buf.a.copy_(acts.to(buf.a.dtype))
     for k, v in state.get("timings", {}).items():
         if k != "total":
             timers.t[k] += v

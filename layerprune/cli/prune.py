@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
     s.add_argument("--force", action="store_true",
                    help="replace --out if it holds a layerprune run (written beside it, swapped in at the end)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--checkpoint", default=None, choices=["full", "weights", "none"],
+                   help="resume state kept in --out after each block: full (pruned block + next inputs; the CPU "
+                        "default), weights (pruned block; a resume reruns the finished blocks; the GPU default), none")
     s.add_argument("--eval", default="wikitext2", help="comma list of datasets to evaluate before/after ('' for none)")
     s.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
     s.add_argument("--max-windows", type=_positive, default=None, help="evaluate only the first N windows")
@@ -127,7 +130,7 @@ def run(args) -> int:
                        allocation_options=alloc_opts, solver_options=solver_opts, calibration=calib,
                        calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
                        true_sequential=args.true_sequential, batch_size=args.batch_size, skip=cfg.skip,
-                       out_dir=work, resume=args.resume, store=store, data_dir=data_dir)
+                       out_dir=work, resume=args.resume, store=store, data_dir=data_dir, checkpoint=args.checkpoint)
     record["model"] = args.model
     record["command_line"] = getattr(args, "command_line", None)  # shown in the run's model card
     resolved = {"model": _model_path(args.model), "allocation": _inline_user_file(args.allocation),
