@@ -24,7 +24,8 @@ def results(tmp_path, monkeypatch):
 def test_each_row_names_its_commit(results):
     lines = rp.table("a.json", columns=["run", "ppl"]).splitlines()
     assert lines[0] == "From `bench/results/a.json` (`python -m bench.a`):"
-    assert lines[4:] == ["| x | 12.35 | `1111111` |", "| y | 0.5 | `2222222` (dirty?) |", "| z | 3 | `3333333` (dirty) |"]
+    assert lines[4:] == ["| x | 12.35 | `1111111` |", "| y | 0.5 | `2222222` (dirty?) |",
+                         "| z | 3 | `3333333` (dirty) |"]
     assert rp.table("b.json", "results", ["t.total"]).splitlines()[4] == "| w | 2.00 | commit unknown |"
 
 
