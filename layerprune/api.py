@@ -15,7 +15,7 @@ import torch
 from .data import calibration_pool, get_calibration, resolve_data_dir
 from .data.calibration import CalibrationSet
 from .config import PruneConfig
-from .engine import prune_model, prune_to_blocks
+from .engine import prune_model
 from .errors import UserError
 from .models.info import measure_sparsity
 from .record import versions
@@ -128,4 +128,4 @@ def _choose_auto(model, tokenizer, ids, cfg: PruneConfig, data_dir, batch_size: 
     named = {k: opts[k] for k in ("proxy", "finalists", "margin") if opts.get(k) is not None}  # else auto's defaults
     return choose(model, ids, valid, cfg.sparsity, **named, lo=opts.get("lo", 0.0),
                   hi=opts.get("hi", 0.99), seqlen=seqlen, batch_size=batch_size, bos=bos_id(tokenizer),
-                  progress=progress, prune_fn=prune_to_blocks)
+                  progress=progress, prune_fn=prune_model)

@@ -198,17 +198,3 @@ def _restore(model, blocks, store, program, ckpt: Checkpoint, state: dict, buf: 
         if k != "total":
             timers.t[k] += v
     log.info("resuming at block %d of %d", state["next_block"], len(blocks))
-
-
-def prune_to_blocks(model, calib: torch.Tensor, block_sparsity, compute_dtype: str = "float32",
-                    method: str = "wanda") -> dict:
-    """Prune ``model`` in place with ``method`` at the given per-block sparsities (a ``user`` allocation, parameter-
-    weighted mean as the target), block by block with propagation on ``calib``: what the allocation proxies that
-    propagate (``allocation.dsa.proxy``, ``prune_fn``) run per candidate. Returns the run record."""
-    bs = [float(s) for s in block_sparsity]
-    adapter = get_adapter(model)
-    sizes = [sum(adapter.get_weight(m).numel() for m in adapter.linears(b).values()) for b in adapter.blocks(model)]
-    mean = sum(w * s for w, s in zip(sizes, bs)) / sum(sizes)
-    cfg = PruneConfig(method=method, sparsity=mean, allocation="user",
-                      allocation_options={"sparsities": bs, "lo": 0.0, "hi": 1.0}, compute_dtype=compute_dtype)
-    return prune_model(model, calib, cfg, progress=False)

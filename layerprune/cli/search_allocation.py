@@ -192,7 +192,7 @@ def run(args) -> int:
     from layerprune.api import calibration_set
     from layerprune.data import resolve_data_dir
     from layerprune.data.bos import bos_id
-    from layerprune.engine import prune_to_blocks
+    from layerprune.engine import prune_model
     from layerprune.evaluation.perplexity import check_seqlen, tokenize_corpus
     from layerprune.models.loading import load_model
 
@@ -213,7 +213,7 @@ def run(args) -> int:
     pset = {k: v for k, v in proxy_settings(args.proxy).items() if k != "windows"}
     pkw = dict(seqlen=eval_seqlen, windows=args.eval_windows, lam=args.lam, batch_size=args.batch_size,
                dtype=args.proxy_dtype, norms_path=out / "dense_norms.safetensors", bos=bos_id(tok),
-               prune_fn=prune_to_blocks if pset["propagate"] else None, lo=args.min_sparsity, hi=args.max_sparsity,
+               prune_fn=prune_model if pset["propagate"] else None, lo=args.min_sparsity, hi=args.max_sparsity,
                **pset)
     evaluator = None
     if args.workers > 1:  # the driver's proxy computes (and caches) the dense statistics first
