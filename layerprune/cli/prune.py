@@ -123,7 +123,7 @@ def run(args) -> int:
     before = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size, device) \
         if datasets and not args.no_dense_eval and not lazy else {}
     dense_sparsity = None if lazy else measure_sparsity(model)["overall"]
-    record = api.prune(model, tok, method=args.method, sparsity=cfg.sparsity, nm=nm, allocation=args.allocation,
+    record = api.prune(model, tok, method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
                        allocation_options=alloc_opts, solver_options=solver_opts, calibration=calib,
                        calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
                        true_sequential=args.true_sequential, batch_size=args.batch_size, skip=cfg.skip,
@@ -131,7 +131,7 @@ def run(args) -> int:
     record["model"] = args.model
     record["command_line"] = getattr(args, "command_line", None)  # shown in the run's model card
     resolved = {"model": _model_path(args.model), "allocation": _inline_user_file(args.allocation),
-                "sparsity": cfg.sparsity if nm is None else args.sparsity, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
+                "sparsity": args.sparsity if nm is not None or record["sparsity"] is None else cfg.sparsity, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
                 "save_dtype": str(save_dtype(model, args.save_dtype)).removeprefix("torch.")}
     recipe_text = recipe.dump(recipe.build(args, _REGISTRIES, resolved))
     if lazy:
