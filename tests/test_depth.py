@@ -244,11 +244,85 @@ def test_bad_input_is_refused(kwargs, message):
         prune(model, calibration=CALIB, method="depth", progress=False, **kwargs)
 
 
-def test_cli_bad_input_is_one_line(tmp_path, capsys):
+def test_cli_bad_input_is_one_line(tmp_path, capsys, text_corpus):
     src = tmp_path / "tiny"
     model_of("llama").save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
-    rc = main(["prune", "--model", str(src), "--method", "depth", "--drop", "6", "--out", str(tmp_path / "o")])
+    capsys.readouterr()
+    rc = main(["prune", "--model", str(src), "--method", "depth", "--drop", "6", "--out", str(tmp_path / "o"),
+               "--data-dir", str(text_corpus)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "leaves no block" in err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- chaining (depth + width)
+
+def _safetensors(d):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_depth_then_slimgpt_chains_record_card_and_recipe_and_reproduces(tmp_path, text_corpus):
+    import yaml
+
+    from layerprune.card import CARD_NAME
+    from layerprune.models.loading import load_model
+    from layerprune.record import read_record
+
+    src = tmp_path / "tiny"
+    model_of("llama").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    common = ["--nsamples", "4", "--seqlen", "32", "--data-dir", str(text_corpus), "--eval", "wikitext2",
+              "--max-windows", "2"]
+    assert main(["prune", "--model", str(src), "--method", "depth", "--drop", "2", "--criterion", "sleb",
+                 "--out", str(tmp_path / "d"), *common]) == 0
+    assert main(["prune", "--model", str(tmp_path / "d"), "--method", "slimgpt", "--sparsity", "0.3",
+                 "--out", str(tmp_path / "w"), *common]) == 0
+    rec = read_record(tmp_path / "w")
+    first = rec["parent"]
+    assert first["method"] == "depth" and first["path"] == str((tmp_path / "d").resolve())
+    assert len(first["depth"]["removed"]) == 2 and first["params"]["after"] == rec["params"]["before"]
+    assert first["model"] == str(src) and rec["method"] == "slimgpt"
+    r = yaml.safe_load((tmp_path / "w" / "recipe.yaml").read_text())
+    assert r["method"] == "slimgpt" and r["parent"]["method"] == "depth" and r["parent"]["model"] == str(src)
+    assert r["parent"]["solver_options"]["drop"] == 2 and r["parent"]["sparsity"] is None
+    card = (tmp_path / "w" / CARD_NAME).read_text()
+    assert "## Pruning steps" in card and "pruned with depth then slimgpt" in card and str(src) in card
+    # one recipe replays both steps: the parent into OUT.parent, then this step from it
+    assert main(["prune", "--recipe", str(tmp_path / "w" / "recipe.yaml"), "--out", str(tmp_path / "again"),
+                 "--data-dir", str(text_corpus)]) == 0
+    assert read_record(tmp_path / "again.parent")["depth"]["removed"] == first["depth"]["removed"]
+    a, b = _safetensors(tmp_path / "w"), _safetensors(tmp_path / "again")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = read_record(tmp_path / "again")
+    assert again["parent"]["path"] == str((tmp_path / "again.parent").resolve())
+    assert again["eval"]["after"]["wikitext2"]["ppl"] == rec["eval"]["after"]["wikitext2"]["ppl"]
+    # a second replay reuses the parent step
+    assert main(["prune", "--recipe", str(tmp_path / "w" / "recipe.yaml"), "--out", str(tmp_path / "again"),
+                 "--data-dir", str(text_corpus), "--force", "--eval", ""]) == 0
+    m, _ = load_model(str(tmp_path / "again"))
+    assert m.config.num_hidden_layers == 4 and m.config.model_type == "llama"
+
+
+def test_slimgpt_per_block_widths_then_depth_cuts_the_width_lists(tmp_path):
+    from layerprune.models.loading import load_model
+    from layerprune.models.structured import model_widths
+
+    model = model_of("llama")
+    prune(model, calibration=CALIB, method="slimgpt", sparsity=0.4, allocation="ipr-log", progress=False)
+    widths = model_widths(model)
+    assert model.config.model_type.startswith("layerprune_") and len(set(widths)) > 1
+    rec = prune(model, calibration=CALIB, method="depth", solver_options={"drop": 2}, progress=False)
+    keep = rec["depth"]["kept"]
+    assert model_widths(model) == [widths[i] for i in keep]
+    assert model.config.layer_heads == [widths[i][0] for i in keep]
+    assert rec["structure"]["uniform"] == (len({widths[i] for i in keep}) == 1)
+    save_run(model, tiny_tokenizer(), tmp_path, rec)
+    loaded, _ = load_model(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X).logits, model(X).logits, atol=1e-5, rtol=0)
