@@ -87,8 +87,8 @@ def run(args) -> int:
     get_allocator(args.allocation, **alloc_opts)
     cfg = PruneConfig(method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
                       allocation_options=alloc_opts, solver_options=solver_opts, offload=args.offload,
-                      compute_dtype=args.compute_dtype, batch_size=args.batch_size, true_sequential=args.true_sequential,
-                      skip=tuple(s for s in (args.skip or "").split(",") if s))
+                      compute_dtype=args.compute_dtype, batch_size=args.batch_size,
+                      true_sequential=args.true_sequential, skip=tuple(s for s in (args.skip or "").split(",") if s))
     cfg.validate()
     data_dir = resolve_data_dir(args.data_dir)
     datasets = [d.strip() for d in args.eval.split(",") if d.strip()] if args.eval else []
