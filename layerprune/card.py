@@ -207,10 +207,15 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     if remote_code:
         body += ['model = AutoModelForCausalLM.from_pretrained("THIS_DIR", trust_remote_code=True)',
                  'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")', "```", "",
-                 "Its decoder blocks have different widths, which no stock config describes: the directory ships "
-                 "`configuration_layerprune.py` and `modeling_layerprune.py` (they import only torch and "
+                 ("Its decoder blocks all have the same widths, but the family's stock config refuses them "
+                  f"({structure['stock_config_refused']})" if structure.get("stock_config_refused") else
+                  "Its decoder blocks have different widths, which no stock config describes")
+                 + ": the directory ships `configuration_layerprune.py` and `modeling_layerprune.py` (they import only torch and "
                  "transformers; read them before trusting them), and `trust_remote_code=True` loads them. "
                  "`layerprune.load_model(\"THIS_DIR\")` loads it without remote code."]
+        if structure.get("stock_config_refused"):
+            body += ["", "`layerprune export THIS_DIR --to gguf` writes the family's stock llama.cpp architecture "
+                     "(llama.cpp reads any head count)."]
     else:
         body += ['model = AutoModelForCausalLM.from_pretrained("THIS_DIR")',
                  'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")', "```", ""]

@@ -326,3 +326,61 @@ def test_slimgpt_per_block_widths_then_depth_cuts_the_width_lists(tmp_path):
     loaded, _ = load_model(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(loaded(X).logits, model(X).logits, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- equal widths the stock config refuses
+
+def test_gemma3_slimgpt_equal_widths_export_to_the_stock_gguf_architecture(tmp_path):
+    """3 of 4 heads everywhere: gemma3's config refuses hidden 64 % 3 heads (head_dim is decoupled), so transformers
+    needs the per-block form, but llama.cpp's gemma3 takes it: the export is gemma3, not a refusal."""
+    import gguf
+    from test_export_gguf import bpe_tokenizer
+
+    from layerprune.card import CARD_NAME
+    from layerprune.export.gguf import export
+
+    model = tiny_model("gemma3", layers=3, real=True)
+    rec = prune(model, calibration=CALIB, method="slimgpt", sparsity=0.25, progress=False)
+    st = rec["structure"]
+    assert st["heads"] == [3, 3, 3] and not st["uniform"] and st["equal_widths"]
+    assert "not a multiple of the number of attention heads" in st["stock_config_refused"]
+    save_run(model, bpe_tokenizer(), tmp_path / "run", rec)
+    assert "refuses them" in (tmp_path / "run" / CARD_NAME).read_text()
+    info = export(str(tmp_path / "run"), "f32", out=tmp_path / "m.gguf")
+    assert info["architecture"] == "gemma3" and not info["per_block_widths"]
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.")}
+    assert f["gemma3.attention.head_count"] == 3 and f["gemma3.attention.head_count_kv"] == 1
+    assert f["gemma3.attention.key_length"] == 32 and f["gemma3.block_count"] == 3
+    q = {t.name: t for t in r.tensors}["blk.0.attn_q.weight"]
+    assert tuple(int(x) for x in reversed(q.shape)) == (3 * 32, 64)
+    # different widths still get the one-line refusal naming the reason
+    model = tiny_model("gemma3", layers=3, real=True)
+    rec = prune(model, calibration=CALIB, method="slimgpt", sparsity=0.4, allocation="ipr-log", progress=False)
+    assert len(set(zip(rec["structure"]["heads"], rec["structure"]["intermediate"]))) > 1
+    save_run(model, bpe_tokenizer(), tmp_path / "var", rec)
+    with pytest.raises(UserError, match="per-block widths and llama.cpp's per-layer-width architecture"):
+        export(str(tmp_path / "var"), "f32", out=tmp_path / "v.gguf")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
+def test_depth_run_exports_the_stock_gguf_architecture_with_fewer_blocks(tmp_path, family):
+    import gguf
+    from test_export_gguf import bpe_tokenizer
+
+    from layerprune.export.gguf import export
+
+    model = model_of(family)
+    rec = prune(model, calibration=CALIB, method="depth", solver_options={"drop": 2}, progress=False)
+    save_run(model, bpe_tokenizer(), tmp_path, rec)
+    info = export(str(tmp_path), "f16", out=tmp_path / "m.gguf")
+    arch = info["architecture"]
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.")}
+    assert f[f"{arch}.block_count"] == 4 and arch == get_adapter(model).gguf_arch
+    blocks = {int(t.name.split(".")[1]) for t in r.tensors if t.name.startswith("blk.")}
+    assert blocks == {0, 1, 2, 3}
+    if family == "gemma3":
+        kept = rec["depth"]["kept"]
+        pattern = [t == "sliding_attention" for t in (tiny_model("gemma3", LAYERS, real=True).config.layer_types)]
+        assert f["gemma3.attention.sliding_window_pattern"] == [pattern[i] for i in kept]

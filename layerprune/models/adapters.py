@@ -285,12 +285,14 @@ class Adapter:
 
     def gguf_hparams(self, config, widths: list[tuple[int, int, int]] | None = None) -> dict:
         """Metadata keys (gguf.Keys templates with ``{arch}``) -> values. ``widths``: per-block (heads, KV heads,
-        FFN channels) written as per-layer arrays; None: the config's single widths."""
+        FFN channels) written as per-layer arrays (as single values when all equal); None: the config's widths."""
         from gguf import Keys
 
         g = self.geometry(config)
         if widths is None:
             heads, kv, ff = g.num_heads, g.num_kv_heads, config.intermediate_size
+        elif len(set(widths)) == 1:  # equal widths that only a per-block config could hold: plain values
+            heads, kv, ff = widths[0]
         else:
             heads, kv, ff = ([w[j] for w in widths] for j in range(3))
         rope, _ = self._rope(config)
