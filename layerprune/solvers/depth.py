@@ -168,7 +168,7 @@ class Depth:
     calibration perplexity; the saved model is the family's stock config with fewer blocks."""
 
     name = "depth"
-    summary = "remove whole blocks (ShortGPT / SLEB): stock config, fewer layers"
+    summary = "depth: whole blocks removed, a stock config with fewer layers"
     needs = frozenset()
     block_level = True
     options = (Option("drop", positive_int, None, "depth: number of blocks to remove (default: --sparsity as the "
