@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(RESULTS / "depth.json"))
     ap.add_argument("--sleb-calib", default="8x128",
                     help="SLEB's calibration windows NxT (C4 pool, seed 0): it costs 1 + the sum of its candidates "
-                         "forward passes (213 for 8 of 30 blocks), hours at 32x512 on 2 CPU threads; 'protocol': 32x512")
+                         "forward passes (213 for 8 of 30 blocks), hours at 32x512 on 2 threads; 'protocol': 32x512")
     a = ap.parse_args()
     model, tok = load_model(MODEL)
     calib = calibration(tok)

@@ -384,3 +384,21 @@ def test_depth_run_exports_the_stock_gguf_architecture_with_fewer_blocks(tmp_pat
         kept = rec["depth"]["kept"]
         pattern = [t == "sliding_attention" for t in (tiny_model("gemma3", LAYERS, real=True).config.layer_types)]
         assert f["gemma3.attention.sliding_window_pattern"] == [pattern[i] for i in kept]
+
+
+def test_plot_and_card_of_a_depth_run(tmp_path):
+    from layerprune.card import CARD_NAME
+    from layerprune.plots import block_sparsity
+
+    model = model_of("llama")
+    rec = prune(model, calibration=CALIB, method="depth", solver_options={"drop": 2, "criterion": "sleb"},
+                progress=False)
+    save_run(model, tiny_tokenizer(), tmp_path / "run", rec)
+    target, achieved = block_sparsity(rec)
+    assert achieved == [float(i in rec["depth"]["removed"]) for i in range(LAYERS)]
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    card = (tmp_path / "run" / CARD_NAME).read_text()
+    assert f"| blocks removed | 2 of {LAYERS} by sleb: {rec['depth']['removed']}" in card
+    assert "forward passes over the calibration windows" in card and "target sparsity" not in card
+    assert "trust_remote_code" not in card
