@@ -134,8 +134,10 @@ def run(args) -> int:
                        out_dir=work, resume=args.resume, store=store, data_dir=data_dir)
     record["model"] = args.model
     record["command_line"] = getattr(args, "command_line", None)  # shown in the run's model card
+    # the sparsity the run used; N:M sets it itself, and a run that records none (e.g. depth --drop) had none
+    sparsity = args.sparsity if nm is not None or record["sparsity"] is None else cfg.sparsity
     resolved = {"model": _model_path(args.model), "allocation": _inline_user_file(args.allocation),
-                "sparsity": args.sparsity if nm is not None or record["sparsity"] is None else cfg.sparsity, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
+                "sparsity": sparsity, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
                 "save_dtype": str(save_dtype(model, args.save_dtype)).removeprefix("torch.")}
     parent_dir = Path(args.model).expanduser()
     parent_recipe = None
