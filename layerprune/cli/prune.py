@@ -187,6 +187,11 @@ def run(args) -> int:
     if params["after"] != params["before"]:
         print(f"parameters {params['before']:,} -> {params['after']:,} "
               f"({params['after'] / params['before']:.3f}x, {1 - params['after'] / params['before']:.1%} removed)")
+    if record.get("depth"):
+        d = record["depth"]
+        print(f"removed blocks {d['removed']} of {d['blocks_before']} by {d['criterion']} "
+              f"({d['removed_fraction']:.1%} of the block parameters); the criterion took "
+              f"{d['cost']['forward_passes']} forward passes, {d['cost']['seconds']:.1f}s")
     if "allocation_auto" in record:
         a = record["allocation_auto"]
         print(f"allocation auto: chose {a['chosen']} ({a['reason']}); {len(a['tried'])} candidates scored by the "
