@@ -402,3 +402,15 @@ def test_plot_and_card_of_a_depth_run(tmp_path):
     assert f"| blocks removed | 2 of {LAYERS} by sleb: {rec['depth']['removed']}" in card
     assert "forward passes over the calibration windows" in card and "target sparsity" not in card
     assert "trust_remote_code" not in card
+
+
+def test_configs_that_cannot_be_cut_are_refused_before_any_work():
+    m = model_of("gpt2")
+    m.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx"):
+        prune(m, calibration=CALIB, method="depth", solver_options={"drop": 1}, progress=False)
+    m = model_of("llama")
+    m.config.per_layer_scale = [1.0] * LAYERS  # a per-block list layerprune does not know
+    with pytest.raises(UserError, match="per_layer_scale have one entry per block"):
+        prune(m, calibration=CALIB, method="depth", solver_options={"drop": 1}, progress=False)
+    assert m.config.num_hidden_layers == LAYERS
