@@ -11,6 +11,11 @@ on the named linears; ``targets`` is the block's ``allocation.plan.BlockTargets`
 removes rows/columns (N:M and --skip then do not apply; under disk offload a pruned block is stored at its new widths,
 and a resume reads them back with ``load_block`` from the stored shapes).
 
+A program that decides over the whole model at once (``whole_model = True``, e.g. depth pruning: which blocks go
+depends on all of them) has ``run_model(model, calib, device=, dtype=, batch_size=, progress=) -> {"layers": rows,
+...}`` instead; the engine calls it in place of the block loop (no plan, checkpoint or resume) and merges the rest of
+the dict into the run record.
+
 A block-level solver (e.g. SlimGPT) makes its own program: ``solver.program(model, adapter, cfg)``. A per-linear
 solver (``prune(weight, stats, sparsity, nm, **options) -> weight``) is wrapped by ``LinearProgram``; one that also has
 ``prune_group(weights, stats, sparsities, nm, **options) -> weights`` (the same results as ``prune`` on each) gets the
