@@ -225,10 +225,9 @@ def test_builtin_flags_give_the_options_of_the_hand_written_cli():
                     _method_options(registry, select, name, args)
 
 
-def test_the_readme_examples_run_through_the_cli(tmp_path, text_corpus):
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index("## Adding a method"):]
-    blocks = re.findall(r"```python\n(.*?)```", section[:section.index("\n## ")], re.S)
+def test_the_adding_a_method_examples_run_through_the_cli(tmp_path, text_corpus):
+    text = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert len(blocks) == 2
     src = tmp_path / "model"
     tiny_model("llama", layers=3).save_pretrained(src)
