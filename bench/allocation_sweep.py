@@ -13,8 +13,9 @@ per-block targets come from the engine's own planning (``allocation.plan.make_pl
 Results go to bench/results/allocation_sweep.{json,md} after every run (a killed run keeps what it finished).
 
 Hyperparameters (defaults = the papers'): OWL M = 5, lambda = 0.08; DLP alpha = 0.15 at every sparsity (the value of
-the paper and code at 70%; the paper's per-sparsity table was not recovered); ATP beta = 0.3 * beta_max (ATP grid-searches
-beta in (0, beta_max]); IPR log-increase with r0 = r_end / 4 (SlimGPT's recipe ratio). ``--alpha/--lam/--beta-frac``
+the paper and code at 70%; the paper's per-sparsity table was not recovered); ATP beta = 0.3 * beta_max (ATP
+grid-searches beta in (0, beta_max]); IPR log-increase with r0 = r_end / 4 (SlimGPT's recipe ratio).
+``--alpha/--lam/--beta-frac``
 override them (e.g. with the values chosen on WikiText-2 valid by bench/allocation_tune.py); the hyperparameters are
 part of every run's key, so runs with other values are kept apart.
 """

@@ -57,7 +57,8 @@ def write_markdown(data: dict) -> None:
                      f"{(r['ppl'] / uni - 1) * 100:+.1f}% | {min(bt):.3f}..{max(bt):.3f} | {r['prune_s']:.0f} |")
     lines += ["", "Chosen (lowest valid PPL): " + ", ".join(f"{k} {GRID[k][0]} = {v:g}" for k, v in
                                                            data["chosen"].items())]
-    lines += ["", "`python -m bench.allocation_sweep --tuned` uses the chosen values (DLP's alpha for both statistics)."]
+    lines += ["", "`python -m bench.allocation_sweep --tuned` uses the chosen values "
+                  "(DLP's alpha for both statistics)."]
     write_atomic(RESULTS / "allocation_tune.md", "\n".join(lines) + "\n")
 
 

@@ -171,7 +171,8 @@ def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int
             "peak_written_gb": peak[0] / 2 ** 30, "output_gb": size / 2 ** 30,
             "block_gb": size / 2 ** 30 / max(len(blocks), 1),
             "timings": rec["timings"], "block_timings": blocks, "peak_device_memory_gb":
-                (rec.get("peak_device_memory") or 0) / 2 ** 30 or None, "measured_sparsity": rec.get("measured_sparsity"),
+                (rec.get("peak_device_memory") or 0) / 2 ** 30 or None,
+            "measured_sparsity": rec.get("measured_sparsity"),
             "params": rec.get("params")}
 
 
@@ -226,9 +227,11 @@ def main(argv=None) -> int:
         print(name, json.dumps(r.get("summary", r), indent=1), flush=True)
         remove_ours(work / f"run-{name}")  # a layerprune run directory, or refused
     kind = "cpu" if a.device == "cpu" else "gpu"
-    out = Path(a.out) if a.out else RESULTS / (f"scale_{kind}.json" if a.blocks == 32 else f"scale_{kind}_{a.blocks}b.json")
+    out = Path(a.out) if a.out else RESULTS / (f"scale_{kind}.json" if a.blocks == 32
+                                               else f"scale_{kind}_{a.blocks}b.json")
     write_json(out, {"shape": SHAPE, "blocks": a.blocks, "vocab": "SmolLM2 tokenizer (49152)", "weights": "random bf16",
-                     "calibration": f"{a.nsamples} x {a.seqlen} C4", "threads": torch.get_num_threads(), "device": a.device,
+                     "calibration": f"{a.nsamples} x {a.seqlen} C4", "threads": torch.get_num_threads(),
+                     "device": a.device,
                      "model_build_s": build_s, "gemm_gflops_fp32_device": rate,
                      "sparsegpt_block_gflop": sparsegpt_block_flops() / 1e9,
                      "sparsegpt_block_gflop_strict": sparsegpt_block_flops(1 / 3) / 1e9, "results": results})

@@ -51,7 +51,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         del m
     out = RESULTS
-    write_json(out / "solvers_50.json", {"command": "python -m bench.solvers_table" + (f" --only {only}" if only else ""),
+    write_json(out / "solvers_50.json", {"command": "python -m bench.solvers_table"
+                                                    + (f" --only {only}" if only else ""),
                                          "rows": rows})
     lines = ["| run | measured sparsity | WikiText-2 PPL (40x512) | max abs(achieved - target) | prune s |",
              "|---|---|---|---|---|"]
