@@ -19,6 +19,7 @@ from .allocation import get_allocator
 from .allocation.base import LayerInfo
 from .allocation.plan import Plan, allocation_statistics, block_statistics, layer_census, make_plan
 from .allocation.plan import check as check_plan
+from . import distributed
 from .checkpoint import Checkpoint, fingerprint
 from .config import DTYPES, PruneConfig
 from .errors import UserError
@@ -41,6 +42,7 @@ def preflight(model, cfg: PruneConfig) -> list[LayerInfo]:
     constraints, --skip names, N:M widths, and the allocation's census checks (e.g. a user list's length).
     Returns the layer census."""
     cfg.validate()
+    distributed.current().check(cfg)
     adapter = get_adapter(model)
     program = block_program(get_solver(cfg.method), model, adapter, cfg)
     skip = set(cfg.skip)
@@ -63,9 +65,15 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     """Prune ``model`` in place, block by block. Returns the run record (see ``record.py``).
 
     ``block_stats``: the allocator's per-block statistics when already known (``allocation_statistics`` on the same
-    model and calibration); skips the dense pre-pass."""
+    model and calibration); skips the dense pre-pass.
+
+    On N processes (``layerprune.distributed.init``) every rank calls this with the same ``calib`` and works on its
+    shard of the windows; only rank 0 writes the checkpoint under ``out_dir``."""
     t_start = time.perf_counter()
+    world = distributed.current()
+    world.check(cfg, calib.shape[0])
     infos = preflight(model, cfg)
+    progress = progress and world.rank == 0
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = DTYPES[cfg.compute_dtype]
     adapter = get_adapter(model)
@@ -75,11 +83,13 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     store = store or MemoryStore()
     timers = Timers()
     ckpt = Checkpoint(out_dir / ".checkpoint", fingerprint(model, calib, cfg.result_settings())) \
-        if out_dir is not None else None
-    state = ckpt.load() if (ckpt is not None and resume) else None
+        if out_dir is not None and world.rank == 0 else None
+    state = _load_state(ckpt, world) if (out_dir is not None and resume) else None
 
-    with timers("capture"):  # the inputs of block 0 and every block's call arguments
-        hidden, kwargs = capture_inputs(model, adapter, calib, device, dtype, cfg.batch_size)
+    with timers("capture"):  # the inputs of block 0 and every block's call arguments (of this rank's windows)
+        hidden, kwargs = capture_inputs(model, adapter, calib[world.shard(calib.shape[0])], device, dtype,
+                                        cfg.batch_size)
+    world.started = True
     if state is not None:  # a resumed run keeps the plan it started with
         plan = Plan(state["allocation"], cfg.nm)
     else:
@@ -95,7 +105,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     if persist:
         store.restart_at(start)
     if state is not None:
-        _restore(model, blocks, store, program, ckpt, state, buf, timers)
+        _restore(model, blocks, store, program, ckpt, state, buf, timers, world)
     bar = tqdm(range(start, len(blocks)), desc=f"prune {cfg.method}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     try:
@@ -107,6 +117,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             t0, s0 = time.perf_counter(), timers.t["statistics"]
             collect = make_collect(block, buf, kwargs[i], cfg.batch_size, dtype, timers)
             rows = program.run(block, collect, plan.targets(i))
+            if not getattr(program, "sharded", False):  # it ran on every rank: rank 0's block is the result
+                world.sync_block(block)
             layers += [{"block": i, **r} for r in rows]
             timers.t["solve"] += time.perf_counter() - t0 - (timers.t["statistics"] - s0)
             with timers("propagate"):
@@ -114,16 +126,20 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             if persist:
                 with timers("offload"):
                     store.offload(model, i)
-            if ckpt is not None:  # a store that does not persist: before the offload, while the block is in memory
+            if out_dir is not None:  # a store that does not persist: before the offload, while the block is in memory
                 with timers("checkpoint"):
-                    ckpt.save(i, None if persist else block, buf.inputs, {
-                        "allocation": plan.allocation, "layers": layers, "block_timings": per_block + [_delta(
-                            i, before, timers.t)],
-                        "timings": {**timers.t, "total": time.perf_counter() - t_start + prev_total}})
+                    acts = world.gather_rows(buf.inputs)  # N processes: every rank's windows, on rank 0
+                    if ckpt is not None:
+                        ckpt.save(i, None if persist else block, acts, {
+                            "allocation": plan.allocation, "layers": layers, "world_size": world.world,
+                            "block_timings": per_block + [_delta(i, before, timers.t)],
+                            "timings": {**timers.t, "total": time.perf_counter() - t_start + prev_total}})
+                    del acts
             if not persist:
                 with timers("offload"):
                     store.offload(model, i)
             per_block.append(_delta(i, before, timers.t))
+            world.block_done(i)
             errs = [r["rel_error"] for r in rows if r["rel_error"] is not None]
             bar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.3g}")
     finally:
@@ -139,6 +155,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         "timings": dict(timers.t), "block_timings": per_block,
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "resumed_from_block": start if state else None,
+        **({"distributed": world.summary()} if world.active else {}),
     }
 
 
@@ -161,9 +178,30 @@ def _plan(model, adapter, cfg, infos, block_stats, hidden, kwargs, device, dtype
     return make_plan(cfg, allocator, infos, len(blocks), block_stats, weights)
 
 
-def _restore(model, blocks, store, program, ckpt: Checkpoint, state: dict, buf: ActivationBuffer, timers) -> None:
-    """Resume: the finished blocks' pruned weights, the next block's inputs, the time already spent per stage."""
-    for i in range(state["next_block"]):
+def _load_state(ckpt: Checkpoint | None, world) -> dict | None:
+    """The resume state (rank 0 reads it, every rank gets it); a run started on another number of processes is
+    refused (its statistics are summed over other shards)."""
+    try:
+        state = ckpt.load() if ckpt is not None else None
+        n = (state or {}).get("world_size", 1)
+        err = None if state is None or n == world.world else (
+            f"{ckpt.folder.parent} was pruned on {n} process{'es' if n > 1 else ''} and is resumed on {world.world}: "
+            f"resume with the same number ({'torchrun --nproc-per-node ' + str(n) if n > 1 else 'one process'}), "
+            "or use --force to start over")
+    except UserError as e:
+        state, err = None, str(e)
+    if world.active:
+        err, state = world.share((err, state))
+    if err:
+        raise distributed.Shared(err)
+    return state
+
+
+def _restore(model, blocks, store, program, ckpt: Checkpoint | None, state: dict, buf: ActivationBuffer, timers,
+             world) -> None:
+    """Resume: the finished blocks' pruned weights (rank 0: the only one that saves them), the next block's inputs
+    (each rank its shard), the time already spent per stage."""
+    for i in range(state["next_block"] if ckpt is not None else 0):
         if getattr(store, "persists", False):  # the finished blocks are the store's shards already
             if i not in store.modified:
                 raise UserError(f"{ckpt.folder.parent} lacks the shard of pruned block {i}, so the run cannot be "
@@ -174,7 +212,8 @@ def _restore(model, blocks, store, program, ckpt: Checkpoint, state: dict, buf: 
         store.onload(model, i, "cpu")
         program.load_block(blocks[i], ckpt.block_weights(i))
         store.offload(model, i)
-    buf.a.copy_(ckpt.activations(state).to(buf.a.dtype))
+    full = ckpt.activations(state) if ckpt is not None else None
+    buf.a.copy_(world.scatter_rows(full, buf.a).to(buf.a.dtype) if world.active else full.to(buf.a.dtype))
     for k, v in state.get("timings", {}).items():
         if k != "total":
             timers.t[k] += v
