@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.common import CALIB, EVAL_SEQLEN, EVAL_WINDOWS, MODEL, PROTOCOL, RESULTS, ROOT, cmdline, code_line, \
-    write_atomic, write_json
+    code_version, write_atomic, write_json
 
 CONFIGS = (("1x1", 1, 1), ("1x2", 1, 2), ("2x1", 2, 1))  # processes x threads each
 
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--methods", default="wanda,sparsegpt")
     ap.add_argument("--work", default="/tmp/layerprune-dist-bench")
     a = ap.parse_args()
+    code_version()  # the commit that runs, taken before anything else
     work = Path(a.work)
     rows = {}
     for method in a.methods.split(","):
