@@ -57,6 +57,10 @@ class World:
         self.world, self.rank, self.backend = world, rank, backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.started = False  # the engine has begun: from here a rank's own error is printed by that rank
+        self.begin()
+
+    def begin(self) -> None:
+        """Start counting a run's communication."""
         self.bytes = {"reduced": 0, "broadcast": 0, "gathered": 0}  # payload bytes this rank contributed
         self.comm_s = 0.0
         self.blocks: list[dict] = []  # per block: the bytes and seconds of its communication

@@ -72,6 +72,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     t_start = time.perf_counter()
     world = distributed.current()
     world.check(cfg, calib.shape[0])
+    world.begin()
     infos = preflight(model, cfg)
     progress = progress and world.rank == 0
     device = torch.device(device) if device is not None else torch.device("cpu")

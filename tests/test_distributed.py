@@ -58,14 +58,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], n: int = 2, kill_at: int | None = None, timeout: int = 240):
-    """n processes with torchrun's environment; with ``kill_at`` rank 1 kills itself there. [(rc, stderr)] by rank."""
+def _launch(args: list[str], n: int = 2, kill_at: int | None = None, timeout: int = 240, script: str | None = None):
+    """n processes with torchrun's environment running the CLI (or ``script``); with ``kill_at`` rank 1 kills itself
+    there. [(rc, stderr)] by rank."""
     port, procs = _port(), []
     for rank in range(n):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
                "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "layerprune", *args]
+        cmd = [sys.executable, "-m", "layerprune", *args] if script is None else [sys.executable, "-c", script, *args]
         if kill_at is not None and rank == 1:
             env["KILL_AT"] = str(kill_at)
             cmd = [sys.executable, "-c", KILLER, *args]
@@ -98,32 +99,66 @@ def test_shard_and_assign_are_deterministic():
     assert World().shard(5) == slice(0, 5) and World().assign([3.0, 1.0]) == [0, 0]
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("magnitude", []), ("wanda", []), ("sparsegpt", []), ("sparsegpt", ["--nm", "2:4", "--true-sequential"]),
-    ("wanda", ["--allocation", "owl"]), ("slimgpt", ["--sparsity", "0.3"])])
-def test_two_ranks_give_one_process_result(ws, tmp_path, method, extra):
-    args = ["--method", method, *extra]
-    assert main(_args(ws, tmp_path / "one", *args)) == 0
-    res = _launch(_args(ws, tmp_path / "two", *args))
+CASES = {  # every solver (SlimGPT: block-level, replicated and synced), an allocation with a dense pre-pass, N:M
+    "magnitude": dict(method="magnitude", sparsity=0.5), "wanda": dict(method="wanda", sparsity=0.5),
+    "sparsegpt": dict(method="sparsegpt", sparsity=0.5),
+    "sparsegpt_nm_seq": dict(method="sparsegpt", nm="2:4", true_sequential=True),
+    "wanda_owl": dict(method="wanda", sparsity=0.5, allocation="owl"),
+    "slimgpt": dict(method="slimgpt", sparsity=0.3)}
+# each rank: join the group, prune a fresh copy per case through the Python API; rank 0 saves weights and record
+DRIVER = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+from layerprune import api, distributed
+logging.disable_progress_bar()
+ws, out, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+world = distributed.init("cpu")
+tok = AutoTokenizer.from_pretrained(ws + "/model")
+calib = api.calibration_set(tok, "c4", 6, 32, 0, ws + "/data")
+for name, kw in cases.items():
+    m = AutoModelForCausalLM.from_pretrained(ws + "/model").eval()
+    rec = api.prune(m, tok, calibration=calib, batch_size=2, progress=False, **kw)
+    if world.rank == 0:
+        torch.save({k: v for k, v in m.state_dict().items() if "layers" in k}, f"{out}/{name}.pt")
+        json.dump(rec, open(f"{out}/{name}.json", "w"), default=str)
+distributed.shutdown()
+"""
+
+
+def test_two_ranks_give_one_process_result_for_every_solver(ws, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerprune import api
+
+    res = _launch([str(ws), str(tmp_path), json.dumps(CASES)], script=DRIVER)
     assert [rc for rc, _ in res] == [0, 0], res
     assert res[1][1].strip() == ""  # rank 1 neither logs nor prints
-    assert not (tmp_path / "two" / ".checkpoint").exists()
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert one.keys() == two.keys()
-    masks = sum(int(((one[k] == 0) == (two[k] == 0)).sum()) for k in one) / sum(v.numel() for v in one.values())
-    close = sum(int(torch.isclose(one[k], two[k], rtol=1e-3, atol=1e-5).sum()) for k in one) / sum(
-        v.numel() for v in one.values())
-    assert masks >= 0.999 and close >= 0.999, (masks, close)
-    r1, r2 = _record(tmp_path / "one"), _record(tmp_path / "two")
-    assert [(r["name"], r["shape"]) for r in r1["layers"]] == [(r["name"], r["shape"]) for r in r2["layers"]]
-    assert r2["measured_sparsity"] == pytest.approx(r1["measured_sparsity"], abs=1e-3)
-    assert r1["allocation"]["block"] == pytest.approx(r2["allocation"]["block"], abs=1e-6)
-    d = r2["distributed"]
-    assert d["world_size"] == 2 and d["backend"] == "gloo" and len(d["blocks"]) == 4
-    if method != "magnitude":  # the statistics of both shards were summed
-        assert d["bytes"]["reduced"] > 0
-    if method == "slimgpt":  # the same heads removed: the structure came from the same statistics
-        assert [r.get("heads_removed") for r in r1["layers"]] == [r.get("heads_removed") for r in r2["layers"]]
+    tok = AutoTokenizer.from_pretrained(ws / "model")
+    calib = api.calibration_set(tok, "c4", 6, 32, 0, ws / "data")
+    for name, kw in CASES.items():
+        m = AutoModelForCausalLM.from_pretrained(ws / "model").eval()
+        r1 = api.prune(m, tok, calibration=calib, batch_size=2, progress=False, **kw)
+        one = {k: v for k, v in m.state_dict().items() if "layers" in k}
+        two = torch.load(tmp_path / f"{name}.pt")
+        r2 = json.loads((tmp_path / f"{name}.json").read_text())
+        assert one.keys() == two.keys() and all(one[k].shape == two[k].shape for k in one), name
+        mats = [k for k in one if one[k].dim() == 2]
+        n = sum(one[k].numel() for k in mats)
+        masks = sum(int(((one[k] == 0) == (two[k] == 0)).sum()) for k in mats) / n
+        close = sum(int(torch.isclose(one[k], two[k], rtol=1e-3, atol=1e-5).sum()) for k in mats) / n
+        assert masks >= 0.999 and close >= 0.999, (name, masks, close)
+        assert [(r["name"], r["shape"]) for r in r1["layers"]] == [(r["name"], r["shape"]) for r in r2["layers"]]
+        assert r2["measured_sparsity"] == pytest.approx(r1["measured_sparsity"], abs=1e-3), name
+        assert r1["allocation"]["block"] == pytest.approx(r2["allocation"]["block"], abs=1e-6), name
+        d = r2["distributed"]
+        assert d["world_size"] == 2 and d["backend"] == "gloo" and len(d["blocks"]) == 4, name
+        if kw["method"] != "magnitude":  # the statistics of both shards were summed
+            assert d["bytes"]["reduced"] > 0, name
+        if kw["method"] == "slimgpt":  # the same heads removed: the structure came from the same statistics
+            assert [r.get("heads_removed") for r in r1["layers"]] == [r.get("heads_removed") for r in r2["layers"]]
+        else:  # every solve ran on one rank and was broadcast: both ranks contributed weights
+            assert d["bytes"]["broadcast"] > 0, name
 
 
 def test_killed_rank_stops_the_run_with_one_line_and_resume_is_bit_identical(ws, tmp_path):
