@@ -77,7 +77,7 @@ class LinearProgram:
                 shapes = [self.adapter.get_weight(mods[n]).shape for n in job[1]]
                 if "hessian" not in self.solver.needs:
                     return sum(o * i for o, i in shapes)
-                return sum(o * i * i for o, i in shapes) + shapes[0][1] ** 3
+                return sum(o * i * i for o, i in shapes) + shapes[0][1] ** 3 / 3  # sweeps + one Cholesky
 
             def weights(job, mods=mods):
                 return [(self.adapter.get_weight(mods[n]), lambda t, m=mods[n]: self.adapter.set_weight(m, t))
