@@ -25,8 +25,9 @@ ends its process; the others fail at their next collective (the connection to th
 process-group timeout passes) and stop with one line (``PeerLost``); ``torchrun`` also stops the other workers when
 one exits with an error.
 
-Refused before any work: ``--offload disk`` (every rank would write the same block shards), ``--allocation auto``
-(its proxy prunes whole copies of the model on the full calibration set) and fewer windows than processes.
+With ``--offload disk`` every rank onloads the block it computes from the source checkpoint; rank 0 stores the pruned
+blocks (the run's shards), the other ranks drop them (``local_store``). Refused before any work: ``--allocation
+auto`` (its proxy prunes whole copies of the model on the full calibration set) and fewer windows than processes.
 """
 from __future__ import annotations
 
@@ -88,9 +89,6 @@ class World:
         """Settings a distributed run cannot honour: refused before any work, with one line."""
         if not self.active:
             return
-        if cfg.offload == "disk":
-            raise UserError(f"--offload disk does not combine with {self.world} processes (every rank would write "
-                            "the pruned block shards): use --offload cpu or none, or run one process")
         if str(cfg.allocation).strip().lower() == "auto":
             raise UserError("allocation 'auto' prunes whole copies of the model in its proxy and does not run on "
                             f"{self.world} processes: pick an allocation (e.g. from a one-process --allocation auto "
@@ -264,6 +262,13 @@ class World:
                     self.broadcast_(buf, 0)
                     t.copy_(buf)
 
+    def local_store(self, store):
+        """The block store this rank uses: rank 0's own; another rank's reads blocks like it but drops them when done
+        instead of writing (a store that can: ``drop``)."""
+        if self.rank == 0 or not hasattr(store, "drop"):
+            return store
+        return _ReadOnly(store)
+
     def block_done(self, i: int) -> None:
         """Book block i's communication (bytes this rank contributed, seconds spent in collectives)."""
         if not self.active:
@@ -278,6 +283,21 @@ class World:
             return None
         return {"world_size": self.world, "backend": self.backend, "rank": self.rank, "bytes": dict(self.bytes),
                 "comm_s": round(self.comm_s, 4), "blocks": list(self.blocks)}
+
+
+class _ReadOnly:
+    """A block store seen from a rank that writes nothing: onload as the store does, offload = drop."""
+
+    persists = False
+
+    def __init__(self, store):
+        self.store = store
+
+    def onload(self, model, i: int, device) -> None:
+        self.store.onload(model, i, device)
+
+    def offload(self, model, i: int) -> None:
+        self.store.drop(model, i)
 
 
 _WORLD = World()

@@ -81,7 +81,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     program = block_program(get_solver(cfg.method), model, adapter, cfg)
     blocks = adapter.blocks(model)
     params_before = sum(p.numel() for p in model.parameters())
-    store = store or MemoryStore()
+    store = world.local_store(store or MemoryStore())
     timers = Timers()
     ckpt = Checkpoint(out_dir / ".checkpoint", fingerprint(model, calib, cfg.result_settings())) \
         if out_dir is not None and world.rank == 0 else None
@@ -100,7 +100,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     layers: list[dict] = state["layers"] if state else []
     per_block: list[dict] = (state or {}).get("block_timings", [])  # seconds per stage, one entry per block
     start = state["next_block"] if state else 0
-    buf = ActivationBuffer(hidden, cfg.offload, device, folder=out_dir)
+    buf = ActivationBuffer(hidden, cfg.offload, device, folder=out_dir if world.rank == 0 else None)
     del hidden
     persist = getattr(store, "persists", False)  # offload() writes each block's final shard (DiskStore.bind)
     if persist:
@@ -145,7 +145,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             bar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.3g}")
     finally:
         buf.close()
-    extra = program.finish(model)
+    extra = program.finish(model) if world.rank == 0 else {}  # another rank's model is not the run's
     timers.t["total"] = time.perf_counter() - t_start + prev_total
     return {
         **extra,

@@ -84,7 +84,9 @@ def _launch(args: list[str], n: int = 2, kill_at: int | None = None, timeout: in
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in load_file(str(run / "model.safetensors")).items() if "layers" in k and v.dim() == 2}
+    """The block linears' weights of a saved run (one file, or one shard per block under disk offload)."""
+    return {k: v for f in sorted(run.glob("*.safetensors")) for k, v in load_file(str(f)).items()
+            if "layers" in k and v.dim() == 2}
 
 
 def _record(run: Path) -> dict:
@@ -180,9 +182,21 @@ def test_killed_rank_stops_the_run_with_one_line_and_resume_is_bit_identical(ws,
     assert all(torch.equal(full[k], cut[k]) for k in full)
 
 
+def test_disk_offload_on_two_ranks(ws, tmp_path):
+    args = ["--method", "sparsegpt", "--offload", "disk"]
+    assert main(_args(ws, tmp_path / "one", *args)) == 0
+    res = _launch(_args(ws, tmp_path / "two", *args))
+    assert [rc for rc, _ in res] == [0, 0], res
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 4 * 7
+    n = sum(v.numel() for v in one.values())
+    assert sum(int(((one[k] == 0) == (two[k] == 0)).sum()) for k in one) / n >= 0.999
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+
+
 def test_refusals_come_once_before_any_work(ws, tmp_path):
-    res = _launch(_args(ws, tmp_path / "disk", "--offload", "disk"))
+    res = _launch(_args(ws, tmp_path / "auto", "--allocation", "auto", "--sparsity", "0.5"))
     assert [rc for rc, _ in res] == [2, 2]
-    assert res[0][1].strip().startswith("layerprune: error: --offload disk does not combine with 2 processes")
+    assert res[0][1].strip().startswith("layerprune: error: allocation 'auto' prunes whole copies of the model")
     assert len(res[0][1].strip().splitlines()) == 1 and res[1][1].strip() == ""
-    assert not (tmp_path / "disk").exists()
+    assert not (tmp_path / "auto").exists()

@@ -131,7 +131,7 @@ def run(args) -> int:
         work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
         check_free_space(work, need_out - _du(work), "the checkpoint and the saved run")
         work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe])
-    if store is not None:  # pruned blocks go straight to their final shards in the run directory
+    if store is not None and lead:  # pruned blocks go straight to their final shards in the run directory
         store.bind(work, save_dtype(model, args.save_dtype))
 
     lazy = store is not None  # with disk offload the full model is never in memory: evaluate the saved run
