@@ -102,6 +102,36 @@ def project(method: str, n: int, gpu: dict = GPU, m: dict = SEVEN_B) -> dict:
             "broadcast_bytes": weights, "model_s_1": one * m["blocks"], "model_s_n": many * m["blocks"]}
 
 
+def report(rows: dict) -> None:
+    """Write the JSON and the markdown table of the methods done so far."""
+    data = {"protocol": PROTOCOL, "command": cmdline(), "machine_cpus": os.cpu_count(),
+            "projection_assumptions": {"model": SEVEN_B, "gpu": GPU,
+                                       "note": "simulation from the engine's cost model and assumed device rates"},
+            "results": rows}
+    write_json(RESULTS / "distributed.json", data)
+    lines = ["# Distributed pruning: 2 gloo processes vs 1 process (CPU)", "", code_line(), "", PROTOCOL, "",
+             "| method | run | prune s | vs 1x1 | vs 1x2 | PPL | PPL diff | sparsity | masks equal | bytes/block "
+             "all-gathered | bytes/block broadcast |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, r in rows.items():
+        for name, x in r["runs"].items():
+            bpb = x.get("bytes_per_block", {})
+            ppl_cells = f"{x['ppl']:.4f} | {x.get('ppl_rel_diff', 0.0):+.4%}" if "ppl" in x else "- | -"
+            vs12 = f"{x['speedup_vs_1x2']:.2f}x" if "speedup_vs_1x2" in x else "-"
+            lines.append(f"| {method} | {name} | {x['prune_s']:.1f} | {x.get('speedup_vs_1x1', 1.0):.2f}x | {vs12} | "
+                         f"{ppl_cells} | {x['measured_sparsity']:.4f} | "
+                         f"{x.get('masks_equal', 1.0):.5f} | {bpb.get('reduced', 0):,.0f} | "
+                         f"{bpb.get('broadcast', 0):,.0f} |")
+    lines += ["", "Projection (simulation, not measured): 8 GPUs, LLaMA-2-7B shapes, 128 x 2048 calibration", "",
+              "| method | s/block 1 GPU | s/block 8 GPUs | speedup | solve 1 -> 8 | comm s/block |",
+              "|---|---|---|---|---|---|"]
+    for method, r in rows.items():
+        p = r["projection_8gpu_7b"]
+        lines.append(f"| {method} | {p['block_s_1']:.3f} | {p['block_s_n']:.3f} | {p['speedup']:.2f}x | "
+                     f"{p['solve_s']:.3f} -> {p['solve_s_n']:.3f} | {p['comm_s']:.4f} |")
+    write_atomic(RESULTS / "distributed.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="wanda,sparsegpt")
@@ -131,31 +161,8 @@ def main() -> None:
         runs["2x1"]["bytes_per_block"] = {k: sum(b[k] for b in blocks) / len(blocks)
                                          for k in ("reduced", "broadcast", "gathered")}
         rows[method] = {"runs": runs, "projection_8gpu_7b": project(method, 8)}
-    data = {"protocol": PROTOCOL, "command": cmdline(), "machine_cpus": os.cpu_count(),
-            "projection_assumptions": {"model": SEVEN_B, "gpu": GPU,
-                                       "note": "simulation from the engine's cost model and assumed device rates"},
-            "results": rows}
-    write_json(RESULTS / "distributed.json", data)
-    lines = ["# Distributed pruning: 2 gloo processes vs 1 process (CPU)", "", code_line(), "", PROTOCOL, "",
-             "| method | run | prune s | speedup vs 1x1 | PPL | PPL diff | sparsity | masks equal | bytes/block "
-             "all-gathered | bytes/block broadcast |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for method, r in rows.items():
-        for name, x in r["runs"].items():
-            bpb = x.get("bytes_per_block", {})
-            ppl_cells = f"{x['ppl']:.4f} | {x.get('ppl_rel_diff', 0.0):+.4%}" if "ppl" in x else "- | -"
-            lines.append(f"| {method} | {name} | {x['prune_s']:.1f} | {x.get('speedup_vs_1x1', 1.0):.2f}x | "
-                         f"{ppl_cells} | {x['measured_sparsity']:.4f} | "
-                         f"{x.get('masks_equal', 1.0):.5f} | {bpb.get('reduced', 0):,.0f} | "
-                         f"{bpb.get('broadcast', 0):,.0f} |")
-    lines += ["", "Projection (simulation, not measured): 8 GPUs, LLaMA-2-7B shapes, 128 x 2048 calibration", "",
-              "| method | s/block 1 GPU | s/block 8 GPUs | speedup | solve 1 -> 8 | comm s/block |",
-              "|---|---|---|---|---|---|"]
-    for method, r in rows.items():
-        p = r["projection_8gpu_7b"]
-        lines.append(f"| {method} | {p['block_s_1']:.3f} | {p['block_s_n']:.3f} | {p['speedup']:.2f}x | "
-                     f"{p['solve_s']:.3f} -> {p['solve_s_n']:.3f} | {p['comm_s']:.4f} |")
-    write_atomic(RESULTS / "distributed.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+        report(rows)  # after each method: a cut-short run keeps what it measured
+
 
 
 if __name__ == "__main__":
