@@ -90,16 +90,17 @@ def project(method: str, n: int, gpu: dict = GPU, m: dict = SEVEN_B) -> dict:
     hess_cols2 = 3 * h * h + f * f if method == "sparsegpt" else 0
     stats = fwd + 2 * t * hess_cols2 * 5 / 8 / gpu["fp32_flops"]
     jobs = [2 * c / gpu["solve_flops"] for c in jobs_7b(method, h, f)]
-    payload = 4 * hess_cols2 if method == "sparsegpt" else 4 * (3 * h + f) + 4 * 256 * (3 * h + f)
+    payload = 4 * hess_cols2 if method == "sparsegpt" else 4 * (3 * h + f)  # Hessians, or the sums of x_j^2
+    sample = 0 if method == "sparsegpt" else 4 * 256 * (3 * h + f)  # rank 0's error-report rows, one per input group
     weights = params * m["weight_bytes"]
     one = stats + sum(jobs) + fwd
     owner = World(n, 0).assign(jobs)
     solve_n = max(sum(j for j, o in zip(jobs, owner) if o == r) for r in range(n))
-    comm = ((n - 1) * payload + weights) / gpu["link_bytes_s"]
+    comm = ((n - 1) * payload + weights + sample) / gpu["link_bytes_s"]
     many = stats / n + solve_n + fwd / n + comm
     return {"block_s_1": one, "block_s_n": many, "speedup": one / many, "stats_s": stats, "solve_s": sum(jobs),
             "solve_s_n": solve_n, "propagate_s": fwd, "comm_s": comm, "allgather_payload_bytes": payload,
-            "broadcast_bytes": weights, "model_s_1": one * m["blocks"], "model_s_n": many * m["blocks"]}
+            "broadcast_bytes": weights + sample, "model_s_1": one * m["blocks"], "model_s_n": many * m["blocks"]}
 
 
 def report(rows: dict) -> None:

@@ -216,6 +216,8 @@ class World:
             c.xtx = self.sum_ordered(c.xtx)
         elif c.sample_rows:
             c.sample = self.share(c.sample.cpu() if c.sample is not None else None)
+            if self.rank == 0 and c.sample is not None:
+                self.bytes["broadcast"] += c.sample.numel() * c.sample.element_size()
             if c.sample is not None:
                 c.sample = c.sample.to(c.sq_norm.device if c.sq_norm is not None else self.device)
 
