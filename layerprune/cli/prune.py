@@ -5,8 +5,10 @@ The method and allocation flags are not written here: each registered solver and
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from layerprune import distributed
 from layerprune.allocation import ALLOCATORS, get_allocator, split_spec
 from layerprune.cli.common import (DATA_DIR_HELP, DTYPES, _common_model_args, _device, _eval_all, _examples, _load,
                                    _method_flags, _method_list, _method_options, _positive, _table)
@@ -26,7 +28,9 @@ def add_parser(sub) -> None:
                            "layerprune prune --method slimgpt --sparsity 0.5 --allocation ipr-log --out runs/slim50",
                            "layerprune prune ... --out runs/wanda50 --resume   # after an interruption",
                            "layerprune prune --recipe runs/wanda50/recipe.yaml --out runs/again   # rerun a run",
-                           "layerprune prune --recipe runs/wanda50/recipe.yaml --seed 1 --out runs/seed1"))
+                           "layerprune prune --recipe runs/wanda50/recipe.yaml --seed 1 --out runs/seed1",
+                           "torchrun --nproc-per-node 4 -m layerprune prune --method sparsegpt --out runs/sgpt50   "
+                           "# 4 processes (docs/distributed.md)"))
     s.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub id")
     s.add_argument("--method", default="wanda", help=_method_list(SOLVER_REGISTRY))
     s.add_argument("--sparsity", type=float, default=None,
@@ -93,11 +97,20 @@ def run(args) -> int:
                       compute_dtype=args.compute_dtype, batch_size=args.batch_size,
                       true_sequential=args.true_sequential, skip=tuple(s for s in (args.skip or "").split(",") if s))
     cfg.validate()
+    device = _device(args.device)
+    world = distributed.current()
+    if distributed.launched():  # torchrun: N processes, each on its shard of the calibration windows
+        world.check(cfg, args.nsamples)
+        world = distributed.init(device)
+        device = world.device
+        if world.rank:  # logs, progress, evaluation and every write: rank 0
+            logging.getLogger().setLevel(logging.ERROR)
+    lead = world.rank == 0
     data_dir = resolve_data_dir(args.data_dir)
     datasets = [d.strip() for d in args.eval.split(",") if d.strip()] if args.eval else []
     out = Path(args.out)
-    prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
-    device = _device(args.device)
+    if lead:
+        prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
     if args.recipe and "model" not in getattr(args, "explicit_dests", set()):
         parent = recipe.parent_of(args.recipe)
         if parent is not None:  # a chained recipe: its earlier steps first, into OUT.parent
@@ -120,21 +133,25 @@ def run(args) -> int:
     eval_seqlen = check_seqlen(model, args.eval_seqlen or seqlen)
     calib = api.calibration_set(tok, args.calib, args.nsamples, seqlen, args.seed, data_dir)
     need_out = run_disk_need(model, args.nsamples, seqlen, DTYPES[args.compute_dtype], args.offload)
-    work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
-    check_free_space(work, need_out - _du(work), "the checkpoint and the saved run")
-    work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe])
-    if store is not None:  # pruned blocks go straight to their final shards in the run directory
+    work = out  # another rank writes nothing: the engine only needs to know that rank 0 checkpoints
+    if lead:
+        work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
+        check_free_space(work, need_out - _du(work), "the checkpoint and the saved run")
+        work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe])
+    if store is not None and lead:  # pruned blocks go straight to their final shards in the run directory
         store.bind(work, save_dtype(model, args.save_dtype))
 
     lazy = store is not None  # with disk offload the full model is never in memory: evaluate the saved run
     before = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size, device) \
-        if datasets and not args.no_dense_eval and not lazy else {}
+        if datasets and not args.no_dense_eval and not lazy and lead else {}
     dense_sparsity = None if lazy else measure_sparsity(model)["overall"]
     record = api.prune(model, tok, method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
                        allocation_options=alloc_opts, solver_options=solver_opts, calibration=calib,
                        calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
                        true_sequential=args.true_sequential, batch_size=args.batch_size, skip=cfg.skip,
                        out_dir=work, resume=args.resume, store=store, data_dir=data_dir, checkpoint=args.checkpoint)
+    if not lead:
+        return 0
     record["model"] = args.model
     record["command_line"] = getattr(args, "command_line", None)  # shown in the run's model card
     # the sparsity the run used; N:M sets it itself, and a run that records none (e.g. depth --drop) had none
