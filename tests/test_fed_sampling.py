@@ -206,7 +206,7 @@ def simulate(scheme, **kw):
     return run_federated(cfg, tiny_llama(layers=4, seed=2), ByteTok(), domains, {"toy": text(200)})
 
 
-def test_same_seed_same_partitions_in_every_scheme_and_identical_reruns():
+def test_same_seed_same_partitions_in_every_scheme_and_identical_reruns(tmp_path):
     het = simulate("hetero", depth_flag=None)
     again = simulate("hetero", depth_flag=None)
     avg = simulate("fedavg")
@@ -233,3 +233,23 @@ def test_same_seed_same_partitions_in_every_scheme_and_identical_reruns():
     assert het["personal"]["sent_bytes"] == 0 and avg["personal"] is None
     assert het["lora"]["client_cost"]["1"]["personal_params"] == 288
     assert het["lora"]["client_cost"]["4"]["personal_params"] == 0
+    # the bench's check over a JSON of several runs, and its table (issue 32: same partitions in every row)
+    import copy
+
+    from bench.fedlp_lora import table_md
+    from bench.fedlp_partitions import check, main
+
+    plain = copy.deepcopy(het)
+    plain["config"]["personal_heads"], plain["personal"] = False, None
+    plain["summary"]["final_ppl"] = {k: v * 1.5 for k, v in het["summary"]["final_ppl"].items()}
+    assert check([avg, het, plain]) == []
+    md = table_md([avg, plain, het], FedConfig(**{k: v for k, v in het["config"].items()}), 1.0, "Code: test")
+    assert "the same in every row" in md and "Hetero(u) + personal heads" in md and "of Hetero's gap closed" in md
+    moved = copy.deepcopy(avg)
+    moved["rounds"][2]["partitions"] = [0, 1, 2]
+    assert "round(s) [2]" in check([het, moved])[0] and "without recorded" in check([{"rounds": [{"round": 1}]}])[0]
+    path = tmp_path / "runs.json"
+    path.write_text(__import__("json").dumps({"runs": [avg, het, moved]}))
+    assert main([str(path)]) == 1
+    path.write_text(__import__("json").dumps({"runs": [avg, het]}))
+    assert main([str(path)]) == 0
