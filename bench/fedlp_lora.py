@@ -1,14 +1,15 @@
 """FedLP over LoRA adapters of the whole SmolLM2-135M (all 30 blocks), Flower simulation on CPU (issue 19).
 
-    python -m bench.fedlp_lora --part table      # FedAvg-LoRA, Homo(0.5/0.7), Hetero(u) +- personal heads -> fedlp_lora.*
+    python -m bench.fedlp_lora --part table      # FedAvg-LoRA, Homo(0.5/0.7), Hetero(u) +- personal heads
     python -m bench.fedlp_lora --part recovery   # federated LoRA recovery of Wanda 60% -> fedlp_lora_recovery.{json,md}
     python -m bench.fedlp_lora --quick           # a smoke run of both parts (tiny settings, nothing written to results)
 
 Table: 10 non-IID clients (Dirichlet(1.0) mix of C4 pool / WikiText-2 valid / PTB valid), 3 sampled a round (the same
 partitions in every scheme: sampled by partition ID, seeded by seed and round; checked by ``bench.fedlp_partitions``
-and stated in the table), hetero with and without the clients' personal heads, LoRA rank 8 (alpha 16) on every block linear, base frozen and never sent; the global
-model is evaluated after each round (WikiText-2 test and C4, EVAL_WINDOWS x EVAL_SEQLEN). The simulation runs one client
-at a time on one thread (``sim_cpus=1``), so seconds per round are sequential client time + the server's evaluation.
+and stated in the table), hetero with and without the clients' personal heads, LoRA rank 8 (alpha 16) on every block
+linear, base frozen and never sent; the global model is evaluated after each round (WikiText-2 test and C4,
+EVAL_WINDOWS x EVAL_SEQLEN). The simulation runs one client at a time on one thread (``sim_cpus=1``), so seconds
+per round are sequential client time + the server's evaluation.
 
 Recovery: the Wanda 60% run (calibration 32 x 512 C4 pool seed 0, as bench.lora_recovery; pruned here when --run
 does not exist) is the frozen base; clients train LoRA on their private non-IID shards; the server merges
@@ -122,8 +123,8 @@ def table_md(results: list[dict], cfg: FedConfig, wall: float, code: str | None 
         per_round.append(f"| {label(r['config'])} | " + " | ".join(cells) + " |")
     lo = results[0]["lora"]
     hets = [r for r in results if r["config"]["scheme"] == "hetero"]
-    mem = ["| scheme | depth | forward GFLOPs / token | train TFLOPs / client round | personal params | head fit TFLOPs "
-           "(first round) | base fp32 MB | adapter params | param memory MB |", "|---|---|---|---|---|---|---|---|---|"]
+    mem = ["| scheme | depth | forward GFLOPs / token | train TFLOPs / client round | personal params | "
+           "head fit TFLOPs (first round) | base fp32 MB | adapter params | param memory MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in hets or results[:1]:
         for d, x in sorted(r["lora"]["client_cost"].items(), key=lambda kv: int(kv[0])):
             mem.append(f"| {label(r['config'])} | {d} | {x['forward_flops_per_token'] / 1e9:.3f} | "
@@ -165,8 +166,9 @@ def table_md(results: list[dict], cfg: FedConfig, wall: float, code: str | None 
             f"in all on a 2-core CPU shared with other jobs. Bytes are the serialized ArrayRecords (download + upload) "
             f"per sampled client per round; 'predicted' is the paper's arithmetic in fp32 bytes (FedAvg 2N, Homo "
             f"(1+p)N, Hetero 2E[shared(c)] over adapter parameters N). {code or code_line()}\n\n")
-    return (head + same + "\n".join(lines) + "\n\nThe paper's claim (Homo with p in 0.5-0.7 within 2% of FedAvg at 15-25% "
-            "less communication), and the personal heads (issue 32):\n\n" + "\n".join(verdict) + "\n\nSeconds per round (server: send, sequential "
+    return (head + same + "\n".join(lines) + "\n\nThe paper's claim (Homo with p in 0.5-0.7 within 2% of FedAvg at "
+            "15-25% less communication), and the personal heads (issue 32):\n\n" + "\n".join(verdict)
+            + "\n\nSeconds per round (server: send, sequential "
             "client training, aggregate) are medians: the machine is shared, and a run paused by another job shows "
             "one long round in the JSON.\n\nPPL per round (" + " / ".join(sets) + "):\n\n"
             + "\n".join(per_round) + "\n\nCompute and memory per client and round by depth (hetero depths; estimate: "
@@ -262,7 +264,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["table", "recovery", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny settings; writes no results")
-    ap.add_argument("--schemes", default="fedavg,homo0.5,homo0.7,hetero,hetero-ph", help=f"comma list out of {', '.join(RUNS)}")
+    ap.add_argument("--schemes", default="fedavg,homo0.5,homo0.7,hetero,hetero-ph",
+                    help=f"comma list out of {', '.join(RUNS)}")
     ap.add_argument("--rounds", type=int, default=None, help="override the table's rounds")
     ap.add_argument("--run", default=None, help="Wanda 60%% run directory (default: pruned into the bench cache)")
     ap.add_argument("--recovery-scheme", default="fedavg", choices=list(RUNS))

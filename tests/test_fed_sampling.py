@@ -27,7 +27,8 @@ def task_identity(flower_task_identity):
 def tiny_llama(layers=3, seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).float().eval()
 
 
@@ -216,7 +217,8 @@ def test_same_seed_same_partitions_in_every_scheme_and_identical_reruns(tmp_path
     assert all(len(p) == 3 for p in parts) and len({tuple(p) for p in parts}) > 1
     for r in het["rounds"][1:]:
         assert r["depths"] == [het["client_depths"][p] for p in r["partitions"]]
-        assert [c["partition"] for c in r["clients"]] == r["partitions"] and all(c["status"] == "ok" for c in r["clients"])
+        assert [c["partition"] for c in r["clients"]] == r["partitions"]
+        assert all(c["status"] == "ok" for c in r["clients"])
         assert "depths" not in avg["rounds"][1]
     assert untimed(het) == untimed(again)  # PPL, bytes, clients: identical apart from timings
     assert het["summary"]["final_ppl"] != avg["summary"]["final_ppl"]

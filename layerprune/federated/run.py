@@ -363,8 +363,8 @@ def summarize(prep) -> dict:
             for c in r.get("clients", []):
                 if c.get("status") == "ok" and c["depth"] < prep.layout.n_blocks:
                     held[c["partition"]] = c.get("personal_params", personal_exit_params(prep, c["depth"]))
-        personal = {"partitions": sorted(held), "params_per_partition": {str(k): int(v) for k, v in sorted(held.items())},
-                    "params_total": int(sum(held.values())), "sent_bytes": 0}
+        personal = {"partitions": sorted(held),
+                    "params_per_partition": {str(k): int(v) for k, v in sorted(held.items())}, "params_total": int(sum(held.values())), "sent_bytes": 0}
     peak = [c["peak_rss_mib"] for r in rows for c in r.get("clients", []) if "peak_rss_mib" in c]
     seconds = [r["round_seconds"] for r in rows if "round_seconds" in r]
     return {

@@ -207,7 +207,9 @@ class FedLPStrategy(FedAvg):
             reason = str(msg.error.reason).strip().splitlines()[-1]
             c.update(status="failed", reason=reason.split("Message: ")[-1].strip("'>")[:200])
         accepted, losses = [], []
-        order = lambda m: (self.plan.get(m.metadata.src_node_id, {}).get("partition", -1), m.metadata.src_node_id)  # noqa: E731
+        def order(m):
+            return self.plan.get(m.metadata.src_node_id, {}).get("partition", -1), m.metadata.src_node_id
+
         for msg in sorted(valid, key=order):  # partition order: the sums below do not depend on reply order
             node = msg.metadata.src_node_id
             c = clients.setdefault(node, unplanned(node))
