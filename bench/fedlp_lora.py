@@ -40,14 +40,16 @@ RECOVERY = dict(TABLE, rounds=6, local_steps=4, eval_sets=("wikitext2",))
 RUNS = {"fedavg": dict(scheme="fedavg"), "homo0.5": dict(scheme="homo", keep_prob=0.5),
         "homo0.7": dict(scheme="homo", keep_prob=0.7),
         "hetero": dict(scheme="hetero", depth_flag=None, personal_heads=False),
-        "hetero-ph": dict(scheme="hetero", depth_flag=None, personal_heads=True)}
+        "hetero-ph": dict(scheme="hetero", depth_flag=None, personal_heads=True),
+        "hetero-ph0": dict(scheme="hetero", depth_flag=None, personal_heads=True, head_steps=0)}  # no first fit
 
 
 def label(c: dict) -> str:
     if c["scheme"] == "homo":
         return f"Homo({c['keep_prob']})"
     if c["scheme"] == "hetero":
-        return f"Hetero({c['depth_flag'] or 'u'})" + (" + personal heads" if c.get("personal_heads") else "")
+        return (f"Hetero({c['depth_flag'] or 'u'})" + (" + personal heads" if c.get("personal_heads") else "")
+                + (" (no first fit)" if c.get("personal_heads") and c.get("head_steps") == 0 else ""))
     return "FedAvg-LoRA"
 
 
