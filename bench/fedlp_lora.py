@@ -60,22 +60,34 @@ def table(args) -> None:
     t0 = time.time()
     model, tok = load(base)
     print(f"[fedlp_lora] model loaded in {time.time() - t0:.1f}s", file=sys.stderr)
-    results = []
-    for name in args.schemes.split(","):
-        if name not in RUNS:
-            raise SystemExit(f"unknown scheme {name!r}: use {', '.join(RUNS)}")
+    names = args.schemes.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown scheme {unknown[0]!r}: use {', '.join(RUNS)}")
+    results, out = [], Path(args.out)
+    for name in names:
         results.append(run_federated(replace(base, **RUNS[name]), copy.deepcopy(model), tok))
         print(f"[fedlp_lora] {name} done at {time.time() - t0:.0f}s", file=sys.stderr)
+        if not args.quick:  # after every run: an interrupted table keeps the rows it finished
+            write_json(out / "fedlp_lora.json", {
+                "command": " ".join(["python -m bench.fedlp_lora"] + sys.argv[1:]), "settings": asdict(base),
+                "wall_s": round(time.time() - t0, 1), "complete": len(results) == len(names),
+                "runs": results}, default=str)
     if args.quick:
         print({label(r["config"]): r["summary"]["final_ppl"] for r in results})
         return
-    out = Path(args.out)
-    write_json(out / "fedlp_lora.json", {"command": " ".join(["python -m bench.fedlp_lora"] + sys.argv[1:]),
-                                         "settings": asdict(base), "wall_s": round(time.time() - t0, 1),
-                                         "runs": results}, default=str)
+    results = ordered(results)
     plot(results, out / "fedlp_lora.png")
     (out / "fedlp_lora.md").write_text(table_md(results, base, time.time() - t0))
     print((out / "fedlp_lora.md").read_text())
+
+
+def ordered(results: list[dict]) -> list[dict]:
+    """Runs in the table's order (that of RUNS), whatever order they ran in."""
+    def key(r):
+        c = r["config"]
+        return next((i for i, kw in enumerate(RUNS.values()) if all(c.get(k) == v for k, v in kw.items())), len(RUNS))
+    return sorted(results, key=key)
 
 
 def count_uploads(r: dict) -> int:
@@ -126,7 +138,8 @@ def table_md(results: list[dict], cfg: FedConfig, wall: float, code: str | None 
     lo = results[0]["lora"]
     hets = [r for r in results if r["config"]["scheme"] == "hetero"]
     mem = ["| scheme | depth | forward GFLOPs / token | train TFLOPs / client round | personal params | "
-           "head fit TFLOPs (first round) | base fp32 MB | adapter params | param memory MB |", "|---|---|---|---|---|---|---|---|---|"]
+           "head fit TFLOPs (first round) | base fp32 MB | adapter params | param memory MB |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in hets or results[:1]:
         for d, x in sorted(r["lora"]["client_cost"].items(), key=lambda kv: int(kv[0])):
             mem.append(f"| {label(r['config'])} | {d} | {x['forward_flops_per_token'] / 1e9:.3f} | "
@@ -256,7 +269,7 @@ def md_only(args) -> None:
     base = FedConfig(**data["settings"])
     v = data.get("code", {})
     code = f"Code: commit `{str(v.get('commit'))[:12]}`" + (" with uncommitted changes" if v.get("dirty") else "")
-    text = table_md(data["runs"], base, data["wall_s"], code)
+    text = table_md(ordered(data["runs"]), base, data["wall_s"], code)
     (Path(args.out) / "fedlp_lora.md").write_text(text)
     print(text)
 
@@ -266,8 +279,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["table", "recovery", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny settings; writes no results")
-    ap.add_argument("--schemes", default="fedavg,homo0.5,homo0.7,hetero,hetero-ph",
-                    help=f"comma list out of {', '.join(RUNS)}")
+    ap.add_argument("--schemes", default="fedavg,hetero,hetero-ph,homo0.5,homo0.7",
+                    help=f"comma list out of {', '.join(RUNS)} (run in this order; the table in that of the list)")
     ap.add_argument("--rounds", type=int, default=None, help="override the table's rounds")
     ap.add_argument("--run", default=None, help="Wanda 60%% run directory (default: pruned into the bench cache)")
     ap.add_argument("--recovery-scheme", default="fedavg", choices=list(RUNS))
