@@ -255,3 +255,35 @@ def test_same_seed_same_partitions_in_every_scheme_and_identical_reruns(tmp_path
     assert main([str(path)]) == 1
     path.write_text(__import__("json").dumps({"runs": [avg, het]}))
     assert main([str(path)]) == 0
+
+
+def test_cli_fed_twice_with_one_seed_gives_identical_partitions_and_ppl(tmp_path, text_corpus, capsys):
+    """`layerprune fed ... --seed 0` twice (full weights, hetero, personal exits by default): same record apart from
+    timings; a third run without personal heads trains the same partitions at the same depths."""
+    import json
+
+    from conftest import tiny_model, tiny_tokenizer
+
+    from layerprune.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", layers=4).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    args = ["fed", "--model", str(model_dir), "--data-dir", str(text_corpus), "--scheme", "hetero", "--clients", "4",
+            "--fraction", "0.5", "--rounds", "3", "--local-steps", "1", "--batch-size", "1", "--seqlen", "16",
+            "--eval-windows", "2", "--eval-seqlen", "16", "--max-client-tokens", "400", "--seed", "0", "--lr", "1e-3"]
+    recs = []
+    for i, extra in enumerate(([], [], ["--no-personal-heads"])):
+        out = tmp_path / f"out{i}"
+        assert main(args + extra + ["--out", str(out)]) == 0
+        recs.append(json.loads((out / "fed_hetero.json").read_text()))
+    capsys.readouterr()
+    a, b, c = recs
+    assert a["rounds"][1]["partitions"] and a["config"]["personal_heads"] and not c["config"]["personal_heads"]
+    assert [r.get("partitions") for r in a["rounds"]] == [r.get("partitions") for r in c["rounds"]]
+    assert [r.get("depths") for r in a["rounds"]] == [r.get("depths") for r in c["rounds"]]
+    assert [r["ppl"] for r in a["rounds"]] == [r["ppl"] for r in b["rounds"]]
+    strip = lambda r: {**untimed(r), "config": {**r["config"], "out_dir": None}}  # noqa: E731
+    assert strip(a) == strip(b)
+    shallow = [cl for r in a["rounds"][1:] for cl in r["clients"] if cl["depth"] < 4]
+    assert all(cl["personal_params"] == 64 for cl in shallow)  # the final norm (the head is tied to the embedding)
