@@ -41,7 +41,8 @@ RUNS = {"fedavg": dict(scheme="fedavg"), "homo0.5": dict(scheme="homo", keep_pro
         "homo0.7": dict(scheme="homo", keep_prob=0.7),
         "hetero": dict(scheme="hetero", depth_flag=None, personal_heads=False),
         "hetero-ph": dict(scheme="hetero", depth_flag=None, personal_heads=True),
-        "hetero-ph0": dict(scheme="hetero", depth_flag=None, personal_heads=True, head_steps=0)}  # no first fit
+        "hetero-ph0": dict(scheme="hetero", depth_flag=None, personal_heads=True, head_steps=0),  # no first fit
+        "hetero-phl": dict(scheme="hetero", depth_flag=None, personal_heads=True, personal_head="head-lora")}
 
 
 def label(c: dict) -> str:
@@ -49,7 +50,8 @@ def label(c: dict) -> str:
         return f"Homo({c['keep_prob']})"
     if c["scheme"] == "hetero":
         return (f"Hetero({c['depth_flag'] or 'u'})" + (" + personal heads" if c.get("personal_heads") else "")
-                + (" (no first fit)" if c.get("personal_heads") and c.get("head_steps") == 0 else ""))
+                + (" (no first fit)" if c.get("personal_heads") and c.get("head_steps") == 0 else "")
+                + (" (head LoRA)" if c.get("personal_heads") and c.get("personal_head") == "head-lora" else ""))
     return "FedAvg-LoRA"
 
 

@@ -127,6 +127,14 @@ def test_personal_exit_starts_as_the_identity_and_restores_the_model():
             assert not torch.allclose(pm(input_ids=x).logits, want)
     assert model.model.norm is norm
     assert L.personal_params(model) == 16 * 16 + 16 + 16
+    head = model.lm_head
+    with torch.no_grad(), L.personal_exit(pm, kind="head-lora", rank=2, alpha=4.0) as pe:
+        assert model.model.norm is pe and model.lm_head.head is head
+        torch.testing.assert_close(pm(input_ids=x).logits, want, rtol=0, atol=0)  # B = 0: the base exit
+        pe.B.fill_(0.1)
+        assert not torch.allclose(pm(input_ids=x).logits, want)
+    assert model.lm_head is head and model.model.norm is norm
+    assert L.personal_params(model, "head-lora", 2) == 2 * (16 + 64) + 16
     cost = L.client_cost(model, 1, 2, 100, personal=True, head_tokens=50)
     plain = L.client_cost(model, 1, 2, 100)
     assert cost["personal_params"] == 288 and plain["personal_params"] == 0 and cost["head_fit_flops"] > 0
@@ -154,6 +162,12 @@ def test_lora_personal_head_is_trained_kept_per_partition_and_never_sent():
     with pytest.raises(ValueError, match="trained at depth 1, not 2"):
         client_round(lora_msg({k: v for k, v in ad.items() if layout.unit(k) in ("block.0", "block.1")}, 2), state,
                      None, IDS, TRAIN, 3, lambda: pm)
+    # the head-LoRA form: A, B and the norm kept, B trained away from zero
+    st = RecordDict()
+    out = client_round(lora_msg(prefix, 1), st, None, IDS, {**TRAIN, "personal_head": "head-lora"}, 4, lambda: pm)
+    assert set(st["personal-head"].keys()) == {"A", "B", "norm.weight"} and set(out["arrays"].keys()) == set(prefix)
+    assert out["metrics"]["personal-params"] == 2 * (16 + 64) + 16 and st["personal-head"]["B"].numpy().any()
+    assert isinstance(pm.base_model.model.lm_head, torch.nn.Linear)  # the shared head is back
     # a head changes what the shared adapters learn, but not which ones are sent
     plain = client_round(lora_msg(prefix, 1, personal=False), RecordDict(), None, IDS, TRAIN, 3, lambda: pm)
     assert set(plain["arrays"].keys()) == set(prefix) and "personal-params" not in plain["metrics"]
@@ -162,6 +176,8 @@ def test_lora_personal_head_is_trained_kept_per_partition_and_never_sent():
 def test_personal_heads_config_and_cli_refusals(tmp_path, capfd):
     assert FedConfig(scheme="hetero").personal_heads and not FedConfig(scheme="homo").personal_heads
     assert not FedConfig(scheme="hetero", personal_heads=False).personal_heads
+    with pytest.raises(UserError, match="head-lora is a LoRA-mode head"):
+        FedConfig(scheme="hetero", personal_head="head-lora")
     with pytest.raises(UserError, match="--personal-heads is for --scheme hetero"):
         FedConfig(scheme="fedavg", personal_heads=True)
     assert FedConfig.from_run_config({"scheme": "hetero", "personal-heads": "false"}).personal_heads is False

@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
                    help="hetero: every shallow client trains and keeps its own exit, never sent or aggregated (LoRA: "
                         "a translator of its last hidden state + its own final norm; full weights: its final norm and "
                         "untied head); on by default for hetero, as in the paper")
+    s.add_argument("--personal-head", choices=["translator", "head-lora"], default="translator",
+                   help="LoRA personal heads: translator (a d x d map of the last hidden state, the default) or "
+                        "head-lora (a rank --lora-rank LoRA on the output head); both with their own final norm")
     s.add_argument("--head-steps", type=int, default=None,
                    help="LoRA personal heads: steps fitting a new personal head alone before its first round's "
                         "training (default: --local-steps)")
@@ -81,7 +84,7 @@ def run(args) -> int:
     cfg = FedConfig(model=args.model, scheme=args.scheme, keep_prob=args.keep_prob, clients=args.clients,
                     fraction=args.fraction, rounds=args.rounds, num_blocks=args.num_blocks,
                     depth_flag=None if flag == "u" else int(flag), partition=args.partition, alpha=args.alpha,
-                    personal_heads=args.personal_heads, head_steps=args.head_steps,
+                    personal_heads=args.personal_heads, head_steps=args.head_steps, personal_head=args.personal_head,
                     local_steps=args.local_steps, seqlen=args.seqlen, batch_size=args.batch_size, lr=args.lr,
                     lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, weighted=not args.unweighted,
                     docs_per_client=args.docs_per_client, max_client_tokens=args.max_client_tokens,

@@ -51,6 +51,7 @@ class FedConfig:
     n_levels: int = 5               # hetero: number of depth levels
     personal_heads: bool | None = None  # hetero: shallow clients keep a personal exit (None: on for hetero)
     head_steps: int | None = None   # LoRA personal heads: steps fitting a new head alone first (None: local_steps)
+    personal_head: str = "translator"  # LoRA personal heads: translator (d x d after block c) | head-lora
     partition: str = "iid"          # iid (C4 pool) | dirichlet (C4 / WikiText-2 valid / PTB valid)
     alpha: float = 1.0
     docs_per_client: int = 50
@@ -97,6 +98,10 @@ class FedConfig:
             raise UserError(f"--personal-heads is for --scheme hetero (shallow clients' exits), not {self.scheme}")
         if self.head_steps is not None and int(self.head_steps) < 0:
             raise UserError(f"--head-steps {self.head_steps} must be 0 or more")
+        if self.personal_head not in ("translator", "head-lora"):
+            raise UserError(f"--personal-head {self.personal_head!r}: use translator or head-lora")
+        if self.personal_head != "translator" and not self.lora_rank:
+            raise UserError("--personal-head head-lora is a LoRA-mode head: give --lora-rank too")
         if self.personal_heads is None:
             self.personal_heads = self.scheme == "hetero"
         self.personal_heads = bool(self.personal_heads)
@@ -114,7 +119,8 @@ class FedConfig:
         return {"local_steps": self.local_steps, "batch_size": self.batch_size, "seqlen": self.seqlen,
                 "lr": self.lr, "seed": self.seed, "threads": self.threads, "lora_rank": self.lora_rank,
                 "lora_alpha": self.lora_alpha_value(),
-                "head_steps": self.local_steps if self.head_steps is None else int(self.head_steps)}
+                "head_steps": self.local_steps if self.head_steps is None else int(self.head_steps),
+                "personal_head": self.personal_head}
 
     def lora_alpha_value(self) -> float:
         return float(2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha)
@@ -354,8 +360,9 @@ def summarize(prep) -> dict:
         lora = {"rank": prep.lora.rank, "alpha": prep.lora.alpha, "adapter_params": n_params,
                 "fixed_mask": prep.lora.masks is not None, "masked_sparsity_init": prep.lora.sparsity_init,
                 "personal_heads": cfg.personal_heads,
-                "client_cost": {str(d): L.client_cost(prep.model, d, prep.lora.rank, tokens,
-                                                      cfg.personal_heads and d < L_, head_tokens) for d in depths}}
+                "personal_head": cfg.personal_head if cfg.personal_heads else None,
+                "client_cost": {str(d): L.client_cost(prep.model, d, prep.lora.rank, tokens, cfg.personal_heads and
+                                                      d < L_, head_tokens, cfg.personal_head) for d in depths}}
     personal = None
     if cfg.scheme == "hetero" and cfg.personal_heads:  # kept on the clients: never in the bytes above
         held = {}
@@ -364,7 +371,8 @@ def summarize(prep) -> dict:
                 if c.get("status") == "ok" and c["depth"] < prep.layout.n_blocks:
                     held[c["partition"]] = c.get("personal_params", personal_exit_params(prep, c["depth"]))
         personal = {"partitions": sorted(held),
-                    "params_per_partition": {str(k): int(v) for k, v in sorted(held.items())}, "params_total": int(sum(held.values())), "sent_bytes": 0}
+                    "params_per_partition": {str(k): int(v) for k, v in sorted(held.items())},
+                    "params_total": int(sum(held.values())), "sent_bytes": 0}
     peak = [c["peak_rss_mib"] for r in rows for c in r.get("clients", []) if "peak_rss_mib" in c]
     seconds = [r["round_seconds"] for r in rows if "round_seconds" in r]
     return {
@@ -394,7 +402,7 @@ def personal_exit_params(prep, depth: int) -> int:
     if prep.lora is not None:
         from . import lora as L
 
-        return L.personal_params(prep.model)
+        return L.personal_params(prep.model, prep.cfg.personal_head, prep.cfg.lora_rank)
     return int(prep.unit_sizes.get("exit", 0))
 
 
