@@ -35,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default=None, help="run only the rows whose label contains this (others kept)")
     only = ap.parse_args().only
+    code_version()  # now: later commits while this runs must not be recorded as this code's
     prev = read_json(OUT, {"rows": []})
     rows = {r["run"]: r for r in prev["rows"]}
     model, tok = load_model(MODEL)
