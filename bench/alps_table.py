@@ -53,7 +53,8 @@ def main() -> None:
                "measured_sparsity": rec["measured_sparsity"], "prune_s": secs, "timings": rec["timings"],
                "solve_s_per_block": {"mean": statistics.mean(solve), "max": max(solve)},
                "reconstruct_s_per_block": statistics.mean(recon) if any(recon) else None,
-               "max_rel_error": max(r["rel_error"] for r in rec["layers"]), "commit_of_row": code_version()}
+               "rel_errors": {f"{r['block']}.{r['name']}": r["rel_error"] for r in rec["layers"]},
+               "commit_of_row": code_version()}
         rows[label] = row
         print(json.dumps({k: row[k] for k in ("run", "ppl", "prune_s", "solve_s_per_block")}), flush=True)
         write_json(OUT, {"protocol": PROTOCOL, "command": "python -m bench.alps_table [--only LABEL]",

@@ -49,9 +49,9 @@ def brute_optimum(W, H, n_pruned):
 def test_alps_between_brute_force_optimum_and_sparsegpt(seed, s):
     W = rand_w(3, 10, seed=seed)
     stats = make_stats(correlated_x(64, 10, seed=seed))
-    H = stats.hessian
-    a = get_solver("alps").prune(W, stats, s)
-    g = get_solver("sparsegpt").prune(W, stats, s)
+    H = stats.hessian  # undamped (percdamp 0): both solvers minimize exactly the objective compared here
+    a = get_solver("alps").prune(W, stats, s, percdamp=0.0)
+    g = get_solver("sparsegpt").prune(W, stats, s, percdamp=0.0)
     assert int((a == 0).sum()) == round(s * 30)
     opt = brute_optimum(W, H, round(s * 30))
     assert opt <= objective(W, a, H) * (1 + 1e-6)
@@ -165,3 +165,50 @@ def test_engine_every_family_exact(family):
         for mod in a.linears(block).values():
             w = a.get_weight(mod)
             assert torch.all((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2)
+
+
+# ---------------------------------------------------------------- massive-activation inputs (issue #30, item 3)
+def massive_x(width, mag, tokens=4096, seqlen=512, seed=0):
+    """Layer inputs like a down projection's in Qwen / LLaMA: on the first token of every window two inputs reach
+    ``mag`` (and the other inputs are unusual there too), everywhere else they are ordinary; 4 inputs are dead."""
+    g = torch.Generator().manual_seed(seed)
+    X = correlated_x(tokens, width, seed) * 0.1
+    first = torch.arange(0, tokens, seqlen)
+    for c in (5, 12):
+        X[first, c] = mag * (1 + 0.1 * torch.randn(len(first), generator=g))
+    X[first] += 3 * torch.randn(len(first), width, generator=g)
+    X[:, width - 4:] = 0
+    return X
+
+
+def err64(W, Wp, X):
+    X, dW = X.double(), W.double() - Wp.double()
+    return float((X @ dW.T).square().sum() / (X @ W.double().T).square().sum())
+
+
+@pytest.mark.parametrize("width, mag", [(256, 1e3), (256, 1e4), (768, 1e4)])
+def test_massive_inputs_sparsegpt_and_alps_not_worse_than_wanda(width, mag):
+    from test_solvers import ref_sparsegpt
+
+    X = massive_x(width, mag)
+    stats = make_stats(X)
+    W = rand_w(64, width) * 0.05
+    wanda = err64(W, get_solver("wanda").prune(W, stats, 0.5), X)
+    if mag >= 1e4:  # the reproduction: damping by the plain mean of diag H (the reference code's) loses to Wanda
+        H = (2 / X.shape[0]) * X.double().T @ X.double()
+        H[H.diagonal() == 0, H.diagonal() == 0] = 1
+        assert err64(W, ref_sparsegpt(W, H.float(), s=0.5), X) > 1.5 * wanda
+    for name in ("sparsegpt", "alps"):
+        assert err64(W, get_solver(name).prune(W, stats, 0.5), X) < wanda, name
+
+
+def test_damping_scale_is_the_mean_without_massive_inputs():
+    from layerprune.solvers.common import damping_scale
+
+    d = torch.exp(torch.randn(512, generator=torch.Generator().manual_seed(0)))  # spread 1e-3 .. 1e3: no cap
+    assert damping_scale(d) == d.mean()
+    d[:2] = 1e7
+    assert damping_scale(d) < 1e-3 * d.mean()  # two massive inputs no longer set the damping (each counts <= 1000x)
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[100:400] = True
+    assert damping_scale(d, dead) == d.clamp(max=1000 * d[~dead].median()).mean()

@@ -3,8 +3,8 @@
 For one linear with calibration Hessian H (any positive multiple of X^T X) the problem is
     min_W tr((W - W0) H (W - W0)^T)  s.t.  W has the target zero pattern (unstructured budget or N:M),
 i.e. ||X (W - W0)^T||^2. As in the paper's code, H is first damped (H + percdamp * mean(diag H) * I, dead inputs
-with diag 0 count as diag 1) and then normalized to a unit diagonal (H~ = S^-1 H S^-1, W~ = W S, S = sqrt(diag H)),
-so the penalty rho is on one scale for every layer.
+with diag 0 count as diag 1, massive inputs capped in the mean: ``common.damping_scale``) and then normalized to a
+unit diagonal (H~ = S^-1 H S^-1, W~ = W S, S = sqrt(diag H)), so the penalty rho is on one scale for every layer.
 
 ADMM splits W into a free copy B and a copy D in the pattern, with the scaled dual V:
     B = (W~0 H~ - V + rho D) (H~ + rho I)^-1          (a ridge solve: one matrix product with the inverse)
@@ -28,7 +28,8 @@ import torch
 
 from layerprune.errors import UserError
 from layerprune.registry import Option, positive_int, register_solver
-from layerprune.solvers.common import all_finite, check_options, check_sparsity, check_weight, lowest_k, prune_count
+from layerprune.solvers.common import (all_finite, check_options, check_sparsity, check_weight, damping_scale,
+                                       lowest_k, prune_count)
 from layerprune.solvers.nm import check_nm, nm_mask
 from layerprune.stats import LayerStats
 
@@ -98,15 +99,15 @@ class ALPS:
 
 
 def normalized_hessian(hessian: torch.Tensor, percdamp: float, device):
-    """(H~, s, dead): H damped by percdamp * mean(diag) (dead inputs, diag 0, count as diag 1), s = sqrt(diag),
-    H~ = H / (s s^T), which has a unit diagonal, and the dead inputs' mask."""
+    """(H~, s, dead): H damped by percdamp * damping_scale(diag) (dead inputs, diag 0, count as diag 1),
+    s = sqrt(diag), H~ = H / (s s^T), which has a unit diagonal, and the dead inputs' mask."""
     H = hessian.to(device=device, dtype=torch.float32, copy=True)
     if not all_finite(H):
         raise ValueError("alps: the Hessian has NaN/inf entries")
     diag = H.diagonal()
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
-    diag.add_(percdamp * diag.mean())
+    diag.add_(percdamp * damping_scale(diag, dead))
     if not bool((diag > 0).all()):
         raise UserError("alps: the Hessian has a negative diagonal entry after damping; use more calibration "
                         "samples or a larger percdamp")
