@@ -1,7 +1,7 @@
 """SmolLM2 at high sparsity: ALPS against SparseGPT, and block reconstruction after any solver (issue #30).
 
     python -m bench.alps_table                       # every row -> bench/results/alps.{json,md}
-    python -m bench.alps_table --only "alps 70%"     # the rows whose label contains it; the others are kept
+    python -m bench.alps_table --only "alps 70%,alps 2:4"  # the rows whose label contains one of these; others kept
 
 Protocol: bench/common.py (calibration 32 x 512 C4 pool seed 0, WikiText-2 test 40 x 512). Every row records the
 commit it was produced at, the prune seconds and the solve seconds per block (the record's block timings).
@@ -33,15 +33,17 @@ OUT = RESULTS / "alps.json"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default=None, help="run only the rows whose label contains this (others kept)")
+    ap.add_argument("--only", default=None, help="comma list: run only the rows whose label contains one of these "
+                    "(the others are kept)")
     only = ap.parse_args().only
+    only = [o.strip() for o in only.split(",")] if only else None
     code_version()  # now: later commits while this runs must not be recorded as this code's
     prev = read_json(OUT, {"rows": []})
     rows = {r["run"]: r for r in prev["rows"]}
     model, tok = load_model(MODEL)
     calib = calibration(tok)
     for label, kw in RUNS:
-        if only and only not in label:
+        if only and not any(o in label for o in only):
             continue
         m = copy.deepcopy(model)
         t0 = time.time()
