@@ -27,6 +27,10 @@ RUNS = [  # label, prune() keywords
     ("alps 50%", dict(method="alps", sparsity=0.5)),
     ("wanda 50%", dict(method="wanda", sparsity=0.5)),
     ("wanda 70%", dict(method="wanda", sparsity=0.7)),
+    ("wanda 70% + reconstruct", dict(method="wanda", sparsity=0.7, reconstruct="block")),
+    ("sparsegpt 2:4 + reconstruct", dict(method="sparsegpt", nm="2:4", reconstruct="block")),
+    ("sparsegpt 70% + reconstruct", dict(method="sparsegpt", sparsity=0.7, reconstruct="block")),
+    ("alps 70% + reconstruct", dict(method="alps", sparsity=0.7, reconstruct="block")),
 ]
 OUT = RESULTS / "alps.json"
 

@@ -96,6 +96,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         store.restart_at(start)
     if state is not None:
         _restore(model, blocks, store, program, ckpt, state, buf, timers)
+        if hasattr(program, "restore_state"):  # the program's own resume state (e.g. a dense activation stream)
+            program.restore_state(ckpt.extra(state), buf.inputs, device, out_dir)
     bar = tqdm(range(start, len(blocks)), desc=f"prune {cfg.method}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     try:
@@ -104,11 +106,13 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             with timers("onload"):
                 store.onload(model, i, device)
             block = blocks[i]
-            t0, s0 = time.perf_counter(), timers.t["statistics"]
+            t0, s0 = time.perf_counter(), dict(timers.t)
             collect = make_collect(block, buf, kwargs[i], cfg.batch_size, dtype, timers)
+            collect.context = {"buffer": buf, "kwargs": kwargs[i], "batch_size": cfg.batch_size, "dtype": dtype,
+                               "timers": timers, "index": i, "folder": out_dir, "linears": adapter.linears}
             rows = program.run(block, collect, plan.targets(i))
             layers += [{"block": i, **r} for r in rows]
-            timers.t["solve"] += time.perf_counter() - t0 - (timers.t["statistics"] - s0)
+            timers.t["solve"] += time.perf_counter() - t0 - sum(v - s0.get(k, 0.0) for k, v in timers.t.items())
             with timers("propagate"):
                 propagate(block, buf, kwargs[i], cfg.batch_size, dtype)
             if persist:
@@ -116,7 +120,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
                     store.offload(model, i)
             if ckpt is not None:  # a store that does not persist: before the offload, while the block is in memory
                 with timers("checkpoint"):
-                    ckpt.save(i, None if persist else block, buf.inputs, {
+                    ckpt.save(i, None if persist else block, buf.inputs, extra=_resume_state(program), state={
                         "allocation": plan.allocation, "layers": layers, "block_timings": per_block + [_delta(
                             i, before, timers.t)],
                         "timings": {**timers.t, "total": time.perf_counter() - t_start + prev_total}})
@@ -136,10 +140,16 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         "method": cfg.method, "sparsity": cfg.sparsity, "nm": list(cfg.nm) if cfg.nm else None,
         "allocation": plan.allocation, "solver_options": cfg.solver_options, "true_sequential": cfg.true_sequential,
         "compute_dtype": cfg.compute_dtype, "offload": cfg.offload, "skip": sorted(set(cfg.skip)), "layers": layers,
+        **({"reconstruct": {"method": cfg.reconstruct, **cfg.reconstruct_options}} if cfg.reconstruct != "none" else {}),
         "timings": dict(timers.t), "block_timings": per_block,
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "resumed_from_block": start if state else None,
     }
+
+
+def _resume_state(program) -> dict:
+    """Tensors the block program needs to resume (``program.resume_state()``), saved with the next block's inputs."""
+    return program.resume_state() if hasattr(program, "resume_state") else {}
 
 
 def _delta(i: int, before: dict, now: dict) -> dict:
