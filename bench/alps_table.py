@@ -1,7 +1,7 @@
 """SmolLM2 at high sparsity: ALPS against SparseGPT, and block reconstruction after any solver (issue #30).
 
     python -m bench.alps_table                       # every row -> bench/results/alps.{json,md}
-    python -m bench.alps_table --only "alps 70%,alps 2:4"  # the rows whose label contains one of these; others kept
+    python -m bench.alps_table --only "alps 70%,alps 2:4"  # these rows (exact labels); the others are kept
 
 Protocol: bench/common.py (calibration 32 x 512 C4 pool seed 0, WikiText-2 test 40 x 512). Every row records the
 commit it was produced at, the prune seconds and the solve seconds per block (the record's block timings).
@@ -37,18 +37,20 @@ OUT = RESULTS / "alps.json"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default=None, help="comma list: run only the rows whose label contains one of these "
-                    "(the others are kept)")
+    ap.add_argument("--only", default=None, help="comma list of row labels: run only these, in this order (the "
+                    "others are kept)")
     only = ap.parse_args().only
     only = [o.strip() for o in only.split(",")] if only else None
+    runs = dict(RUNS)
+    if only and set(only) - set(runs):
+        raise SystemExit(f"unknown rows {sorted(set(only) - set(runs))}; known: {list(runs)}")
     code_version()  # now: later commits while this runs must not be recorded as this code's
     prev = read_json(OUT, {"rows": []})
     rows = {r["run"]: r for r in prev["rows"]}
     model, tok = load_model(MODEL)
     calib = calibration(tok)
-    for label, kw in RUNS:
-        if only and not any(o in label for o in only):
-            continue
+    for label in only or list(runs):
+        kw = runs[label]
         m = copy.deepcopy(model)
         t0 = time.time()
         rec = prune(m, tok, calibration=calib, progress=False, **kw)
