@@ -140,7 +140,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         "method": cfg.method, "sparsity": cfg.sparsity, "nm": list(cfg.nm) if cfg.nm else None,
         "allocation": plan.allocation, "solver_options": cfg.solver_options, "true_sequential": cfg.true_sequential,
         "compute_dtype": cfg.compute_dtype, "offload": cfg.offload, "skip": sorted(set(cfg.skip)), "layers": layers,
-        **({"reconstruct": {"method": cfg.reconstruct, **cfg.reconstruct_options}} if cfg.reconstruct != "none" else {}),
+        **({"reconstruct": {"method": cfg.reconstruct, **cfg.reconstruct_options}}
+           if cfg.reconstruct != "none" else {}),
         "timings": dict(timers.t), "block_timings": per_block,
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "resumed_from_block": start if state else None,

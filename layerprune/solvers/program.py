@@ -10,8 +10,8 @@
 on the named linears (``collect.context``: the engine's activation buffer, the block's call arguments, batch size,
 compute dtype, timers, block index, run folder and ``linears(block)``, for a program that runs the block itself);
 a program with ``resume_state() -> {name: tensor}`` / ``restore_state(tensors, like, device, folder)`` has those
-tensors checkpointed with each block; ``targets`` is the block's ``allocation.plan.BlockTargets``. ``changes_shapes``: the program
-removes rows/columns (N:M and --skip then do not apply; under disk offload a pruned block is stored at its new widths,
+tensors checkpointed with each block; ``targets`` is the block's ``allocation.plan.BlockTargets``.
+``changes_shapes``: the program removes rows/columns (N:M and --skip then do not apply; under disk offload a pruned block is stored at its new widths,
 and a resume reads them back with ``load_block`` from the stored shapes).
 
 A block-level solver (e.g. SlimGPT) makes its own program: ``solver.program(model, adapter, cfg)``. A per-linear
@@ -76,5 +76,8 @@ def block_program(solver, model, adapter, cfg):
     ``cfg.reconstruct`` (not "none") wrapped again by the reconstruction (``layerprune.reconstruct``)."""
     from layerprune.reconstruct import wrap
 
-    program = solver.program(model, adapter, cfg) if hasattr(solver, "program") else LinearProgram(solver, adapter, cfg)
+    if hasattr(solver, "program"):
+        program = solver.program(model, adapter, cfg)
+    else:
+        program = LinearProgram(solver, adapter, cfg)
     return wrap(program, cfg)
