@@ -10,8 +10,9 @@ model pruned so far (the pruned inputs are propagated), as EBFT / Wanda++'s regi
 keeps its own stream of dense activations beside the engine's pruned one, in the same place (device, CPU RAM or disk),
 and hands it to the checkpoint for a resume. Only the block's linear weights are trained (biases, norms and
 embeddings stay); their gradients and the weights are masked to the pattern, so it stays exactly as the solver left
-it. Windows go through in batches of ``--batch-size`` in a fixed shuffled order per block and epoch (seeded by the
-block index): one block and one batch of activations at a time, and a resumed run repeats the same steps.
+it. Adam steps on batches of STEP_WINDOWS windows (more steps per epoch than ``--batch-size`` would give) in a fixed
+shuffled order per block and epoch (seeded by the block index): one block and one batch of activations at a time,
+and a resumed run repeats the same steps.
 
 Each method is a class in ``RECONSTRUCTORS`` with declared options (they become CLI flags, like a solver's);
 ``wrap(program, cfg)`` is what ``solvers.program.block_program`` calls.
@@ -27,6 +28,7 @@ from layerprune.errors import UserError
 from layerprune.registry import Option, Registry, positive_int
 
 RECONSTRUCTORS = Registry("reconstruction")
+STEP_WINDOWS = 2  # calibration windows per Adam step
 
 
 @RECONSTRUCTORS.register
@@ -172,8 +174,8 @@ def reconstruct(block, linears: dict, buf, targets: torch.Tensor, kwargs, batch_
     with torch.enable_grad():
         for _ in range(epochs):
             order = torch.randperm(n, generator=g)
-            for s in range(0, n, batch_size):
-                loss = loss_on(order[s:s + batch_size])
+            for s in range(0, n, STEP_WINDOWS):
+                loss = loss_on(order[s:s + STEP_WINDOWS])
                 opt.zero_grad(set_to_none=False)
                 loss.backward()
                 for p, m in zip(params, masks):
