@@ -85,6 +85,9 @@ class ALPS:
                                      lambda: normalized_hessian(stats.hessian, float(percdamp), device))
         out = []
         for w, s in zip(weights, sparsities):
+            if nm is None and prune_count(s, w.numel()) == 0:  # nothing to prune: unchanged
+                out.append(w.clone())
+                continue
             Wn = w.to(torch.float32) * scale  # the weight in the normalized basis
             Wn[:, dead] = 0  # a dead input's weight changes no output: free to prune, so pruned first
             project = _projector(Wn.shape, s, nm)
