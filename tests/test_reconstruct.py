@@ -152,3 +152,14 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, offload):
           reconstruct_options={"epochs": 2, "lr": 1e-3})
     for k, v in ref.state_dict().items():
         assert torch.equal(v, resumed[k]), k
+
+
+def test_offload_and_allocation_compose():
+    """The dense stream lives where the activations do: offload modes give identical weights, with an allocation."""
+    out = {}
+    for offload in ("none", "cpu"):
+        m = tiny_model("qwen2", real=True)
+        prune(m, calibration=calib(), method="alps", sparsity=0.6, allocation="owl", offload=offload, progress=False,
+              reconstruct="block", reconstruct_options={"epochs": 1})
+        out[offload] = m.state_dict()
+    assert all(torch.equal(v, out["cpu"][k]) for k, v in out["none"].items())
