@@ -35,7 +35,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
           seqlen: int = 2048, seed: int = 0, data_dir=None, device=None, offload: str = "none",
           compute_dtype: str = "float32", true_sequential: bool = False, batch_size: int = 8, skip=(),
           out_dir: Path | None = None, resume: bool = False, store=None, progress: bool = True,
-          block_stats: list[float] | None = None, checkpoint: str | None = None) -> dict:
+          block_stats: list[float] | None = None, checkpoint: str | None = None, reconstruct: str = "none",
+          reconstruct_options: dict | None = None) -> dict:
     """Prune ``model`` in place and return the run record (a dict, JSON-serialisable).
 
     ``calibration`` may be given directly (a CalibrationSet or a LongTensor [n, seqlen]); otherwise
@@ -43,6 +44,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     ``block_stats``: the allocator's per-block statistics if already computed (``allocation.plan.allocation_statistics``
     on the same model and calibration): the dense pre-pass is skipped.
     ``checkpoint``: with ``out_dir``, what is kept to resume (full, weights or none; ``checkpoint.checkpoint_mode``).
+    ``reconstruct="block"``: after each block's solve, Adam on the block's output error with the pattern fixed
+    (``layerprune.reconstruct``; ``reconstruct_options``: epochs, lr).
     ``allocation="auto"``: the allocation is chosen first (``allocation.auto.choose``: candidates scored by a proxy on
     the WikiText-2 validation split, which needs ``tokenizer`` and the data directory); the record's
     ``allocation_auto`` says what was tried, the proxy values and why the choice was made.
@@ -53,7 +56,8 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     cfg = PruneConfig(method=method, sparsity=sparsity, nm=tuple(nm) if nm else None, allocation=allocation,
                       allocation_options=dict(allocation_options or {}), solver_options=dict(solver_options or {}),
                       true_sequential=true_sequential, batch_size=batch_size, compute_dtype=compute_dtype,
-                      offload=offload, skip=tuple(skip))
+                      offload=offload, skip=tuple(skip), reconstruct=reconstruct,
+                      reconstruct_options=dict(reconstruct_options or {}))
     cfg.validate()
     auto = allocation.strip().lower() == "auto"
     if auto:  # checked before any work
@@ -98,7 +102,9 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
                                                             ("seqlen", "seqlen"), ("seed", "seed"))}
                              if isinstance(calibration, CalibrationSet)
                              else {"calibration": f"token ids {ids.shape[0]} x {ids.shape[1]}"}),
-                          "compute_dtype": compute_dtype, "true_sequential": true_sequential, "skip": list(skip)}
+                          "compute_dtype": compute_dtype, "true_sequential": true_sequential, "skip": list(skip),
+                          **({"reconstruct": reconstruct, "reconstruct_options": dict(reconstruct_options or {})}
+                             if reconstruct != "none" else {})}
     return record
 
 

@@ -30,6 +30,8 @@ class PruneConfig:
     skip: tuple[str, ...] = ()  # linear names (e.g. "mlp.down_proj") left dense
     # whether the sparsity was given (not the 0.5 default): set by the first validate(); not a result setting
     sparsity_given: bool | None = None
+    reconstruct: str = "none"  # after each block's solve: "none" or "block" (layerprune.reconstruct)
+    reconstruct_options: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from .solvers import get_solver  # here, not at the top: config stays a leaf (see the module docstring)
@@ -56,10 +58,15 @@ class PruneConfig:
         if self.batch_size < 1:
             raise UserError("--batch-size must be at least 1")
         get_solver(self.method)
+        from .reconstruct import check as check_reconstruct
+
+        self.reconstruct_options = check_reconstruct(self.reconstruct, self.reconstruct_options)
 
     def result_settings(self) -> str:
         """The settings that decide the result, as JSON (offload and batch size do not): a checkpoint's key."""
         c = asdict(self)
         for k in ("offload", "batch_size", "sparsity_given"):
             c.pop(k)
+        if c["reconstruct"] == "none":  # as before reconstruction existed: the same key for the same result
+            del c["reconstruct"], c["reconstruct_options"]
         return json.dumps(c, sort_keys=True, default=str)

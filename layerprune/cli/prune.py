@@ -14,9 +14,11 @@ from layerprune.cli.common import (DATA_DIR_HELP, DTYPES, _common_model_args, _d
                                    _method_flags, _method_list, _method_options, _positive, _table)
 from layerprune.cli import recipe
 from layerprune.errors import UserError
+from layerprune.reconstruct import RECONSTRUCTORS
 from layerprune.solvers import SOLVER_REGISTRY
 
-_REGISTRIES = {"solver_options": SOLVER_REGISTRY, "allocation_options": ALLOCATORS}  # recipe sections
+_REGISTRIES = {"solver_options": SOLVER_REGISTRY, "allocation_options": ALLOCATORS,  # recipe sections
+               "reconstruct_options": RECONSTRUCTORS}
 
 
 def add_parser(sub) -> None:
@@ -26,6 +28,7 @@ def add_parser(sub) -> None:
                            "layerprune prune --method sparsegpt --nm 2:4 --nsamples 32 --seqlen 512 --out runs/sgpt24",
                            "layerprune prune --method wanda --sparsity 0.7 --allocation dlp --out runs/dlp70",
                            "layerprune prune --method slimgpt --sparsity 0.5 --allocation ipr-log --out runs/slim50",
+                           "layerprune prune --method wanda --sparsity 0.7 --reconstruct block --out runs/wanda70rb",
                            "layerprune prune ... --out runs/wanda50 --resume   # after an interruption",
                            "layerprune prune --recipe runs/wanda50/recipe.yaml --out runs/again   # rerun a run",
                            "layerprune prune --recipe runs/wanda50/recipe.yaml --seed 1 --out runs/seed1",
@@ -65,10 +68,13 @@ def add_parser(sub) -> None:
                         "else --dtype")
     s.add_argument("--true-sequential", action="store_true", help="prune q/k/v, o, gate/up, down in turn")
     s.add_argument("--skip", default=None, help="comma list of linear names left dense, e.g. mlp.down_proj")
+    s.add_argument("--reconstruct", default="none", choices=list(RECONSTRUCTORS),
+                   help="after each block's solve: " + _method_list(RECONSTRUCTORS))
     s.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     _common_model_args(s)
     _method_flags(s, SOLVER_REGISTRY)
     _method_flags(s, ALLOCATORS)
+    _method_flags(s, RECONSTRUCTORS)
     s.set_defaults(func=run, prune_parser=s)
 
 
@@ -92,10 +98,12 @@ def run(args) -> int:
     solver_opts = _method_options(SOLVER_REGISTRY, "--method", args.method, args)
     alloc_opts = _method_options(ALLOCATORS, "--allocation", split_spec(args.allocation)[0], args)
     get_allocator(args.allocation, **alloc_opts)
+    recon_opts = _method_options(RECONSTRUCTORS, "--reconstruct", args.reconstruct, args)
     cfg = PruneConfig(method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
                       allocation_options=alloc_opts, solver_options=solver_opts, offload=args.offload,
                       compute_dtype=args.compute_dtype, batch_size=args.batch_size,
-                      true_sequential=args.true_sequential, skip=tuple(s for s in (args.skip or "").split(",") if s))
+                      true_sequential=args.true_sequential, skip=tuple(s for s in (args.skip or "").split(",") if s),
+                      reconstruct=args.reconstruct, reconstruct_options=recon_opts)
     cfg.validate()
     device = _device(args.device)
     world = distributed.current()
@@ -149,7 +157,8 @@ def run(args) -> int:
                        allocation_options=alloc_opts, solver_options=solver_opts, calibration=calib,
                        calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
                        true_sequential=args.true_sequential, batch_size=args.batch_size, skip=cfg.skip,
-                       out_dir=work, resume=args.resume, store=store, data_dir=data_dir, checkpoint=args.checkpoint)
+                       out_dir=work, resume=args.resume, store=store, data_dir=data_dir, checkpoint=args.checkpoint,
+                       reconstruct=args.reconstruct, reconstruct_options=recon_opts)
     if not lead:
         return 0
     record["model"] = args.model

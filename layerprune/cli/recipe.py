@@ -26,7 +26,7 @@ FORMAT = 1  # the value of the recipe's first key, ``layerprune_recipe``
 # section (None: top level) -> {recipe key: argparse dest of the prune parser}
 LAYOUT: dict[str | None, dict[str, str]] = {
     None: {"model": "model", "dtype": "dtype", "method": "method", "sparsity": "sparsity", "nm": "nm",
-           "allocation": "allocation", "skip": "skip"},
+           "allocation": "allocation", "skip": "skip", "reconstruct": "reconstruct"},
     "calibration": {"calib": "calib", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed"},
     "compute": {"compute_dtype": "compute_dtype", "batch_size": "batch_size", "offload": "offload",
                 "true_sequential": "true_sequential"},
@@ -34,7 +34,8 @@ LAYOUT: dict[str | None, dict[str, str]] = {
              "no_dense_eval": "no_dense_eval"},
     "save": {"dtype": "save_dtype"},
 }
-OPTION_SECTIONS = {"solver_options": "method", "allocation_options": "allocation"}  # section -> the key choosing it
+OPTION_SECTIONS = {"solver_options": "method", "allocation_options": "allocation",  # section -> the key choosing it
+                   "reconstruct_options": "reconstruct"}
 NOT_RECORDED = {"out", "force", "resume", "recipe", "data_dir", "device", "no_cache", "help"}
 HEADER = ("# layerprune recipe: the settings that decide this run's result.\n"
           "# Rerun it: layerprune prune --recipe recipe.yaml --out DIR  (flags given on the command line override\n"
