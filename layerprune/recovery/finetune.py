@@ -139,10 +139,11 @@ def finetune_run(run_dir, steps, *, out=None, force=False, lr=1e-4, rank=8, alph
             check_teacher(skel_s, skel_t, teacher)
             check_kd_options(kd_temperature, kd_alpha, kd_topk, _logit_rows(skel_s))
         del skel_s, skel_t
-    model, tok = load_model(str(run_dir), dtype)
     teacher_model = None
     if teacher is not None:
         teacher_model, teacher_tok = load_model(str(teacher), dtype)
+    model, tok = load_model(str(run_dir), dtype)
+    if teacher is not None:
         check_teacher(model, teacher_model, teacher, tok, teacher_tok)
         check_kd_options(kd_temperature, kd_alpha, kd_topk, _logit_rows(model))
         teacher_model.requires_grad_(False).eval()
