@@ -133,14 +133,18 @@ def test_kd_lowers_kd_loss_and_keeps_2_4_mask(tmp_path, text_corpus, capsys, ful
     assert ("KD full" if full else "KD LoRA") in capsys.readouterr().out
     kd_after = _kd_on(new, src, win)
     assert kd_after < 0.8 * kd_before
-    before, after = masks_of(AutoModelForCausalLM.from_pretrained(run)), masks_of(AutoModelForCausalLM.from_pretrained(new))
+    before = masks_of(AutoModelForCausalLM.from_pretrained(run))
+    after = masks_of(AutoModelForCausalLM.from_pretrained(new))
     for n, m in before.items():
         assert torch.equal(after[n], m)  # every pruned weight exactly 0, every kept weight nonzero
     f = read_record(new)["finetune"]
-    assert f["loss"] == "kd" and f["teacher"] == str(src) and f["kd"] == {"temperature": 1.0, "alpha": 1.0, "topk": None}
+    assert f["loss"] == "kd" and f["teacher"] == str(src)
+    assert f["kd"] == {"temperature": 1.0, "alpha": 1.0, "topk": None}
     assert f["method"] == ("full" if full else "lora") and f["mask_identical"] and f["tokens_seen"] == 12 * 2 * 32
     assert len(f["loss_parts"]["kd"]) == 12 and f["train_seconds"] > 0 and f["total_seconds"] >= f["train_seconds"]
     assert f["command_line"].startswith("layerprune finetune")
+    card = (new / "README.md").read_text()
+    assert f"distilled from {src}" in card and "recovery:" in card and f["command_line"] in card
     if full:  # every weight trained: the embedding too
         e0 = AutoModelForCausalLM.from_pretrained(run).get_input_embeddings().weight
         assert not torch.equal(AutoModelForCausalLM.from_pretrained(new).get_input_embeddings().weight, e0)

@@ -12,8 +12,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from layerprune.errors import UserError
 from layerprune.outputs import CHECKPOINT_NAME, finish_dir, prepare_dir
 from layerprune.recovery.lora import masks_of
@@ -95,7 +93,8 @@ def check_teacher(student, teacher, teacher_spec, student_tok=None, teacher_tok=
         if vs != vt:
             diff = len(set(vs.items()) ^ set(vt.items()))
             raise UserError(f"the teacher {teacher_spec}'s tokenizer differs from the run's ({diff} token-id pairs "
-                            "differ): distillation needs the same tokenizer; pass the dense model the run was pruned from")
+                            "differ): distillation needs the same tokenizer; pass the dense model the run was "
+                            "pruned from")
 
 
 def finetune_run(run_dir, steps, *, out=None, force=False, lr=1e-4, rank=8, alpha=16, calib="c4", nsamples=128,

@@ -68,7 +68,8 @@ def finetune_lora(model, tokenizer, texts_or_windows, steps, lr=1e-4, rank=8, al
     from layerprune.recovery.train import train_recovery
 
     if steps < 1 or rank < 1 or batch_size < 1 or seqlen < 2:
-        raise UserError(f"LoRA needs steps, rank, batch_size >= 1 and seqlen >= 2 (got {steps}, {rank}, {batch_size}, {seqlen})")
+        raise UserError(f"LoRA needs steps, rank, batch_size >= 1 and seqlen >= 2 (got {steps}, {rank}, "
+                        f"{batch_size}, {seqlen})")
     windows = _windows(tokenizer, texts_or_windows, seqlen)
     t0 = time.time()
     info = train_recovery(model, windows, steps, rank=rank, alpha=alpha, target_modules=target_modules, lr=lr,

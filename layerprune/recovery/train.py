@@ -50,7 +50,8 @@ class TrainCheckpoint:
                             "to start over") from None
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"{self.folder} belongs to a finetuning run with other settings (run, teacher, loss, lr, "
-                            "rank, batch, data or seed differ): resume with the same settings, or --force to start over")
+                            "rank, batch, data or seed differ): resume with the same settings, or --force to start "
+                            "over")
         return state
 
     def tensors(self, state: dict) -> dict:
