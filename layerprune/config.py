@@ -28,11 +28,15 @@ class PruneConfig:
     compute_dtype: str = "float32"  # dtype of the forward passes; statistics and solves are always fp32
     offload: str = "none"
     skip: tuple[str, ...] = ()  # linear names (e.g. "mlp.down_proj") left dense
+    # whether the sparsity was given (not the 0.5 default): set by the first validate(); not a result setting
+    sparsity_given: bool | None = None
 
     def validate(self) -> None:
         from .solvers import get_solver  # here, not at the top: config stays a leaf (see the module docstring)
         from .solvers.nm import check_nm
 
+        if self.sparsity_given is None:
+            self.sparsity_given = self.sparsity is not None
         if self.nm is not None:  # N:M fixes the sparsity: n/m, recorded as such
             n, m = check_nm(self.nm, 0)
             if self.sparsity is None:
@@ -56,6 +60,6 @@ class PruneConfig:
     def result_settings(self) -> str:
         """The settings that decide the result, as JSON (offload and batch size do not): a checkpoint's key."""
         c = asdict(self)
-        for k in ("offload", "batch_size"):
+        for k in ("offload", "batch_size", "sparsity_given"):
             c.pop(k)
         return json.dumps(c, sort_keys=True, default=str)

@@ -70,8 +70,10 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     dtype = DTYPES[cfg.compute_dtype]
     adapter = get_adapter(model)
     program = block_program(get_solver(cfg.method), model, adapter, cfg)
-    blocks = adapter.blocks(model)
     params_before = sum(p.numel() for p in model.parameters())
+    if getattr(program, "whole_model", False):  # a program that decides over the whole model at once
+        return _whole_model(model, calib, cfg, program, device, dtype, progress, t_start, params_before)
+    blocks = adapter.blocks(model)
     store = store or MemoryStore()
     timers = Timers()
     ckpt = Checkpoint(out_dir / ".checkpoint", fingerprint(model, calib, cfg.result_settings())) \
@@ -139,6 +141,26 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         "timings": dict(timers.t), "block_timings": per_block,
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "resumed_from_block": start if state else None,
+    }
+
+
+def _whole_model(model, calib, cfg: PruneConfig, program, device, dtype, progress, t_start, params_before) -> dict:
+    """A whole-model program (``program.whole_model``): it scores and changes the model in one call,
+    ``run_model(model, calib, ...) -> {"layers": rows, ...}``; no per-block plan, checkpoint or resume."""
+    extra = program.run_model(model, calib, device=device, dtype=dtype, batch_size=cfg.batch_size,
+                              progress=progress)
+    layers = extra.pop("layers")
+    total = time.perf_counter() - t_start
+    n = len(get_adapter(model).blocks(model))
+    return {
+        "sparsity": cfg.sparsity, **extra,
+        "params": {"before": params_before, "after": sum(p.numel() for p in model.parameters())},
+        "method": cfg.method, "nm": None, "allocation": {"name": cfg.allocation, "blocks_after": n},
+        "solver_options": cfg.solver_options, "true_sequential": cfg.true_sequential,
+        "compute_dtype": cfg.compute_dtype, "offload": cfg.offload, "skip": [], "layers": layers,
+        "timings": {"solve": total, "total": total}, "block_timings": [],
+        "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "resumed_from_block": None,
     }
 
 

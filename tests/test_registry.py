@@ -212,7 +212,8 @@ def test_builtin_flags_give_the_options_of_the_hand_written_cli():
     assert groups["allocation options"] == ["--min-sparsity", "--max-sparsity"]
     assert groups["dlp options"] == ["--alpha", "--dlp-stat"]
     text = prune.format_help()
-    assert "magnitude, wanda, sparsegpt, or slimgpt (structured: heads + FFN channels)" in " ".join(text.split())
+    assert ("magnitude, wanda, sparsegpt, slimgpt (structured: heads + FFN channels), or depth (depth: whole blocks "
+            "removed, a stock config with fewer layers)") in " ".join(text.split())
     for registry, select, cases in ((SOLVER_REGISTRY, "--method", SOLVER_CASES), (ALLOCATORS, "--allocation",
                                                                                    ALLOC_CASES)):
         for name, extra, want in cases:

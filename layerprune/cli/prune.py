@@ -72,8 +72,8 @@ def run(args) -> int:
     from layerprune.evaluation.perplexity import check_seqlen
     from layerprune.models.info import measure_sparsity
     from layerprune.models.loading import load_skeleton
-    from layerprune.outputs import check_free_space, finish_dir, prepare_dir, run_disk_need, write_text
-    from layerprune.record import save_dtype, save_run, write_record
+    from layerprune.outputs import RECORD_NAME, check_free_space, finish_dir, prepare_dir, run_disk_need, write_text
+    from layerprune.record import parent_summary, read_record, save_dtype, save_run, write_record
     from layerprune.solvers.nm import parse_nm
 
     # 1. everything that needs no model, then what the model's config alone tells: before any load or write
@@ -86,15 +86,19 @@ def run(args) -> int:
     alloc_opts = _method_options(ALLOCATORS, "--allocation", split_spec(args.allocation)[0], args)
     get_allocator(args.allocation, **alloc_opts)
     cfg = PruneConfig(method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
-                      allocation_options=alloc_opts, offload=args.offload, compute_dtype=args.compute_dtype,
-                      batch_size=args.batch_size, true_sequential=args.true_sequential,
-                      skip=tuple(s for s in (args.skip or "").split(",") if s))
+                      allocation_options=alloc_opts, solver_options=solver_opts, offload=args.offload,
+                      compute_dtype=args.compute_dtype, batch_size=args.batch_size,
+                      true_sequential=args.true_sequential, skip=tuple(s for s in (args.skip or "").split(",") if s))
     cfg.validate()
     data_dir = resolve_data_dir(args.data_dir)
     datasets = [d.strip() for d in args.eval.split(",") if d.strip()] if args.eval else []
     out = Path(args.out)
     prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
     device = _device(args.device)
+    if args.recipe and "model" not in getattr(args, "explicit_dests", set()):
+        parent = recipe.parent_of(args.recipe)
+        if parent is not None:  # a chained recipe: its earlier steps first, into OUT.parent
+            args.model = _replay_parent(args, parent, out)
     skeleton = load_skeleton(args.model, args.dtype)
     if skeleton is not None:
         preflight(skeleton, cfg)
@@ -123,7 +127,7 @@ def run(args) -> int:
     before = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size, device) \
         if datasets and not args.no_dense_eval and not lazy else {}
     dense_sparsity = None if lazy else measure_sparsity(model)["overall"]
-    record = api.prune(model, tok, method=args.method, sparsity=cfg.sparsity, nm=nm, allocation=args.allocation,
+    record = api.prune(model, tok, method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
                        allocation_options=alloc_opts, solver_options=solver_opts, calibration=calib,
                        calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
                        true_sequential=args.true_sequential, batch_size=args.batch_size, skip=cfg.skip,
@@ -131,9 +135,15 @@ def run(args) -> int:
     record["model"] = args.model
     record["command_line"] = getattr(args, "command_line", None)  # shown in the run's model card
     resolved = {"model": _model_path(args.model), "allocation": _inline_user_file(args.allocation),
-                "sparsity": cfg.sparsity if nm is None else args.sparsity, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
+                "sparsity": args.sparsity if nm is not None or record["sparsity"] is None else cfg.sparsity, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
                 "save_dtype": str(save_dtype(model, args.save_dtype)).removeprefix("torch.")}
-    recipe_text = recipe.dump(recipe.build(args, _REGISTRIES, resolved))
+    parent_dir = Path(args.model).expanduser()
+    parent_recipe = None
+    if (parent_dir / RECORD_NAME).is_file():  # pruned further: the record and the recipe chain the steps
+        record["parent"] = parent_summary(read_record(parent_dir), parent_dir)
+        parent_recipe = recipe.run_recipe(parent_dir)
+        record["parent"]["recipe"] = parent_recipe is not None
+    recipe_text = recipe.dump(recipe.build(args, _REGISTRIES, resolved, parent_recipe))
     if lazy:
         write_text(work / recipe.RECIPE_NAME, recipe_text)
         sp = store.measure_sparsity(model)  # one block at a time
@@ -189,6 +199,36 @@ def run(args) -> int:
               f"fp16 {q['dense_fp16'] / mib:.1f} MiB, quantized {q['quantized'] / mib:.1f} MiB, "
               f"sparse+quantized {q['sparse_quantized'] / mib:.1f} MiB ({q['sparse_quantized_ratio']:.3f}x)")
     return 0
+
+
+def _replay_parent(args, parent: dict, out: Path) -> str:
+    """Run the parent recipe of a chained recipe into ``OUT.parent`` (or reuse the run there when it holds that
+    recipe's result and --force is not given); returns that directory, the model of the next step."""
+    import tempfile
+
+    from layerprune.cli import main
+
+    step = out.with_name(out.name + ".parent")
+    have = recipe.run_recipe(step) if (step / "layerprune.json").is_file() else None
+    same = lambda a, b: {k: v for k, v in a.items() if k != "model" or "parent" not in a} == \
+        {k: v for k, v in b.items() if k != "model" or "parent" not in b}  # noqa: E731 (a replayed chain moves)
+    if have is not None and not args.force and same(have, parent):
+        print(f"reusing the parent step in {step} (it holds this recipe's parent run)")
+        return str(step)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / recipe.RECIPE_NAME
+        path.write_text(recipe.dump(parent), encoding="utf-8")
+        argv = ["prune", "--recipe", str(path), "--out", str(step)]
+        argv += ["--data-dir", args.data_dir] if args.data_dir else []
+        argv += ["--device", args.device] if args.device else []
+        argv += ["--force"] if args.force else []
+        argv += ["--no-cache"] if args.no_cache else []
+        print(f"replaying the recipe's parent step into {step}")
+        rc = main(argv)
+    if rc != 0:
+        raise UserError(f"the parent step of --recipe {args.recipe} failed (exit {rc}, reason above); nothing was "
+                        f"written to {out}")
+    return str(step)
 
 
 def _model_path(spec: str) -> str:

@@ -7,6 +7,11 @@ sections, and the chosen method's and allocation's declared options (layerprune.
 checked against the flag's own type and choices. Flags given on the command line win over the recipe; ``--out``,
 ``--force``, ``--resume``, ``--data-dir``, ``--device`` and ``--no-cache`` are never part of a recipe (where and how a
 run is written or computed, not what it computes).
+
+Chained runs: a run whose ``--model`` was another run directory stores that run's recipe under ``parent`` (nested for
+longer chains). ``--recipe`` with a parent first replays the parent into ``OUT.parent`` (kept, reused when it already
+holds that recipe's run) and prunes that, so one recipe reproduces every step; ``--model`` on the command line skips
+the replay and prunes the given model instead.
 """
 from __future__ import annotations
 
@@ -53,9 +58,11 @@ def _where(section, key) -> str:
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
-def build(args, registries: dict[str, Registry], resolved: dict) -> dict:
+def build(args, registries: dict[str, Registry], resolved: dict, parent: dict | None = None) -> dict:
     """The recipe of a run, in layout order. ``resolved``: dest -> the value the run really used where the flag's
-    own value was a default decided later (seqlen capped by the model, sparsity of N:M, the save dtype)."""
+    own value was a default decided later (seqlen capped by the model, sparsity of N:M, the save dtype).
+    ``parent``: the recipe of the run this one pruned further (its ``--model`` was a run directory), kept whole under
+    ``parent`` so one recipe replays every step (``parent_of``)."""
     from layerprune.cli.common import _flag_value
 
     out: dict = {"layerprune_recipe": FORMAT}
@@ -68,7 +75,26 @@ def build(args, registries: dict[str, Registry], resolved: dict) -> dict:
                 out[sec] = {o.name: _flag_value(o, args) for o in cls.options}
         else:
             out[section] = values
+    if parent is not None:
+        out["parent"] = parent
     return out
+
+
+def run_recipe(run_dir) -> dict | None:
+    """The recipe a run directory holds (its ``recipe.yaml``), or None (a run made through the Python API)."""
+    p = Path(run_dir).expanduser() / RECIPE_NAME
+    return load(p) if p.is_file() else None
+
+
+def parent_of(path) -> dict | None:
+    """The ``parent`` recipe of a chained recipe (checked to be a recipe itself), or None."""
+    parent = load(path).get("parent")
+    if parent is None:
+        return None
+    if not isinstance(parent, dict) or parent.get("layerprune_recipe") != FORMAT:
+        raise UserError(f"--recipe {path}: parent must be the recipe of the step before (a mapping starting with "
+                        f"'layerprune_recipe: {FORMAT}'), got {str(parent)[:80]!r}")
+    return parent
 
 
 def dump(recipe: dict) -> str:
@@ -138,7 +164,8 @@ def apply(path, args, parser: argparse.ArgumentParser, registries: dict[str, Reg
     recipe = load(path)
     actions = _actions(parser)
     explicit = getattr(args, "explicit_dests", set())
-    known = {k for k in LAYOUT[None]} | {s for s in LAYOUT if s} | set(OPTION_SECTIONS) | {"layerprune_recipe"}
+    known = ({k for k in LAYOUT[None]} | {s for s in LAYOUT if s} | set(OPTION_SECTIONS)
+             | {"layerprune_recipe", "parent"})
     for key in recipe:
         if key not in known:
             raise UserError(f"--recipe {path}: unknown key {key!r}: remove it (known keys: {', '.join(sorted(known))})")
