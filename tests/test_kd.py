@@ -187,32 +187,27 @@ def test_kd_slimgpt_run_keeps_per_block_widths(tmp_path, text_corpus):
     assert _kd_on(new, src, win) < 0.8 * kd_before
 
 
-def test_kd_depth_reduced_student(tmp_path, text_corpus):
-    """A student with fewer blocks than its teacher (what a depth run saves: a stock config with fewer layers)."""
+def test_kd_depth_run_keeps_its_blocks(tmp_path, text_corpus):
+    """A depth run (stock config with fewer blocks; gemma3: the sliding/global pattern cut with them) distils from
+    the full-depth teacher and keeps its blocks and layer types."""
     from transformers import AutoModelForCausalLM
 
-    from layerprune.record import read_record, save_run
+    from layerprune.record import read_record
 
     src = _setup(tmp_path, family="gemma3", layers=4)
-    teacher = AutoModelForCausalLM.from_pretrained(src)
-    student = AutoModelForCausalLM.from_pretrained(src)
-    keep = [0, 1, 3]
-    student.model.layers = torch.nn.ModuleList(student.model.layers[i] for i in keep)
-    for i, layer in enumerate(student.model.layers):
-        layer.self_attn.layer_idx = i
-    student.config.num_hidden_layers = len(keep)
-    student.config.layer_types = [teacher.config.layer_types[i] for i in keep]
     run, new = tmp_path / "run", tmp_path / "run-kd"
-    run.mkdir()
-    save_run(student, tiny_tokenizer(), run, {"method": "blocks removed by hand", "model": str(src)})
+    _prune(src, run, text_corpus, "--method", "depth", "--drop", "1")
+    pruned = AutoModelForCausalLM.from_pretrained(run)
+    assert pruned.config.num_hidden_layers == 3
     win = _windows(text_corpus)
     kd_before = _kd_on(run, src, win)
     assert _ft(run, new, text_corpus, "--teacher", str(src), "--steps", "10", "--lr", "1e-2", "--batch-size", "2") == 0
     out = AutoModelForCausalLM.from_pretrained(new)
     assert out.config.num_hidden_layers == 3 and len(out.model.layers) == 3
-    assert out.config.layer_types == student.config.layer_types
+    assert out.config.layer_types == pruned.config.layer_types
     assert _kd_on(new, src, win) < 0.8 * kd_before
-    assert read_record(new)["finetune"]["teacher"] == str(src)
+    rec = read_record(new)
+    assert rec["method"] == "depth" and rec["finetune"]["teacher"] == str(src)
 
 
 def test_resume_equals_uninterrupted(tmp_path, text_corpus, monkeypatch, capsys):
