@@ -51,14 +51,14 @@ def _python_call(record: dict) -> str:
     return "layerprune.prune(model, tokenizer" + (f", {args}" if args else "") + ")"
 
 
-def _ppl_table(ev: dict) -> list[str]:
+def _ppl_table(ev: dict, columns=("base model", "pruned")) -> list[str]:
     before, after = ev.get("before") or {}, ev.get("after") or {}
     datasets = list(dict.fromkeys([*before, *after]))
     if not datasets:
         return []
     windows = "all windows" if ev.get("max_windows") is None else f"the first {ev['max_windows']} windows"
     lines = [f"Perplexity (lower is better), windows of {ev.get('seqlen')} tokens, {windows}:", "",
-             "| dataset | base model | pruned |", "|---|---|---|"]
+             f"| dataset | {columns[0]} | {columns[1]} |", "|---|---|---|"]
     for ds in datasets:
         ppl = lambda side: side.get(ds, {}).get("ppl")  # noqa: E731
         lines.append(f"| {ds} | {_fmt(ppl(before), 2)} | {_fmt(ppl(after), 2)} |")
@@ -170,7 +170,8 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
         rows.append(("pruning time", f"{record['timings']['total']:.1f} s"))
     if record.get("finetune"):
         ft = record["finetune"]
-        rows.append(("recovery", f"{ft.get('method', 'lora')} finetuning, {ft.get('steps', '?')} steps"))
+        kd = f", distilled from {ft['teacher']}" if ft.get("loss") == "kd" else ""
+        rows.append(("recovery", f"{ft.get('method', 'lora')} finetuning, {ft.get('steps', '?')} steps{kd}"))
 
     body = ["", MARK, "", f"# {title}", "",
             "Pruned layer by layer with layerprune. This card is generated from the run record `layerprune.json` "
@@ -185,7 +186,11 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     if ev.get("before") or ev.get("after") or zs.get("tasks"):
         body += ["## Evaluation", ""] + _ppl_table(ev) + _zeroshot_table(zs)
     if (record.get("finetune") or {}).get("eval"):
-        body += ["After LoRA recovery:", ""] + _ppl_table(record["finetune"]["eval"])
+        how = "LoRA" if record["finetune"].get("method", "lora") == "lora" else "full"
+        how += " distillation" if record["finetune"].get("loss") == "kd" else ""
+        body += [f"After {how} recovery:", ""] + _ppl_table(record["finetune"]["eval"], ("pruned", "recovered"))
+        if record["finetune"].get("command_line"):
+            body += ["", "```bash", record["finetune"]["command_line"], "```", ""]
 
     body += ["## How it was made", ""]
     if record.get("command_line"):
