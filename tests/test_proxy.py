@@ -274,3 +274,22 @@ def test_auto_screen_decides_when_no_finalist_fits(monkeypatch):
     assert b["skipped_final"][0] == top["label"]
     assert rep["chosen"] == (top["label"] if top["screen"] < uni["screen"] else "uniform")
     assert "screen" in rep["reason"] and "time budget" in rep["reason"]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])
+def test_working_copy_computes_what_a_cast_deep_copy_computes(family):
+    """The proxy's bf16 copy (parameters copied directly in bf16) is the old deep copy cast with ``.to``: same buffers
+    (rotary frequencies stay as ``Module.to`` leaves them), same logits, bit for bit."""
+    import copy
+
+    from layerprune.allocation.dsa.proxy import working_copy
+
+    model = tiny_model(family, layers=2, real=family != "gpt2")
+    x = calib()[:2]
+    new, old = working_copy(model, torch.bfloat16, "cpu"), copy.deepcopy(model).to(torch.bfloat16)
+    for (n, a), (_, b) in zip([*new.named_parameters(), *new.named_buffers()],
+                              [*old.named_parameters(), *old.named_buffers()]):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+    with torch.no_grad():
+        assert torch.equal(new(input_ids=x).logits, old(input_ids=x).logits)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

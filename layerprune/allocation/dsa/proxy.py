@@ -137,16 +137,17 @@ def window_scores(model, windows: torch.Tensor, dense: list | None = None) -> tu
 
 
 def working_copy(model, dtype: torch.dtype, device) -> torch.nn.Module:
-    """A copy of ``model`` with every floating tensor made directly in ``dtype`` on ``device`` (never a full-precision
-    copy first); tied weights stay tied, ``model`` is not changed."""
+    """``copy.deepcopy(model).to(device, dtype)`` without a full-precision copy first: every parameter is copied
+    directly in ``dtype`` on ``device`` (tied weights stay tied); the buffers are copied as they are and then follow
+    ``Module.to`` (e.g. a model that keeps its rotary frequencies in fp32 keeps them). ``model`` is not changed."""
     import copy
 
     memo = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in model.parameters():
         if id(t) not in memo:
             new = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
-            memo[id(t)] = torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
-    return copy.deepcopy(model, memo)
+            memo[id(t)] = torch.nn.Parameter(new, requires_grad=False)
+    return copy.deepcopy(model, memo).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
