@@ -77,7 +77,7 @@ def prune(model, tokenizer=None, *, method: str = "wanda", sparsity: float | Non
     t_calib = time.perf_counter() - t0
     report = None
     if auto:
-        report = _choose_auto(model, tokenizer, ids, cfg, data_dir, batch_size, progress)
+        report = _choose_auto(model, tokenizer, ids, cfg, data_dir, batch_size, progress, device)
         cfg.allocation, cfg.allocation_options = report["spec"], {**report["options"], **{
             k: v for k, v in cfg.allocation_options.items() if k in ("lo", "hi")}}
         block_stats = report["block_stats"]
@@ -123,7 +123,8 @@ def _check_auto(cfg: PruneConfig, tokenizer, skip) -> None:
         raise UserError(f"allocation 'auto' needs a sparsity in (0, 1), got {cfg.sparsity}")
 
 
-def _choose_auto(model, tokenizer, ids, cfg: PruneConfig, data_dir, batch_size: int, progress: bool) -> dict:
+def _choose_auto(model, tokenizer, ids, cfg: PruneConfig, data_dir, batch_size: int, progress: bool,
+                 device=None) -> dict:
     from .allocation.auto import choose
     from .data.bos import bos_id
     from .evaluation.perplexity import check_seqlen, tokenize_corpus
@@ -131,7 +132,7 @@ def _choose_auto(model, tokenizer, ids, cfg: PruneConfig, data_dir, batch_size: 
     seqlen = check_seqlen(model, None, default=512)  # the search's windows, capped at the model's maximum
     valid = tokenize_corpus(tokenizer, "wikitext2-valid", resolve_data_dir(data_dir), seqlen)
     opts = cfg.allocation_options
-    named = {k: opts[k] for k in ("proxy", "finalists", "margin") if opts.get(k) is not None}  # else auto's defaults
+    named = {k: opts[k] for k in ("proxy", "finalists", "margin", "budget") if opts.get(k) is not None}  # else defaults
     return choose(model, ids, valid, cfg.sparsity, **named, lo=opts.get("lo", 0.0),
                   hi=opts.get("hi", 0.99), seqlen=seqlen, batch_size=batch_size, bos=bos_id(tokenizer),
-                  progress=progress, prune_fn=prune_model)
+                  progress=progress, prune_fn=prune_model, device=device)

@@ -153,6 +153,11 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     if structured and params:
         rows.append(("parameters", f"{params['before']:,} -> {params['after']:,} "
                                    f"({params['after'] / params['before']:.3f}x)"))
+        if record.get("layers"):
+            from .record import block_sparsity
+
+            rows.append(("achieved sparsity", f"{block_sparsity(record)['overall']:.4f} of the block linears' "
+                                              "parameters removed"))
         if structure:
             rows.append(("block widths", "query heads " + ",".join(map(str, structure.get("heads", [])))
                          + "; KV heads " + ",".join(map(str, structure.get("kv_heads", [])))

@@ -223,8 +223,9 @@ def run(args) -> int:
               f"{d['cost']['forward_passes']} forward passes, {d['cost']['seconds']:.1f}s")
     if "allocation_auto" in record:
         a = record["allocation_auto"]
-        print(f"allocation auto: chose {a['chosen']} ({a['reason']}); {len(a['tried'])} candidates scored by the "
-              f"{a['proxy']['name']} proxy in {a['seconds']['total']:.1f}s")
+        from layerprune.allocation.auto import summary
+
+        print(f"allocation auto: {summary(a)}")
     t = record["timings"]
     print(f"pruned in {t['total']:.1f}s ("
           + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total")
