@@ -5,8 +5,8 @@ The recipe is built from the prune parser itself: ``LAYOUT`` places the core fla
 sections, and the chosen method's and allocation's declared options (layerprune.registry) fill ``solver_options`` and
 ``allocation_options`` by option name, so a new solver's options appear in recipes without a change here. Values are
 checked against the flag's own type and choices. Flags given on the command line win over the recipe; ``--out``,
-``--force``, ``--resume``, ``--data-dir``, ``--device`` and ``--no-cache`` are never part of a recipe (where and how a
-run is written or computed, not what it computes).
+``--force``, ``--resume``, ``--checkpoint``, ``--data-dir``, ``--device`` and ``--no-cache`` are never part of a recipe
+(where and how a run is written or computed, not what it computes).
 
 Chained runs: a run whose ``--model`` was another run directory stores that run's recipe under ``parent`` (nested for
 longer chains). ``--recipe`` with a parent first replays the parent into ``OUT.parent`` (kept, reused when it already
@@ -36,7 +36,7 @@ LAYOUT: dict[str | None, dict[str, str]] = {
 }
 OPTION_SECTIONS = {"solver_options": "method", "allocation_options": "allocation",  # section -> the key choosing it
                    "reconstruct_options": "reconstruct"}
-NOT_RECORDED = {"out", "force", "resume", "recipe", "data_dir", "device", "no_cache", "help"}
+NOT_RECORDED = {"out", "force", "resume", "checkpoint", "recipe", "data_dir", "device", "no_cache", "help"}
 HEADER = ("# layerprune recipe: the settings that decide this run's result.\n"
           "# Rerun it: layerprune prune --recipe recipe.yaml --out DIR  (flags given on the command line override\n"
           "# these values; --out, --data-dir and --device are never taken from a recipe)\n")
