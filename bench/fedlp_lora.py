@@ -292,7 +292,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.md_only:
         return md_only(args)
-    code_version()  # taken now: what runs is the code at start
+    provenance()  # taken now: what runs is the code at start
     if args.part in ("table", "all"):
         table(args)
     if args.part in ("recovery", "all"):
