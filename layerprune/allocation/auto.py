@@ -79,6 +79,38 @@ class Auto(BoundedAllocator):
         raise UserError("allocation 'auto' is chosen by prune() before pruning (layerprune.allocation.auto.choose); "
                         "pass it to prune(), not to the plan")
 
+    # An allocator with ``choose_for_run`` is asked by ``prune()`` for the allocation the run then uses.
+    def check_run(self, cfg, has_tokenizer: bool) -> None:
+        """What a run with auto needs, checked before any work."""
+        if not has_tokenizer:
+            raise UserError("allocation 'auto' scores candidates on WikiText-2 validation text: pass the tokenizer")
+        if cfg.nm is not None:
+            raise UserError("allocation 'auto' chooses per-block sparsities; it does not combine with N:M: pick an "
+                            "allocation yourself for --nm")
+        if cfg.skip:
+            raise UserError("allocation 'auto' prunes every linear in its proxy; it does not combine with --skip")
+        if cfg.offload == "disk":
+            raise UserError("allocation 'auto' scores candidates on a copy of the model in memory; it does not "
+                            "combine with --offload disk")
+        if not 0.0 < cfg.sparsity < 1.0:
+            raise UserError(f"allocation 'auto' needs a sparsity in (0, 1), got {cfg.sparsity}")
+
+    def choose_for_run(self, model, tokenizer, ids, cfg, *, data_dir, progress: bool, prune_fn) -> dict:
+        """``choose``'s report for this run, with ``run_options``: the chosen allocation's options (lo/hi kept)."""
+        from layerprune.data import resolve_data_dir
+        from layerprune.data.bos import bos_id
+        from layerprune.evaluation.perplexity import check_seqlen, tokenize_corpus
+
+        seqlen = check_seqlen(model, None, default=512)  # the search's windows, capped at the model's maximum
+        valid = tokenize_corpus(tokenizer, "wikitext2-valid", resolve_data_dir(data_dir), seqlen)
+        opts = cfg.allocation_options
+        named = {k: opts[k] for k in ("proxy", "finalists", "margin") if opts.get(k) is not None}  # else defaults
+        report = choose(model, ids, valid, cfg.sparsity, **named, lo=opts.get("lo", 0.0), hi=opts.get("hi", 0.99),
+                        seqlen=seqlen, batch_size=cfg.batch_size, bos=bos_id(tokenizer), progress=progress,
+                        prune_fn=prune_fn)
+        report["run_options"] = {**report["options"], **{k: v for k, v in opts.items() if k in ("lo", "hi")}}
+        return report
+
 
 def _build(spec: str, opts: dict, lo: float, hi: float):
     """The allocator of a candidate spec ("dsa:FUNC" fills the class's ``spec_arg``)."""

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprune.allocation import ALLOCATORS, get_allocator, split_spec
-from layerprune.cli.common import (DATA_DIR_HELP, DTYPES, _common_model_args, _device, _eval_all, _examples, _load,
-                                   _method_flags, _method_list, _method_options, _positive, _table)
+from layerprune.allocation import ALLOCATORS, split_spec
+from layerprune.cli.common import (DATA_DIR_HELP, DTYPES, _common_model_args, _examples, _method_flags, _method_list,
+                                   _method_options, _positive, _table, calibration_args)
 from layerprune.cli import recipe
-from layerprune.errors import UserError
 from layerprune.solvers import SOLVER_REGISTRY
 
 _REGISTRIES = {"solver_options": SOLVER_REGISTRY, "allocation_options": ALLOCATORS}  # recipe sections
@@ -33,10 +32,6 @@ def add_parser(sub) -> None:
                    help="global target sparsity in [0, 1) (default 0.5; with --nm it is N/M)")
     s.add_argument("--nm", default=None, help="N:M semi-structured pattern, N pruned of every M (e.g. 2:4)")
     s.add_argument("--allocation", default="uniform", help=_method_list(ALLOCATORS, last=", "))
-    s.add_argument("--nsamples", type=_positive, default=128, help="calibration windows")
-    s.add_argument("--seqlen", type=int, default=None, help="calibration window length (default 2048, capped)")
-    s.add_argument("--calib", default="c4", help="c4 (pool: docs 1000-1999), wikitext2-valid, ptb-valid or a file")
-    s.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     s.add_argument("--recipe", default=None,
                    help="take every setting from this recipe.yaml (written into each run directory); flags given "
                         "here override it; --out, --data-dir and --device never come from a recipe")
@@ -60,6 +55,7 @@ def add_parser(sub) -> None:
     s.add_argument("--skip", default=None, help="comma list of linear names left dense, e.g. mlp.down_proj")
     s.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     _common_model_args(s)
+    calibration_args(s)
     _method_flags(s, SOLVER_REGISTRY)
     _method_flags(s, ALLOCATORS)
     s.set_defaults(func=run, prune_parser=s)
@@ -67,146 +63,68 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from layerprune import api
-    from layerprune.data.corpora import resolve_data_dir
-    from layerprune.engine import DTYPES, PruneConfig, preflight
-    from layerprune.evaluation.perplexity import check_seqlen
-    from layerprune.models.info import measure_sparsity
-    from layerprune.models.loading import load_skeleton
-    from layerprune.outputs import check_free_space, finish_dir, prepare_dir, run_disk_need, write_text
-    from layerprune.record import save_dtype, save_run, write_record
-    from layerprune.solvers.nm import parse_nm
 
-    # 1. everything that needs no model, then what the model's config alone tells: before any load or write
+    record = api.run_prune(config_from_args(args))
+    print(summary(record, args.out))
+    return 0
+
+
+def config_from_args(args):
+    """The RunConfig of the parsed flags (a recipe's settings filled in where no flag was given), validated once."""
+    from layerprune.config import PruneConfig, RunConfig
+
     if args.recipe:
         recipe.apply(args.recipe, args, args.prune_parser, _REGISTRIES)
-    if args.resume and args.force:
-        raise UserError("--resume continues the run in --out and --force starts it over: pass one of them")
-    nm = parse_nm(args.nm) if args.nm else None
-    solver_opts = _method_options(SOLVER_REGISTRY, "--method", args.method, args)
-    alloc_opts = _method_options(ALLOCATORS, "--allocation", split_spec(args.allocation)[0], args)
-    get_allocator(args.allocation, **alloc_opts)
-    cfg = PruneConfig(method=args.method, sparsity=args.sparsity, nm=nm, allocation=args.allocation,
-                      allocation_options=alloc_opts, offload=args.offload, compute_dtype=args.compute_dtype,
-                      batch_size=args.batch_size, true_sequential=args.true_sequential,
-                      skip=tuple(s for s in (args.skip or "").split(",") if s))
-    cfg.validate()
-    data_dir = resolve_data_dir(args.data_dir)
-    datasets = [d.strip() for d in args.eval.split(",") if d.strip()] if args.eval else []
-    out = Path(args.out)
-    prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
-    device = _device(args.device)
-    skeleton = load_skeleton(args.model, args.dtype)
-    if skeleton is not None:
-        preflight(skeleton, cfg)
-        del skeleton
+    cfg = PruneConfig(method=args.method, sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
+                      allocation_options=_method_options(ALLOCATORS, "--allocation", split_spec(args.allocation)[0],
+                                                         args),
+                      solver_options=_method_options(SOLVER_REGISTRY, "--method", args.method, args),
+                      offload=args.offload, compute_dtype=args.compute_dtype, batch_size=args.batch_size,
+                      true_sequential=args.true_sequential, skip=args.skip or (), calib=args.calib,
+                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    return RunConfig(model=args.model, out=args.out, prune=cfg, dtype=args.dtype, save_dtype=args.save_dtype,
+                     eval=args.eval, eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
+                     dense_eval=not args.no_dense_eval, device=args.device, data_dir=args.data_dir,
+                     use_cache=not args.no_cache, force=args.force, resume=args.resume,
+                     command_line=getattr(args, "command_line", None),
+                     inputs=(args.recipe,) if args.recipe else ()).validate()
 
-    # 2. load, draw the calibration windows, check the disk, then write
-    store = None
-    if args.offload == "disk":  # idle blocks stay on disk from load to save
-        from layerprune.offload import load_model_lazy
 
-        model, tok, store = load_model_lazy(args.model, args.dtype)
-    else:
-        model, tok = _load(args, to_device=False)  # in CPU RAM: the engine moves one block at a time to `device`
-    preflight(model, cfg)  # again, for a model whose config was not at hand before the load
-    seqlen = check_seqlen(model, args.seqlen)
-    eval_seqlen = check_seqlen(model, args.eval_seqlen or seqlen)
-    calib = api.calibration_set(tok, args.calib, args.nsamples, seqlen, args.seed, data_dir)
-    need_out = run_disk_need(model, args.nsamples, seqlen, DTYPES[args.compute_dtype], args.offload)
-    work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe], create=False)
-    check_free_space(work, need_out - _du(work), "the checkpoint and the saved run")
-    work = prepare_dir(out, args.force, args.resume, inputs=[args.model, args.recipe])
-    if store is not None:  # pruned blocks go straight to their final shards in the run directory
-        store.bind(work, save_dtype(model, args.save_dtype))
-
-    lazy = store is not None  # with disk offload the full model is never in memory: evaluate the saved run
-    before = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size, device) \
-        if datasets and not args.no_dense_eval and not lazy else {}
-    dense_sparsity = None if lazy else measure_sparsity(model)["overall"]
-    record = api.prune(model, tok, method=args.method, sparsity=cfg.sparsity, nm=nm, allocation=args.allocation,
-                       allocation_options=alloc_opts, solver_options=solver_opts, calibration=calib,
-                       calib=args.calib, device=device, offload=args.offload, compute_dtype=args.compute_dtype,
-                       true_sequential=args.true_sequential, batch_size=args.batch_size, skip=cfg.skip,
-                       out_dir=work, resume=args.resume, store=store, data_dir=data_dir)
-    record["model"] = args.model
-    record["command_line"] = getattr(args, "command_line", None)  # shown in the run's model card
-    resolved = {"model": _model_path(args.model), "allocation": _inline_user_file(args.allocation),
-                "sparsity": cfg.sparsity if nm is None else args.sparsity, "seqlen": seqlen, "eval_seqlen": eval_seqlen,
-                "save_dtype": str(save_dtype(model, args.save_dtype)).removeprefix("torch.")}
-    recipe_text = recipe.dump(recipe.build(args, _REGISTRIES, resolved))
-    if lazy:
-        write_text(work / recipe.RECIPE_NAME, recipe_text)
-        sp = store.measure_sparsity(model)  # one block at a time
-        record["measured_sparsity"], record["measured_block_sparsity"] = sp["overall"], sp["per_block"]
-        save_run(model, tok, work, record, store, dtype=args.save_dtype)
-        finish_dir(work, out)
-        if datasets or solver_opts.get("wbits") is not None:  # these need the whole pruned model in memory
-            from layerprune.models.loading import load_model
-
-            model, tok = load_model(str(out), args.dtype)
-    if solver_opts.get("wbits") is not None:  # stored dequantized (fp32); this is what packed storage would take
-        from layerprune.quant import model_size_bytes
-
-        record["quantization"] = model_size_bytes(model, solver_opts["wbits"], solver_opts["groupsize"])
-    after = _eval_all(model, tok, datasets, eval_seqlen, data_dir, args.max_windows, args.batch_size, device)
-    record["eval"] = {"before": before, "after": after, "seqlen": eval_seqlen, "max_windows": args.max_windows}
-    if lazy:
-        write_record(out, record)
-    else:
-        write_text(work / recipe.RECIPE_NAME, recipe_text)
-        save_run(model, tok, work, record, dtype=args.save_dtype)
-        finish_dir(work, out)
-
-    label = f"{args.method} {args.allocation}" + (f" {args.nm}" if args.nm else "")
+def summary(record: dict, out) -> str:
+    """What ``layerprune prune`` prints at the end: the before/after table and the run's figures."""
+    label = f"{record['method']} {record['api_call']['allocation']}" + (
+        f" {record['api_call']['nm']}" if record["nm"] else "")
+    before, after = record["eval"]["before"], record["eval"]["after"]
+    datasets = list(after)
     params = record["params"]
-    if params["after"] != params["before"]:  # structured: the model got smaller; sparsity says nothing
+    structured = params["after"] != params["before"]  # the model got smaller; sparsity says nothing
+    if structured:
         rows = [{"model": "dense", "params": params["before"], "ratio": 1.0},
                 {"model": label, "params": params["after"], "ratio": params["after"] / params["before"]}]
         cols = [("model", "model"), ("params", "params"), ("params ratio", "ratio")]
     else:
-        rows = [{"model": "dense", "sparsity": dense_sparsity}, {"model": label, "sparsity": record["measured_sparsity"]}]
+        rows = [{"model": "dense", "sparsity": record.get("dense_sparsity")},
+                {"model": label, "sparsity": record["measured_sparsity"]}]
         cols = [("model", "model"), ("sparsity", "sparsity")]
     for row, ev in zip(rows, (before, after)):
         row.update({ds: r["ppl"] for ds, r in ev.items()})
-    print(_table(rows, cols + [(f"{ds} ppl", ds) for ds in datasets]))
+    lines = [_table(rows, cols + [(f"{ds} ppl", ds) for ds in datasets])]
     if datasets:
-        print("BOS per evaluation window: " + ("yes" if any(r.get("bos") for r in after.values()) else "no")
-              + f"; per calibration window: {'yes' if calib.bos else 'no'}")
-    if params["after"] != params["before"]:
-        print(f"parameters {params['before']:,} -> {params['after']:,} "
-              f"({params['after'] / params['before']:.3f}x, {1 - params['after'] / params['before']:.1%} removed)")
+        lines.append("BOS per evaluation window: " + ("yes" if any(r.get("bos") for r in after.values()) else "no")
+                     + f"; per calibration window: {'yes' if record['calibration'].get('bos') else 'no'}")
+    if structured:
+        ratio = params["after"] / params["before"]
+        lines.append(f"parameters {params['before']:,} -> {params['after']:,} ({ratio:.3f}x, {1 - ratio:.1%} removed)")
     if "allocation_auto" in record:
         a = record["allocation_auto"]
-        print(f"allocation auto: chose {a['chosen']} ({a['reason']}); {len(a['tried'])} candidates scored by the "
-              f"{a['proxy']['name']} proxy in {a['seconds']['total']:.1f}s")
+        lines.append(f"allocation auto: chose {a['chosen']} ({a['reason']}); {len(a['tried'])} candidates scored by "
+                     f"the {a['proxy']['name']} proxy in {a['seconds']['total']:.1f}s")
     t = record["timings"]
-    print(f"pruned in {t['total']:.1f}s ("
-          + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total")
-          + f"); saved to {out} in {record['saved']['dtype']}")
+    lines.append(f"pruned in {t['total']:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total")
+                 + f"); saved to {out} in {record['saved']['dtype']}")
     if "quantization" in record:
         q, mib = record["quantization"], 2 ** 20
-        print(f"theoretical size, {q['bits']}-bit groupsize {q['groupsize']} (block linears; the rest fp16): "
-              f"fp16 {q['dense_fp16'] / mib:.1f} MiB, quantized {q['quantized'] / mib:.1f} MiB, "
-              f"sparse+quantized {q['sparse_quantized'] / mib:.1f} MiB ({q['sparse_quantized_ratio']:.3f}x)")
-    return 0
-
-
-def _model_path(spec: str) -> str:
-    """A local model path made absolute for the recipe (a recipe replays from any directory); names stay as given."""
-    p = Path(spec).expanduser()
-    return str(p.resolve()) if p.exists() else spec
-
-
-def _inline_user_file(spec: str) -> str:
-    """``user:FILE.json`` becomes ``user:0.4,0.5,...`` in the recipe, so the recipe holds the sparsities themselves."""
-    from layerprune.allocation.user import parse_sparsities
-
-    name, arg = split_spec(spec)
-    if name == "user" and arg and Path(arg).is_file():
-        return "user:" + ",".join(repr(v) for v in parse_sparsities(arg))
-    return spec
-
-
-def _du(folder: Path) -> int:
-    """Bytes already under ``folder`` (a resumed run's checkpoint counts toward what it needs)."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).is_dir() else 0
+        lines.append(f"theoretical size, {q['bits']}-bit groupsize {q['groupsize']} (block linears; the rest fp16): "
+                     f"fp16 {q['dense_fp16'] / mib:.1f} MiB, quantized {q['quantized'] / mib:.1f} MiB, "
+                     f"sparse+quantized {q['sparse_quantized'] / mib:.1f} MiB ({q['sparse_quantized_ratio']:.3f}x)")
+    return "\n".join(lines)

@@ -1,9 +1,8 @@
-"""``recipe.yaml``: the settings of a prune run that decide its result, written into every run directory and read back
-by ``layerprune prune --recipe FILE --out DIR``.
+"""``recipe.yaml``, read: ``layerprune prune --recipe FILE --out DIR`` fills the prune flags from the recipe that every
+run directory holds (written by ``layerprune.recipe`` from the run's config).
 
-The recipe is built from the prune parser itself: ``LAYOUT`` places the core flags (by argparse dest) in readable
-sections, and the chosen method's and allocation's declared options (layerprune.registry) fill ``solver_options`` and
-``allocation_options`` by option name, so a new solver's options appear in recipes without a change here. Values are
+``LAYOUT`` places the core flags (by argparse dest) in the recipe's sections; the chosen method's and allocation's
+declared options (layerprune.registry) fill ``solver_options`` and ``allocation_options`` by option name. Values are
 checked against the flag's own type and choices. Flags given on the command line win over the recipe; ``--out``,
 ``--force``, ``--resume``, ``--data-dir``, ``--device`` and ``--no-cache`` are never part of a recipe (where and how a
 run is written or computed, not what it computes).
@@ -14,10 +13,9 @@ import argparse
 from pathlib import Path
 
 from layerprune.errors import UserError
+from layerprune.recipe import FORMAT
 from layerprune.registry import Registry
 
-RECIPE_NAME = "recipe.yaml"
-FORMAT = 1  # the value of the recipe's first key, ``layerprune_recipe``
 # section (None: top level) -> {recipe key: argparse dest of the prune parser}
 LAYOUT: dict[str | None, dict[str, str]] = {
     None: {"model": "model", "dtype": "dtype", "method": "method", "sparsity": "sparsity", "nm": "nm",
@@ -31,9 +29,6 @@ LAYOUT: dict[str | None, dict[str, str]] = {
 }
 OPTION_SECTIONS = {"solver_options": "method", "allocation_options": "allocation"}  # section -> the key choosing it
 NOT_RECORDED = {"out", "force", "resume", "recipe", "data_dir", "device", "no_cache", "help"}
-HEADER = ("# layerprune recipe: the settings that decide this run's result.\n"
-          "# Rerun it: layerprune prune --recipe recipe.yaml --out DIR  (flags given on the command line override\n"
-          "# these values; --out, --data-dir and --device are never taken from a recipe)\n")
 
 
 def _method_name(spec) -> str:
@@ -50,31 +45,6 @@ def core_dests() -> set[str]:
 
 def _where(section, key) -> str:
     return f"{section}.{key}" if section else key
-
-
-# --- writing ------------------------------------------------------------------------------------------------------
-def build(args, registries: dict[str, Registry], resolved: dict) -> dict:
-    """The recipe of a run, in layout order. ``resolved``: dest -> the value the run really used where the flag's
-    own value was a default decided later (seqlen capped by the model, sparsity of N:M, the save dtype)."""
-    from layerprune.cli.common import _flag_value
-
-    out: dict = {"layerprune_recipe": FORMAT}
-    for section, keys in LAYOUT.items():
-        values = {k: resolved.get(d, getattr(args, d)) for k, d in keys.items()}
-        if section is None:
-            out.update(values)
-            for sec, chooser in OPTION_SECTIONS.items():
-                cls = registries[sec].get(_method_name(values[chooser]))
-                out[sec] = {o.name: _flag_value(o, args) for o in cls.options}
-        else:
-            out[section] = values
-    return out
-
-
-def dump(recipe: dict) -> str:
-    import yaml
-
-    return HEADER + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
