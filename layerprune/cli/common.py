@@ -20,8 +20,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if "%(default)" in h or "default" in h.lower() or action.default in (None, False, argparse.SUPPRESS) \
-                or not action.option_strings or action.nargs == 0:
+        if "%(default)" in h or "default" in h.lower() or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or not action.option_strings or action.nargs == 0:
             return h
         return h + " (default: %(default)s)"
 
@@ -165,7 +165,23 @@ def _method_flags(p: argparse.ArgumentParser, registry: Registry) -> None:
             groups[title].add_argument(flag, dest=o.dest, action="store_true", help=o.help)
         else:
             groups[title].add_argument(flag, dest=o.dest, type=o.type, default=o.default, choices=o.choices,
-                                       help=o.help)
+                                       help=o.help + _keyword_default(o, [registry.get(n) for n in owners]))
+
+
+def _keyword_default(o, classes) -> str:
+    """" (default: X)" for an option whose flag default is None ("the method's own"), X read from the method's
+    constructor; "" when the help already says it, or the owners disagree or declare none."""
+    import inspect
+    import re
+
+    if o.default is not None or "default" in o.help.lower() or re.search(r"\([\d.]+\)$", o.help):  # "... (0.01)"
+        return ""
+    found = set()
+    for cls in classes:
+        param = inspect.signature(cls).parameters.get(o.name)
+        found.add(None if param is None or param.default is inspect.Parameter.empty else param.default)
+    value = found.pop() if len(found) == 1 else None
+    return "" if value is None else f" (default: {value})"
 
 
 def _flag_value(o, args):
