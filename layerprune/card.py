@@ -148,6 +148,11 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     zs = record.get("zeroshot") or {}
     if ev.get("before") or ev.get("after") or zs.get("tasks"):
         body += ["## Evaluation", ""] + _ppl_table(ev) + _zeroshot_table(zs)
+    if record.get("evals"):
+        body += ["Evaluated later (`layerprune eval`):", "", "| dataset | protocol | window tokens | windows | ppl |",
+                 "|---|---|---|---|---|"]
+        body += [f"| {ds} | {e.get('protocol')} | {r.get('seqlen')} | {r.get('windows')} | {_fmt(r.get('ppl'), 2)} |"
+                 for e in record["evals"] for ds, r in e.get("results", {}).items()] + [""]
     if (record.get("finetune") or {}).get("eval"):
         body += ["After LoRA recovery:", ""] + _ppl_table(record["finetune"]["eval"])
 

@@ -135,15 +135,24 @@ def prepare_file(path, force: bool = False, inputs=(), flag: str = "--out") -> P
                             f"own files: choose another {flag}")
         if not force:
             raise UserError(f"{flag} {p} already exists: choose another path or pass --force to replace it")
-    if not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    return p
+    return p  # its folder is made by the writer (``write_json``), so a run that fails before writing leaves none
+
+
+def user_mode(folder: Path, pattern: str = "*.safetensors") -> None:
+    """Give the files of ``folder`` matching ``pattern`` the mode the user's umask asks for (safetensors writes its
+    files 0600 through a private temporary file, whatever the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in Path(folder).glob(pattern):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)
 
 
 def write_json(path: Path | None, data: dict) -> None:
     """Write a JSON result (marked as ours) atomically; ``path`` must have passed ``prepare_file``."""
     if path is None:
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(json.dumps({"written_by": MARK, **data}, indent=1, default=str))
     os.replace(tmp, path)

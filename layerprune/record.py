@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
-from .outputs import CHECKPOINT_NAME, RECORD_NAME
+from .outputs import CHECKPOINT_NAME, RECORD_NAME, user_mode
 
 
 def versions() -> dict:
@@ -83,6 +83,7 @@ def save_run(model, tokenizer, out: Path, record: dict, store=None, dtype=None) 
             model.save_pretrained(out)
     finally:
         model.config.use_cache = use_cache
+    user_mode(out)  # the weights as readable as the user's other files
     name = str(target).removeprefix("torch.")
     cfg_path = Path(out) / "config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -34,6 +34,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, and a mistyped flag gets "did you mean" with the closest flags of its sub-command."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+            parser = sub.choices.get(getattr(namespace, sub.dest, None), self) if sub is not None else self
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{did_you_mean(extras, parser)}")
+        return namespace
+
     def parse_known_args(self, args=None, namespace=None):
         """As argparse, and ``namespace.explicit_dests`` lists the options given on the command line (so a recipe
         fills in only the others, even where a flag repeats its default)."""
@@ -55,6 +64,19 @@ class _Parser(argparse.ArgumentParser):
                 given.add(a.dest)
         namespace.explicit_dests = getattr(namespace, "explicit_dests", set()) | given
         return namespace, extras
+
+
+def did_you_mean(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """"; did you mean --sparsity?" for the flags among ``extras`` close to one of ``parser``'s."""
+    import difflib
+
+    known = [s for s in parser._option_string_actions if s.startswith("--")]
+    hints = []
+    for x in extras:
+        if x.startswith("--"):
+            close = difflib.get_close_matches(x.split("=", 1)[0], known, n=2, cutoff=0.7)
+            hints += [c for c in close if c not in hints]
+    return f"; did you mean {' or '.join(hints)}?" if hints else ""
 
 
 def _examples(*lines: str) -> str:
