@@ -78,3 +78,20 @@ def test_eval_of_a_run_reuses_its_settings_and_joins_its_record(tmp_path, text_c
     assert got["protocol"] == "paper" and got["max_windows"] is None and got["results"]["wikitext2"]["windows"] > 3
     # a model that is no run has no recorded settings
     assert main(["eval", str(model_dir), "--protocol", "run"]) == 2
+
+
+def test_demo_reruns_and_replaces_only_its_own_output(tmp_path, text_corpus, capfd):
+    model_dir, out = tmp_path / "model", tmp_path / "demo"
+    tiny_model("llama", layers=2).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    argv = ["demo", "--model", str(model_dir), "--data-dir", str(text_corpus), "--nsamples", "2", "--seqlen", "16",
+            "--max-windows", "2", "--out", str(out)]
+    assert main(argv) == 0
+    first = (out / "layerprune.json").stat().st_mtime_ns
+    assert main(argv) == 0  # `make demo` twice in a row
+    assert (out / "layerprune.json").stat().st_mtime_ns != first
+    assert {p.name for p in out.iterdir()} == {"layerprune.json", "block_sparsity.png"}
+    (out / "notes.txt").write_text("mine")  # a file the demo did not write: no silent replacement
+    capfd.readouterr()
+    assert main(argv) == 2 and "--force" in capfd.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"

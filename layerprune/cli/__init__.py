@@ -16,7 +16,8 @@ from layerprune.cli import eval as eval_
 from layerprune.cli.common import _examples, _Parser
 from layerprune.errors import UserError
 
-COMMANDS = (info, eval_, prune, bench_speed, export, finetune, plot, fed, demo, search_allocation)  # the order of --help
+# the order of --help
+COMMANDS = (info, eval_, prune, bench_speed, export, finetune, plot, fed, demo, search_allocation)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,8 +79,8 @@ def run(args) -> int:
     for ds in datasets:
         r = evaluate_ppl(model, tok, ds, args.seqlen, data_dir, args.max_windows, args.batch_size or 1)
         results.append({"model": args.model, **r.to_dict(), "sparsity": sparsity})
-        print(f"{ds:16s} seqlen {r.seqlen:5d}  windows {r.windows:4d}  ppl {r.ppl:10.3f}  bos {'yes' if r.bos else 'no'}"
-              f"  ({r.seconds:.1f}s, sparsity {sparsity:.4f})")
+        print(f"{ds:16s} seqlen {r.seqlen:5d}  windows {r.windows:4d}  ppl {r.ppl:10.3f}  "
+              f"bos {'yes' if r.bos else 'no'}  ({r.seconds:.1f}s, sparsity {sparsity:.4f})")
     report = {"protocol": protocol, "results": results}
     if tasks:
         zs = zeroshot(model, tok, tasks, data_dir, args.limit, batch_size=args.batch_size or 8)
