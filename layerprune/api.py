@@ -216,14 +216,13 @@ def run_prune(config: RunConfig | None = None, **settings) -> dict:
     prepare_dir(out, run.force, run.resume, inputs=inputs, create=False)  # 1. checks before any load or write
     device = resolve_device(run.device)
     _check_choice(cfg, True)  # the tokenizer comes with the model
-    log.info("reading the configuration of %s", run.model)
+    _say(run, f"loading {run.model} ({run.dtype})")
     skeleton = load_skeleton(run.model, run.dtype)
     if skeleton is not None:
         preflight(skeleton, cfg)
         del skeleton
 
-    _say(run, f"loading {run.model} ({run.dtype})")  # 2. load, draw the calibration, check the disk, then write
-    store = None
+    store = None  # 2. load, draw the calibration, check the disk, then write
     if cfg.offload == "disk":  # idle blocks stay on disk from load to save
         from .offload import load_model_lazy
 

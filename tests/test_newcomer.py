@@ -95,3 +95,15 @@ def test_demo_reruns_and_replaces_only_its_own_output(tmp_path, text_corpus, cap
     capfd.readouterr()
     assert main(argv) == 2 and "--force" in capfd.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_progress_bars_count_windows_and_write_lines_in_a_log(tmp_path, text_corpus, capfd):
+    from layerprune.evaluation.perplexity import evaluate_ppl
+
+    capfd.readouterr()
+    r = evaluate_ppl(tiny_model("llama", layers=2), tiny_tokenizer(), "wikitext2", 16, text_corpus, max_windows=8,
+                     batch_size=3)
+    err = capfd.readouterr().err  # not a terminal: plain lines
+    assert r.windows == 8 and "\r" not in err
+    lines = [x for x in err.splitlines() if x.startswith("ppl wikitext2")]
+    assert lines and "8/8" in lines[-1] and "window" in lines[-1], err

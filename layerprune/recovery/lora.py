@@ -10,10 +10,10 @@ re-applied), so the perplexity that counts is the one measured after finetune_lo
 import time
 
 import torch
-from tqdm import tqdm
 
 from layerprune.errors import UserError
 from layerprune.models.adapters import get_adapter
+from layerprune.progress import tqdm
 
 
 def prunable_linears(model):
