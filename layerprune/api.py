@@ -25,24 +25,18 @@ from pathlib import Path
 
 import torch
 
+from .allocation import get_allocator
 from .config import DTYPES, PruneConfig, RunConfig
-from .data import calibration_pool, get_calibration, resolve_data_dir
+from .data import calibration_set
 from .data.calibration import CalibrationSet
 from .engine import preflight, prune_model, prune_to_blocks
 from .errors import UserError
 from .models.info import measure_sparsity
 from .record import versions
+from .search import Auto  # noqa: F401 (registers the 'auto' allocator: a choice step before the run)
+from .solvers import get_solver
 
 log = logging.getLogger(__name__)
-
-
-def calibration_set(tokenizer, calib: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                    data_dir=None, bos: bool | None = None) -> CalibrationSet:
-    """``bos``: start every window with BOS (True), never (False), or as the tokenizer does (None)."""
-    pool = calibration_pool(calib, resolve_data_dir(data_dir))
-    cs = get_calibration(tokenizer, pool, nsamples, seqlen, seed, bos=bos)
-    cs.source = calib
-    return cs
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -75,7 +69,11 @@ def _config(cls, config, settings: dict):
             config = PruneConfig(**settings)
     if not isinstance(config, cls):
         raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
-    return config.validate()
+    config.validate()
+    cfg = config.prune if cls is RunConfig else config
+    get_solver(cfg.method)  # the method's and the allocation's names and options, before any work
+    get_allocator(cfg.allocation, **cfg.allocation_options)
+    return config
 
 
 def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calibration=None, data_dir=None, device=None,
@@ -115,8 +113,6 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calibrati
 
 def _chooser(cfg: PruneConfig):
     """The allocator when it chooses the allocation per model before the run (it declares ``choose_for_run``)."""
-    from .allocation import get_allocator
-
     allocator = get_allocator(cfg.allocation, **cfg.allocation_options)
     return allocator if hasattr(allocator, "choose_for_run") else None
 
@@ -204,7 +200,8 @@ def run_prune(config: RunConfig | None = None, **settings) -> dict:
     from .data.corpora import resolve_data_dir as _data_dir
     from .evaluation.perplexity import check_seqlen
     from .models.loading import load_model, load_skeleton
-    from .outputs import check_free_space, finish_dir, prepare_dir, run_disk_need, write_text
+    from .offload import run_disk_need
+    from .outputs import check_free_space, finish_dir, prepare_dir, write_text
     from .record import save_dtype, save_run, write_record
     from .recipe import RECIPE_NAME, build_recipe, dump, model_path
 

@@ -2,8 +2,9 @@
 ``RunConfig`` (a whole ``layerprune prune`` run: the model to load, where to save, what to evaluate), and the dtypes
 by name (the one list).
 
-A leaf module: ``models/`` imports ``DTYPES`` from here, so nothing above ``errors`` is imported at module level.
-A config is validated once (``validate()`` again after no change is free; a changed field is checked again).
+Below the engine: ``validate`` reads N:M from ``solvers.nm``; the method's and the allocation's names are checked where
+the config is used (``api``, ``engine.preflight``). A config is validated once (``validate()`` again after no change
+is free; a changed field is checked again).
 """
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
-
+from .dtypes import DTYPES  # noqa: F401 (the dtypes by name, also importable from here)
 from .errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # dtypes by name
 OFFLOAD_MODES = ("none", "cpu", "disk")
 CALIBRATION_FIELDS = ("calib", "nsamples", "seqlen", "seed")  # how the calibration windows are drawn
 CALIBRATION_DEFAULTS = {"calib": "c4", "nsamples": 128, "seqlen": None, "seed": 0}  # seqlen None: 2048, capped
@@ -47,7 +46,6 @@ class PruneConfig:
         key = repr(self._key())
         if getattr(self, "_validated", None) == key:
             return self
-        from .solvers import get_solver  # here, not at the top: config stays a leaf (see the module docstring)
         from .solvers.nm import check_nm, parse_nm
 
         if isinstance(self.nm, str):
@@ -78,10 +76,6 @@ class PruneConfig:
             raise UserError(f"--nsamples {self.nsamples} must be at least 1")
         if self.seqlen is not None and self.seqlen < 2:
             raise UserError(f"--seqlen {self.seqlen} is too small: use at least 2")
-        get_solver(self.method)
-        from .allocation import get_allocator  # the allocation's name and options
-
-        get_allocator(self.allocation, **self.allocation_options)
         self._validated = repr(self._key())
         return self
 

@@ -185,7 +185,7 @@ def prune_to_blocks(model, calib: torch.Tensor, block_sparsity, compute_dtype: s
                     method: str = "wanda") -> dict:
     """Prune ``model`` in place with ``method`` at the given per-block sparsities (a ``user`` allocation, parameter-
     weighted mean as the target), block by block with propagation on ``calib``: what the allocation proxies that
-    propagate (``allocation.dsa.proxy``, ``prune_fn``) run per candidate. Returns the run record."""
+    propagate (``search.proxy``, ``prune_fn``) run per candidate. Returns the run record."""
     bs = [float(s) for s in block_sparsity]
     adapter = get_adapter(model)
     sizes = [sum(adapter.get_weight(m).numel() for m in adapter.linears(b).values()) for b in adapter.blocks(model)]

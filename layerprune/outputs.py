@@ -177,22 +177,3 @@ def check_free_space(folder: Path, need: int, what: str) -> None:
         gib = 2 ** 30
         raise UserError(f"not enough disk space in {probe}: {what} needs about {need / gib:.2f} GiB and "
                         f"{free / gib:.2f} GiB are free; free some space or choose another --out")
-
-
-def run_disk_need(model, nsamples: int, seqlen: int, act_dtype, offload: str) -> int:
-    """Peak bytes a prune run writes under --out.
-
-    Under --out: the checkpoint (every pruned block, plus the latest and the next block inputs while the latter is
-    written) and the saved run (the model once more). With --offload disk the pruned blocks are the saved run's shards
-    (no second copy), plus the disk-offloaded activation buffers (two)."""
-    import torch
-
-    from .models.adapters import get_adapter
-
-    size = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731 (meta tensors too)
-    model_bytes = size(model.parameters())
-    block_bytes = sum(size(b.parameters()) for b in get_adapter(model).blocks(model))
-    acts = nsamples * seqlen * model.config.hidden_size * torch.empty((), dtype=act_dtype).element_size()
-    if offload == "disk":  # pruned blocks are written once, as the run's own shards (DiskStore.bind)
-        return model_bytes + 4 * acts
-    return block_bytes + 2 * acts + model_bytes

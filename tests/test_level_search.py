@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from layerprune.allocation.dsa.proxy import Proxy
-from layerprune.allocation.dsa.search import evolutionary_search, random_search
-from layerprune.allocation.levels import LevelSpace, level_search
+from layerprune.search.proxy import Proxy
+from layerprune.search.dsa import evolutionary_search, random_search
+from layerprune.search.levels import LevelSpace, level_search
 from layerprune.errors import UserError
 
 
@@ -86,7 +86,7 @@ def _same(a, b):
 
 def test_ray_searches_log_the_same_candidates_and_fitness_as_serial(tmp_path):
     pytest.importorskip("ray")
-    from layerprune.allocation.ray_search import ProxyFactory, RayEvaluator
+    from layerprune.search.ray_search import ProxyFactory, RayEvaluator
 
     torch.set_num_threads(1)  # the Ray workers run with one thread: the same arithmetic
     model, calib, ev = tiny_model("llama", layers=4), _calib(), _calib(1, 1, 400)

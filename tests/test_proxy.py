@@ -6,7 +6,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 from layerprune import prune
-from layerprune.allocation.dsa.proxy import (PROXIES, Proxy, dense_logprobs, eval_windows, proxy_settings,
+from layerprune.search.proxy import (PROXIES, Proxy, dense_logprobs, eval_windows, proxy_settings,
                                              window_scores)
 from layerprune.engine import prune_to_blocks
 from layerprune.errors import UserError
@@ -72,7 +72,7 @@ def test_proxy_settings_are_checked():
 def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path, family):
     from conftest import tiny_tokenizer
 
-    from layerprune.allocation.auto import CANDIDATES
+    from layerprune.search.auto import CANDIDATES
 
     tok = tiny_tokenizer()
     data = tmp_path / "data"
@@ -98,7 +98,7 @@ def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path, family):
 
 
 def test_auto_screens_every_candidate_then_scores_uniform_and_the_best_with_the_proxy():
-    from layerprune.allocation.auto import CANDIDATES, SCREEN_PROXY, choose
+    from layerprune.search.auto import CANDIDATES, SCREEN_PROXY, choose
 
     kw = dict(seqlen=32, prune_fn=prune_to_blocks)
     rep = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=10.0, **kw)

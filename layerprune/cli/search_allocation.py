@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from layerprune.allocation.dsa.proxy import DEFAULT_PROXY, PROXIES
+from layerprune.search.proxy import DEFAULT_PROXY, PROXIES
 from layerprune.cli.common import DTYPES, _examples, calibration_args
 
 

@@ -1,15 +1,15 @@
 """Search an allocation for one model at one sparsity (``layerprune search-allocation``, ``search_allocation``).
 
-Strategies: ``evolutionary`` and ``random`` search DSA allocation functions (``allocation/dsa/search.py``);
-``evopress`` searches per-block sparsity levels directly (``allocation/levels.py``; writes best_allocation.json, use it
-as ``--allocation user:best_allocation.json``). The fitness is the proxy of ``allocation/dsa/proxy.py`` (``--proxy``:
+Strategies: ``evolutionary`` and ``random`` search DSA allocation functions (``search/dsa.py``);
+``evopress`` searches per-block sparsity levels directly (``search/levels.py``; writes best_allocation.json, use it
+as ``--allocation user:best_allocation.json``). The fitness is the proxy of ``search/proxy.py`` (``--proxy``:
 one-shot Wanda with dense statistics by default, or pruning with propagation / KL, perplexity or KL on a few
 WikiText-2 *validation* windows). ``--workers N`` (N > 1) evaluates candidates on N Ray actors (a local Ray, or
 ``--ray-address`` to join a cluster) with the same log as the serial search for the same seed and candidate budget. After the search the ``--rescore-top`` best candidates are scored again in float32 on
 ``--rescore-windows`` validation windows and the best of them is the result. Files written to ``--out``:
 
     settings.json             what the fitness and the search trajectory depend on (``--resume`` must match it)
-    search.jsonl              one line per candidate (see dsa/search.py); search.jsonl.best.json: best so far
+    search.jsonl              one line per candidate (see search/dsa.py); search.jsonl.best.json: best so far
     dense_norms.safetensors   cached dense calibration statistics (reused by --resume / --force)
     best_function.txt         the chosen function: use it as ``--allocation dsa:"<function>"``
     summary.json              settings, result, throughput, timings, the chosen allocation, the rescored top
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerprune.allocation.dsa.proxy import DEFAULT_PROXY
+from layerprune.search.proxy import DEFAULT_PROXY
 from layerprune.errors import UserError
 
 OWN_FILES = ("settings.json", "search.jsonl", "search.jsonl.best.json", "best_function.txt", "summary.json",
@@ -177,9 +177,9 @@ def _prepare_out(cfg, settings: dict) -> Path:
 def search_allocation(cfg: SearchConfig) -> dict:
     import torch
 
-    from layerprune.allocation.dsa.proxy import Proxy, proxy_settings
-    from layerprune.allocation.dsa.search import evolutionary_search, plot_curves, random_search, read_log, summarize
-    from layerprune.api import calibration_set
+    from layerprune.search.proxy import Proxy, proxy_settings
+    from layerprune.search.dsa import evolutionary_search, plot_curves, random_search, read_log, summarize
+    from layerprune.data import calibration_set
     from layerprune.data import resolve_data_dir
     from layerprune.data.bos import bos_id
     from layerprune.engine import prune_to_blocks
@@ -207,7 +207,7 @@ def search_allocation(cfg: SearchConfig) -> dict:
                **pset)
     evaluator = None
     if cfg.workers > 1:  # the driver's proxy computes (and caches) the dense statistics first
-        from layerprune.allocation.ray_search import ProxyFactory, RayEvaluator
+        from layerprune.search.ray_search import ProxyFactory, RayEvaluator
     proxy = Proxy(model, calib, eval_ids, cfg.sparsity, **pkw)
     if cfg.workers > 1:
         evaluator = RayEvaluator(ProxyFactory(cfg.model, calib, eval_ids, cfg.sparsity, **pkw), cfg.workers,
@@ -302,7 +302,7 @@ def _evopress(cfg, settings: dict, out: Path, proxy, evaluator, t_load: float) -
     """The level search: per-block sparsities, written to best_allocation.json (``--allocation user:FILE``)."""
     import torch
 
-    from layerprune.allocation.levels import LevelSpace, level_search
+    from layerprune.search.levels import LevelSpace, level_search
 
     from layerprune.allocation.user import parse_sparsities
 

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layerprune.allocation.dsa.functions import AllocationFunction, InvalidCandidate, StageCache, allocate, resolve
-from layerprune.allocation.scores import wanda_score
+from layerprune.scores import wanda_score
 from layerprune.checkpoint import fingerprint
 from layerprune.config import DTYPES
 from layerprune.errors import UserError

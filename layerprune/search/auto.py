@@ -7,7 +7,7 @@ full run's pre-pass, which the run then skips), and scored in two steps (EvoPres
   1. screen: every candidate by ``SCREEN_PROXY`` (one-shot Wanda with the dense norms, perplexity on 2 validation
      windows in bfloat16: bench/results/proxy_study, rho 0.92 over 20 allocations at 0.37x the cost of the old proxy);
   2. the screen's best, the next ones up to ``finalists`` in all if their screen value is within ``margin`` of the best
-     (only near-ties need the better proxy), and uniform, by the proxy (``dsa/proxy.py``, ``PROXIES[name]``; default
+     (only near-ties need the better proxy), and uniform, by the proxy (``search/proxy.py``, ``PROXIES[name]``; default
      ``propagate-kl-4``: Wanda with propagation on 4 calibration windows, KL to the dense model on 4 validation
      windows, rho 0.94 at 1.26x the old proxy's cost; ``propagate-kl``, 8 windows, ranks better, rho 0.96, at 1.6x).
 The lowest proxy value wins; uniform is always a finalist and wins ties, so the choice is never worse than uniform *by
@@ -24,7 +24,7 @@ import math
 import time
 
 from layerprune.allocation.base import AllocationContext, BoundedAllocator
-from layerprune.allocation.dsa.proxy import PROXIES, InvalidCandidate, Proxy, proxy_settings
+from layerprune.search.proxy import PROXIES, InvalidCandidate, Proxy, proxy_settings
 from layerprune.allocation.plan import layer_census
 from layerprune.errors import UserError
 from layerprune.models.adapters import get_adapter
@@ -76,7 +76,7 @@ class Auto(BoundedAllocator):
         self.proxy, self.finalists, self.margin = proxy, int(finalists), float(margin)
 
     def allocate(self, target, ctx):
-        raise UserError("allocation 'auto' is chosen by prune() before pruning (layerprune.allocation.auto.choose); "
+        raise UserError("allocation 'auto' is chosen by prune() before pruning (layerprune.search.auto.choose); "
                         "pass it to prune(), not to the plan")
 
     # An allocator with ``choose_for_run`` is asked by ``prune()`` for the allocation the run then uses.
