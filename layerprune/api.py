@@ -158,7 +158,7 @@ def _prune(model, tokenizer, cfg: PruneConfig, calibration, t_calib: float, *, d
     given = {k: calib_info[s] for k, s in (("calib", "source"), ("nsamples", "nsamples"), ("seqlen", "seqlen"),
                                            ("seed", "seed"))} if isinstance(calibration, CalibrationSet) \
         else {"calibration": f"token ids {ids.shape[0]} x {ids.shape[1]}"}
-    record["api_call"] = {"method": cfg.method, "sparsity": cfg.sparsity,
+    record["api_call"] = {"method": cfg.method, "sparsity": None if cfg.nm else cfg.sparsity,  # N:M sets it
                           "nm": f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else None, "allocation": cfg.allocation,
                           "allocation_options": dict(cfg.allocation_options),
                           "solver_options": dict(cfg.solver_options), **given, "compute_dtype": cfg.compute_dtype,

@@ -102,8 +102,9 @@ def units(g: dict[str, set[str]]) -> dict[str, set[str]]:
 
 
 def test_no_import_circle_between_top_level_units():
-    """allocation, config, evaluation, models, offload, outputs, passes, quant, solvers, search, ...: each unit's imports
-    (function-level ones too) point one way; the searches (search/) run the engine, allocation/ keeps the rules."""
+    """allocation, config, evaluation, models, offload, outputs, passes, quant, solvers, search, ...: each unit's
+    imports (function-level ones too) point one way; the searches (search/) run the engine, allocation/ keeps the
+    rules."""
     assert circles(units(graph(REPO / "layerprune"))) == []
 
 

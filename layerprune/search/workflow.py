@@ -5,7 +5,8 @@ Strategies: ``evolutionary`` and ``random`` search DSA allocation functions (``s
 as ``--allocation user:best_allocation.json``). The fitness is the proxy of ``search/proxy.py`` (``--proxy``:
 one-shot Wanda with dense statistics by default, or pruning with propagation / KL, perplexity or KL on a few
 WikiText-2 *validation* windows). ``--workers N`` (N > 1) evaluates candidates on N Ray actors (a local Ray, or
-``--ray-address`` to join a cluster) with the same log as the serial search for the same seed and candidate budget. After the search the ``--rescore-top`` best candidates are scored again in float32 on
+``--ray-address`` to join a cluster) with the same log as the serial search for the same seed and candidate budget.
+After the search the ``--rescore-top`` best candidates are scored again in float32 on
 ``--rescore-windows`` validation windows and the best of them is the result. Files written to ``--out``:
 
     settings.json             what the fitness and the search trajectory depend on (``--resume`` must match it)
