@@ -13,8 +13,9 @@ per-block targets come from the engine's own planning (``allocation.plan.make_pl
 Results go to bench/results/allocation_sweep.{json,md} after every run (a killed run keeps what it finished).
 
 Hyperparameters (defaults = the papers'): OWL M = 5, lambda = 0.08; DLP alpha = 0.15 at every sparsity (the value of
-the paper and code at 70%; the paper's per-sparsity table was not recovered); ATP beta = 0.3 * beta_max (ATP grid-searches
-beta in (0, beta_max]); IPR log-increase with r0 = r_end / 4 (SlimGPT's recipe ratio). ``--alpha/--lam/--beta-frac``
+the paper and code at 70%; the paper's per-sparsity table was not recovered); ATP beta = 0.3 * beta_max (ATP
+grid-searches beta in (0, beta_max]); IPR log-increase with r0 = r_end / 4 (SlimGPT's recipe ratio).
+``--alpha/--lam/--beta-frac``
 override them (e.g. with the values chosen on WikiText-2 valid by bench/allocation_tune.py); the hyperparameters are
 part of every run's key, so runs with other values are kept apart.
 """
@@ -34,7 +35,7 @@ from layerprune.api import calibration_set
 from layerprune.config import PruneConfig
 from layerprune.models.adapters import get_adapter
 
-from .common import CALIB, MODEL, RESULTS, cmdline, code_line, code_version, read_json, write_atomic, write_json
+from .common import CALIB, MODEL, RESULTS, cmdline, code_line, provenance, read_json, write_atomic, write_json
 
 STATS_JSON = RESULTS / "allocation_stats.json"
 ALLOCATIONS = ["uniform", "owl", "dlp-median", "dlp-mean", "ipr-log", "atp"]
@@ -252,7 +253,7 @@ def main() -> None:
             r = prune_and_eval(model, tok, calib, solver, sparsity, label, hp, stats, "wikitext2", args.windows)
             expect = block_targets(infos, stats, label, hp, sparsity)
             assert max(abs(a - b) for a, b in zip(expect, r["block_target"])) < 1e-9, "targets differ from the engine"
-            data["runs"][key] = {**r, "code": code_version()}
+            data["runs"][key] = {**r, "code": provenance()}
             save()
             print(f"{solver:9s} {sparsity:.0%} {label:10s} ppl {r['ppl']:9.2f}  sparsity {r['measured_sparsity']:.4f}"
                   f"  prune {r['prune_s']:.0f} s  eval {r['eval_s']:.0f} s", flush=True)

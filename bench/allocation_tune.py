@@ -17,7 +17,7 @@ import json
 import time
 
 from .allocation_sweep import hyperparams, prune_and_eval, run_key, setup
-from .common import RESULTS, cmdline, code_line, code_version, read_json, write_atomic, write_json
+from .common import RESULTS, cmdline, code_line, provenance, read_json, write_atomic, write_json
 
 SPARSITY, SOLVER = 0.7, "wanda"
 GRID = {"dlp-median": ("alpha", [0.15, 0.05, 0.1, 0.2]), "owl": ("lam", [0.08, 0.04, 0.12]),
@@ -57,7 +57,8 @@ def write_markdown(data: dict) -> None:
                      f"{(r['ppl'] / uni - 1) * 100:+.1f}% | {min(bt):.3f}..{max(bt):.3f} | {r['prune_s']:.0f} |")
     lines += ["", "Chosen (lowest valid PPL): " + ", ".join(f"{k} {GRID[k][0]} = {v:g}" for k, v in
                                                            data["chosen"].items())]
-    lines += ["", "`python -m bench.allocation_sweep --tuned` uses the chosen values (DLP's alpha for both statistics)."]
+    lines += ["", "`python -m bench.allocation_sweep --tuned` uses the chosen values "
+                  "(DLP's alpha for both statistics)."]
     write_atomic(RESULTS / "allocation_tune.md", "\n".join(lines) + "\n")
 
 
@@ -85,7 +86,7 @@ def main() -> None:
             print("time budget reached; rerun to continue", flush=True)
             break
         r = prune_and_eval(model, tok, calib, SOLVER, SPARSITY, label, hp, stats, "wikitext2-valid", args.windows)
-        data["runs"][key] = {**r, "code": code_version()}
+        data["runs"][key] = {**r, "code": provenance()}
         for lab, (name, _) in GRID.items():
             done = [x for x in data["runs"].values() if x["allocation"] == lab]
             if done:

@@ -44,7 +44,8 @@ def main() -> None:
     auto = rec["allocation_auto"]
     out = {"command": cmdline(), "method": args.method, "sparsity": args.sparsity, "test_ppl": ppl,
            "chosen": auto["chosen"], "reason": auto["reason"], "proxy": auto["proxy"],
-           "tried": [{k: r.get(k) for k in ("label", "spec", "options", "screen", "value", "spread", "seconds", "error")}
+           "tried": [{k: r.get(k) for k in ("label", "spec", "options", "screen", "value", "spread", "seconds",
+                                            "error")}
                      for r in auto["tried"]],
            "screen": auto.get("screen"), "block_sparsity": rec["allocation"]["block"],
            "seconds": {"auto_choice": t["auto_choice"], **{f"auto_{k}": v for k, v in auto["seconds"].items()},
@@ -59,7 +60,8 @@ def main() -> None:
     write_json(RESULTS / "auto" / f"{tag}.json", out)
     print(f"{tag}: chose {auto['chosen']} ({auto['reason']}); test PPL {ppl:.2f}; auto {t['auto_choice']:.0f}s "
           f"(dense pass {auto['seconds']['dense_pass']:.0f}s, the run's pre-pass) vs pruning {t['total']:.0f}s: "
-          f"{out['auto_cost_vs_pruning']:.2f}x whole, {out['auto_cost_vs_pruning_with_prepass']:.2f}x of the run with its "
+          f"{out['auto_cost_vs_pruning']:.2f}x whole, {out['auto_cost_vs_pruning_with_prepass']:.2f}x of the run "
+          f"with its "
           f"pre-pass, {out['auto_added_vs_pruning']:.2f}x added")
 
 

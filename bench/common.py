@@ -73,6 +73,58 @@ def code_version() -> dict:
         return {"commit": None, "dirty": None}
 
 
+def gemm_gflops(device="cpu", n: int = 2048, reps: int = 3) -> float:
+    """fp32 GEMM rate (GFLOP/s) of ``device``, best of ``reps`` n x n products (CUDA: timed after a synchronize)."""
+    dev = torch.device(device)
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+@functools.cache
+def provenance() -> dict:
+    """What every result row records: the code (commit, dirty), the command line, the machine's threads and its
+    fp32 GEMM rate measured now (timings on a shared machine compare only within one run). Taken once per process,
+    when a script first asks (call it at the start, before the work)."""
+    return {**code_version(), "command": cmdline(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "gemm_gflops_fp32": round(gemm_gflops(), 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+ROW_KEYS = ("results", "rows", "runs")
+
+
+def stamp_rows(data: dict) -> dict:
+    """Every row (a dict in ``results``/``rows``/``runs``, a list or a dict of rows) without its own ``code`` gets this
+    process's ``provenance()``: a row produced here. Rows carried over from an earlier file keep the ``code`` they
+    had."""
+    out = dict(data)
+    for key in ROW_KEYS:
+        rows = out.get(key)
+        if isinstance(rows, list):
+            out[key] = [r if not isinstance(r, dict) or "code" in r else {**r, "code": provenance()} for r in rows]
+        elif isinstance(rows, dict):
+            out[key] = {k: r if not isinstance(r, dict) or "code" in r else {**r, "code": provenance()}
+                        for k, r in rows.items()}
+    return out
+
+
+def carried_row(row: dict) -> dict:
+    """A row kept from an earlier result file: its own ``code``, or an explicit 'not recorded' (never this run's)."""
+    if "code" in row:
+        return row
+    if row.get("commit_of_row"):  # the older per-row field: the commit is known, the tree state is not
+        return {**row, "code": {"commit": row["commit_of_row"], "dirty": None}}
+    return {**row, "code": {"commit": None, "dirty": None, "note": "produced before rows recorded their commit"}}
+
+
 def code_line() -> str:
     """One line for a markdown report: the commit (and whether the tree was dirty)."""
     v = code_version()
@@ -80,8 +132,9 @@ def code_line() -> str:
 
 
 def write_json(path: Path, data: dict, **kw) -> None:
-    """Write a result JSON with the code version (``"code"``) in it, atomically."""
-    write_atomic(Path(path), json.dumps({**data, "code": code_version()}, **{"indent": 1, **kw}))
+    """Write a result JSON, atomically: every row stamped with its provenance (``stamp_rows``) and the file with the
+    code version of its last writer (``"code"``)."""
+    write_atomic(Path(path), json.dumps({**stamp_rows(data), "code": provenance()}, **{"indent": 1, **kw}))
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -169,8 +169,10 @@ def main() -> None:
     for qtype, per in speed.items():
         for n, s in per.items():
             lines.append(f"| {n} | {qtype} | {s['pp512']['size_bytes'] / 2**20:.1f} | "
-                         f"{s['pp512']['tokens_per_s']:.1f} ± {s['pp512']['stdev']:.1f} | {s['pp512']['vs_dense']:.2f}x | "
-                         f"{s['tg128']['tokens_per_s']:.1f} ± {s['tg128']['stdev']:.1f} | {s['tg128']['vs_dense']:.2f}x |")
+                         f"{s['pp512']['tokens_per_s']:.1f} ± {s['pp512']['stdev']:.1f} | "
+                         f"{s['pp512']['vs_dense']:.2f}x | "
+                         f"{s['tg128']['tokens_per_s']:.1f} ± {s['tg128']['stdev']:.1f} | "
+                         f"{s['tg128']['vs_dense']:.2f}x |")
     write_atomic(RESULTS / "deploy_gguf.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

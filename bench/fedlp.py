@@ -70,11 +70,15 @@ def main() -> None:
         name += f"({c['depth_flag'] or 'u'})" if c["scheme"] == "hetero" else ""
         ppl = " | ".join(f"{s['initial_ppl'][k]:.2f} -> {v:.2f}" for k, v in s["final_ppl"].items())
         lines.append(f"| {name} | {ppl} | {s['mean_bytes_per_client_round']:,.0f} | "
-                     f"{s['predicted_fp32_bytes_per_client_round']:,.0f} | {s['bytes_ratio_vs_fedavg']:.3f} | {s['wall_s']} |")
+                     f"{s['predicted_fp32_bytes_per_client_round']:,.0f} | {s['bytes_ratio_vs_fedavg']:.3f} | "
+                     f"{s['wall_s']} |")
     cfg = results[0]["config"]
-    head = (f"# FedLP on {cfg['model']} (first {cfg['num_blocks']} blocks), {cfg['clients']} clients, {cfg['rounds']} rounds, "
-            f"{cfg['partition']} shards, {cfg['local_steps']} AdamW steps x {cfg['batch_size']} x {cfg['seqlen']} tokens"
-            f"{' (quick)' if args.quick else ' (medium)' if args.medium else ''}\n\nFailing clients: {list(cfg['fail_clients']) or 'none'}. "
+    head = (f"# FedLP on {cfg['model']} (first {cfg['num_blocks']} blocks), {cfg['clients']} clients, "
+            f"{cfg['rounds']} rounds, "
+            f"{cfg['partition']} shards, {cfg['local_steps']} AdamW steps x {cfg['batch_size']} x {cfg['seqlen']} "
+            f"tokens"
+            f"{' (quick)' if args.quick else ' (medium)' if args.medium else ''}\n\n"
+            f"Failing clients: {list(cfg['fail_clients']) or 'none'}. "
             "Bytes are the serialized ArrayRecords (download + upload) per sampled client per round. "
             f"{code_line()}\n\n")
     (out / "fedlp.md").write_text(head + "\n".join(lines) + "\n")

@@ -27,7 +27,7 @@ import torch
 
 from layerprune.federated.run import FedConfig, load, plot, run_federated
 
-from .common import CACHE, MODEL, RESULTS, code_line, code_version, write_json
+from .common import CACHE, MODEL, RESULTS, code_line, provenance, write_json
 
 TABLE = dict(model=MODEL, clients=10, fraction=0.3, rounds=5, local_steps=3, batch_size=2, seqlen=128, lr=1e-3,
              lora_rank=8, partition="dirichlet", alpha=1.0, docs_per_client=20, max_client_tokens=6000,
@@ -186,7 +186,7 @@ def recovery(args) -> None:
            "ppl_before_40x512": before, "ppl_before_from": before_from, "ppl_after_40x512": after,
            "measured_sparsity_before": sp_before, "measured_sparsity_after": sp_after,
            "zero_pattern_identical_on_disk": same, "saved_dir": str(save), "run": res,
-           "code": code_version(), "total_seconds": round(time.time() - t0, 1)}
+           "code": provenance(), "total_seconds": round(time.time() - t0, 1)}
     if args.quick:
         print({k: v for k, v in out.items() if k != "run"})
         return

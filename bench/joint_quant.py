@@ -4,9 +4,10 @@
 
 WikiText-2 test PPL (40 windows x 512 tokens) of the dequantized weights, and the theoretical size (layerprune.quant:
 block linears packed at `bits` with an fp16 scale + `bits`-bit zero per group, a 1-bit mask when sparse; embeddings,
-norms and the tied head at fp16). "4-bit alone" is the same solver at sparsity 0 (GPTQ); "round-to-nearest" puts every weight on the same grid
-without error compensation (layerprune.quant.quantize_weight, no calibration), as a reference. Calibration 32 x 512 C4 pool,
-seed 0. The dense PPL is taken from bench/results/solvers_50.json (same protocol); SparseGPT 50% comes from the bench
+norms and the tied head at fp16). "4-bit alone" is the same solver at sparsity 0 (GPTQ); "round-to-nearest" puts
+every weight on the same grid without error compensation (layerprune.quant.quantize_weight, no calibration), as a
+reference. Calibration 32 x 512 C4 pool, seed 0. The dense PPL is taken from bench/results/solvers_50.json (same
+protocol); SparseGPT 50% comes from the bench
 cache (bench/common.py, shared with bench/zeroshot_table.py) when present (else it is pruned here) and its PPL is
 measured again.
 """
@@ -47,7 +48,8 @@ def round_to_nearest(model, bits, groupsize):
 def write(rows, total_s, other_params):
     write_json(OUT / "joint_quant.json", {"command": "python -m bench.joint_quant", "rows": rows,
                                           "total_seconds": total_s})
-    lines = ["| run | measured zeros | WikiText-2 PPL (40x512) | storage format | theoretical size MiB | vs fp16 | prune s |",
+    lines = ["| run | measured zeros | WikiText-2 PPL (40x512) | storage format | theoretical size MiB | vs fp16 | "
+             "prune s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         ps = "-" if r["prune_seconds"] is None else f"{r['prune_seconds']:.0f}"
@@ -56,7 +58,8 @@ def write(rows, total_s, other_params):
     text = ("Command: `python -m bench.joint_quant` (SmolLM2-135M fp32 compute, calibration 32 x 512 C4 pool seed 0, "
             f"asymmetric min-max grid, {BITS} bits, groupsize {GROUP}). Sizes: block linears in the given format, the "
             f"embeddings/norms/head ({other_params / 1e6:.1f} M params) at fp16 in every row. measured zeros: fraction "
-            "of exact zeros in the block linears (with quantization, a few kept weights also round to 0). prune s '-': reused from "
+            "of exact zeros in the block linears (with quantization, a few kept weights also round to 0). "
+            "prune s '-': reused from "
             f"the zero-shot bench cache. Total {total_s / 60:.1f} min on 2 CPU cores. {code_line()}\n\n"
             + "\n".join(lines) + "\n")
     (OUT / "joint_quant.md").write_text(text)

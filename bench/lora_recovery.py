@@ -48,7 +48,8 @@ def main() -> None:
     masks_after = masks_of(load_model(str(new))[0])  # what was saved
     same = all(torch.equal(masks_after[n], m) for n, m in masks_before.items())
     f = rec["finetune"]
-    cmd = (f"layerprune finetune RUN --steps {args.steps} --lr {args.lr} --rank {args.rank} --lora-alpha {2 * args.rank}"
+    cmd = (f"layerprune finetune RUN --steps {args.steps} --lr {args.lr} --rank {args.rank} "
+           f"--lora-alpha {2 * args.rank}"
            f" --nsamples {args.steps} --seqlen 512 --max-windows 40 --out RUN-lora")
     res = {"command": f"python -m bench.lora_recovery --sparsity {args.sparsity} --steps {args.steps} --lr {args.lr}",
            "equivalent_cli": cmd, "sparsity_target": args.sparsity, "prune_seconds": prune_s,
@@ -62,13 +63,16 @@ def main() -> None:
             f"{f['trainable_params'] / 1e6:.2f} M trainable params)\n\n"
             "| model | measured sparsity | WikiText-2 PPL (40x512) |\n|---|---|---|\n"
             f"| Wanda {pct}% uniform | {res['sparsity_before']:.6f} | {res['ppl_before']:.2f} |\n"
-            f"| + LoRA {f['steps']} steps, merged, mask re-applied | {res['sparsity_after']:.6f} | {res['ppl_after']:.2f} |\n\n"
+            f"| + LoRA {f['steps']} steps, merged, mask re-applied | {res['sparsity_after']:.6f} | "
+            f"{res['ppl_after']:.2f} |\n\n"
             f"Zero pattern of every block linear identical before/after on the saved weights: {same} "
             f"({f['masked_weights']} zeros; largest |merged weight| at a pruned position before re-masking "
             f"{f['max_abs_refilled']:.2e}). Training {f['train_seconds']:.0f}s ({f['seconds_per_step']:.1f} s/step), "
-            f"finetune total incl. 2 PPL evaluations {f['total_seconds']:.0f}s, bench total {res['total_seconds'] / 60:.1f}"
+            f"finetune total incl. 2 PPL evaluations {f['total_seconds']:.0f}s, "
+            f"bench total {res['total_seconds'] / 60:.1f}"
             " min on 2 CPU cores. Training loss (C4 windows): first "
-            f"{f['losses'][0]:.3f}, mean of the last 10 steps {sum(f['losses'][-10:]) / len(f['losses'][-10:]):.3f}.\n\n"
+            f"{f['losses'][0]:.3f}, mean of the last 10 steps "
+            f"{sum(f['losses'][-10:]) / len(f['losses'][-10:]):.3f}.\n\n"
             f"{code_line()}\n")
     (OUT / "lora_recovery.md").write_text(text)
     print(text, flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CALIB, MODEL, RESULTS, ROOT, wikitext_ppl, write_json
+from .common import CALIB, MODEL, RESULTS, ROOT, carried_row, provenance, wikitext_ppl, write_json
 
 CONFIGS = [  # (method, offload, compute dtype, evaluate ppl)
     ("wanda", "none", "float32", True),
@@ -115,11 +115,13 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.offload, args.compute_dtype, args.evaluate, args.nsamples,
                                  args.seqlen, args.batch_size)))
         return
+    provenance()  # this run's code, command and GEMM rate, taken before the work
     old = json.loads(Path(args.out).read_text())["results"] if args.only and Path(args.out).is_file() else []
     results = []
     for method, offload, dt, ev in CONFIGS:
         if args.only and args.only not in f"{method}:{offload}:{dt}":
-            results += [r for r in old if (r["method"], r["offload"], r["compute_dtype"]) == (method, offload, dt)]
+            results += [carried_row(r) for r in old
+                        if (r["method"], r["offload"], r["compute_dtype"]) == (method, offload, dt)]
             continue
         cmd = [sys.executable, "-m", "bench.prune_speed", "--one", method, "--offload", offload, "--compute-dtype", dt,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
@@ -136,7 +138,7 @@ def main() -> None:
         print(f"  prune {res['prune_seconds']:.1f}s floor {res['floor_seconds'] or float('nan'):.1f}s "
               f"ratio {res['ratio_to_floor'] or float('nan'):.2f} peak RSS {res['peak_rss_mb']:.0f} MB "
               f"ppl {res.get('wikitext2_ppl_40x512', float('nan')):.2f}", flush=True)
-    write_json(Path(args.out), {"command": "python -m bench.prune_speed", "results": results})
+    write_json(Path(args.out), {"results": results})
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ Every method then runs as its own ``layerprune prune`` process, measured from ou
 
 - wall time, and from the run's ``layerprune.json`` the seconds per stage, in total and per block;
 - peak RSS of the process (``os.wait4``);
-- peak extra disk: the least free space on the file system during the run against the free space before it;
+- peak extra disk: the most bytes the run itself had written at any moment (sampled every second): everything new
+  under ``--work`` (its output, checkpoint, activation and offload folders; the run's TMPDIR points there too),
+  never the file system's free space, which other processes move;
 - the saved run's size;
 - SparseGPT's solve against its arithmetic floor: the GEMM-shaped flops of one block (the column sweep's updates,
   rows x cols^2 per linear, plus one Cholesky and one triangular inverse, 2/3 n^3, per distinct input: issue #16's
-  floor) at the fp32 GEMM rate measured here in the same process before the runs; and against the strict floor of
+  floor) at the fp32 GEMM rate of the run's device (CPU, or the GPU with ``--device cuda``) measured here in the same
+  process before the runs; and against the strict floor of
   today's solver, which needs the Cholesky alone (1/3 n^3);
 - the extrapolation to 128 x 2048 calibration tokens: statistics and propagation grow with the token count (x64
   from 8 x 512; attention's quadratic part is ignored, so this is a lower bound), the solve does not.
@@ -35,7 +38,7 @@ import torch
 
 from layerprune.outputs import remove_ours
 
-from .common import ROOT, RESULTS, code_version, write_json
+from .common import ROOT, RESULTS, gemm_gflops, provenance, write_json
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
              max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -106,16 +109,16 @@ def build_model(folder: Path, blocks: int, seed: int = 0) -> Path:
     return folder
 
 
-def gemm_gflops(n: int = 4096, reps: int = 3) -> float:
-    """fp32 GEMM rate of this machine (GFLOP/s), best of ``reps``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+def tree_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder`` (files that vanish while it is read count as 0)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f), follow_symlinks=False).st_size
+            except OSError:
+                pass
+    return total
 
 
 def sparsegpt_block_flops(factor: float = 2 / 3) -> float:
@@ -137,23 +140,27 @@ def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int
            "--device", device]
     if data_dir:
         cmd += ["--data-dir", data_dir]
-    free0 = shutil.disk_usage(out.parent).free
-    low = [free0]
+    work = out.parent
+    tmp = work / f"tmp-{out.name}"  # the run's TMPDIR: its temporary files count as written by it
+    tmp.mkdir(parents=True, exist_ok=True)
+    base = tree_bytes(work)  # the model and anything else already there
+    peak = [0]
     stop = threading.Event()
 
     def watch():
         while not stop.wait(1.0):
-            low[0] = min(low[0], shutil.disk_usage(out.parent).free)
+            peak[0] = max(peak[0], tree_bytes(work) - base)
 
     th = threading.Thread(target=watch, daemon=True)
     th.start()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     stop.set()
     th.join()
-    low[0] = min(low[0], shutil.disk_usage(out.parent).free)
+    peak[0] = max(peak[0], tree_bytes(work) - base)
+    shutil.rmtree(tmp, ignore_errors=True)  # created above by this script
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         return {"command": " ".join(cmd), "rc": rc}
@@ -161,10 +168,11 @@ def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int
     size = sum(p.stat().st_size for p in out.glob("model*.safetensors"))
     blocks = rec.get("block_timings", [])
     return {"command": " ".join(cmd), "rc": rc, "wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2 ** 20,
-            "peak_extra_disk_gb": (free0 - low[0]) / 2 ** 30, "output_gb": size / 2 ** 30,
+            "peak_written_gb": peak[0] / 2 ** 30, "output_gb": size / 2 ** 30,
             "block_gb": size / 2 ** 30 / max(len(blocks), 1),
             "timings": rec["timings"], "block_timings": blocks, "peak_device_memory_gb":
-                (rec.get("peak_device_memory") or 0) / 2 ** 30 or None, "measured_sparsity": rec.get("measured_sparsity"),
+                (rec.get("peak_device_memory") or 0) / 2 ** 30 or None,
+            "measured_sparsity": rec.get("measured_sparsity"),
             "params": rec.get("params")}
 
 
@@ -202,11 +210,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/scale_cpu[_<blocks>b].json)")
     a = ap.parse_args(argv)
     work = Path(a.work)
-    code_version()  # taken before anything is written
+    provenance()  # the code, command and CPU GEMM rate, taken before anything is written
     t = time.perf_counter()
     model = build_model(work / f"llama7b-shape-{a.blocks}b", a.blocks)
     build_s = time.perf_counter() - t
-    rate = gemm_gflops()  # the CPU's; on a GPU the ratio below is not meaningful
+    rate = gemm_gflops(a.device)  # the floor is at the rate of the device that runs the solves
     floor = sparsegpt_block_flops() / (rate * 1e9)
     strict = sparsegpt_block_flops(1 / 3) / (rate * 1e9)
     results = {}
@@ -219,10 +227,12 @@ def main(argv=None) -> int:
         print(name, json.dumps(r.get("summary", r), indent=1), flush=True)
         remove_ours(work / f"run-{name}")  # a layerprune run directory, or refused
     kind = "cpu" if a.device == "cpu" else "gpu"
-    out = Path(a.out) if a.out else RESULTS / (f"scale_{kind}.json" if a.blocks == 32 else f"scale_{kind}_{a.blocks}b.json")
+    out = Path(a.out) if a.out else RESULTS / (f"scale_{kind}.json" if a.blocks == 32
+                                               else f"scale_{kind}_{a.blocks}b.json")
     write_json(out, {"shape": SHAPE, "blocks": a.blocks, "vocab": "SmolLM2 tokenizer (49152)", "weights": "random bf16",
-                     "calibration": f"{a.nsamples} x {a.seqlen} C4", "threads": torch.get_num_threads(), "device": a.device,
-                     "model_build_s": build_s, "gemm_gflops_fp32": rate,
+                     "calibration": f"{a.nsamples} x {a.seqlen} C4", "threads": torch.get_num_threads(),
+                     "device": a.device,
+                     "model_build_s": build_s, "gemm_gflops_fp32_device": rate,
                      "sparsegpt_block_gflop": sparsegpt_block_flops() / 1e9,
                      "sparsegpt_block_gflop_strict": sparsegpt_block_flops(1 / 3) / 1e9, "results": results})
     print(f"wrote {out}")

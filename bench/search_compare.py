@@ -39,7 +39,8 @@ def main() -> None:
            "evopress_spread": summary.get("spread")}
     write_json(Path(args.out + ".json"), out)
     lines = [f"# Level search vs DSA searches at {n} candidates (SmolLM2-135M, Wanda 70%)", "",
-             f"Best proxy value (one-shot Wanda, {final_w} WikiText-2 validation windows, bfloat16) within the first {n} "
+             f"Best proxy value (one-shot Wanda, {final_w} WikiText-2 validation windows, bfloat16) "
+             f"within the first {n} "
              f"candidates. {code_line()}. Command: `{cmdline()}`", "", "| search | best proxy PPL |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rows.items() if v is not None]
     write_atomic(Path(args.out + ".md"), "\n".join(lines) + "\n")

@@ -21,7 +21,7 @@ import torch
 from layerprune import evaluate_ppl, load_model, prune
 from layerprune.speed import prefill_seconds
 
-from .common import MODEL, RESULTS, calibration, code_line, code_version, wikitext_ppl, write_json
+from .common import MODEL, RESULTS, calibration, code_line, provenance, wikitext_ppl, write_json
 
 OUT = RESULTS / "slimgpt"
 RUNS = []  # key, label, sparsity, allocation, solver options
@@ -31,7 +31,8 @@ for sp in (0.2, 0.5):
         (f"uniform-{p}", "SlimGPT, uniform", sp, "uniform", {}),
         (f"ipr-log-{p}", "SlimGPT, log-increase (ipr-log)", sp, "ipr-log", {}),
         (f"ipr-log-dec-{p}", "SlimGPT, log-decrease (ipr-log-dec)", sp, "ipr-log-dec", {}),
-        (f"magnitude-{p}", "structured magnitude (L2 of each unit's weights), uniform", sp, "uniform", {"score": "magnitude"}),
+        (f"magnitude-{p}", "structured magnitude (L2 of each unit's weights), uniform", sp, "uniform",
+         {"score": "magnitude"}),
         (f"nocomp-{p}", "ablation: no compensation, uniform", sp, "uniform", {"compensate": False}),
         (f"nogcd-{p}", "ablation: no grouped Cholesky (raw diag), uniform", sp, "uniform", {"grouped_cholesky": False}),
         (f"fixed-{p}", "ablation: fixed FFN group 256 (no DGS), uniform", sp, "uniform",
@@ -84,7 +85,7 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     if "dense" not in results["rows"]:
         results["rows"]["dense"] = {"label": "dense", "sparsity": 0.0, **evaluate(model, tok, ids),
-                                    "code": code_version()}
+                                    "code": provenance()}
         write(results)
         print("dense", results["rows"]["dense"], flush=True)
     calib = calibration(tok)
@@ -97,7 +98,7 @@ def main() -> None:
                     progress=False)
         row = {"label": label, "sparsity": sp, "allocation": alloc, "options": opts, "prune_s": time.time() - t0,
                "timings": rec["timings"], "block_ratio": rec["allocation"]["block"], "structure": rec["structure"],
-               "params_record": rec["params"], **evaluate(m, tok, ids), "code": code_version()}
+               "params_record": rec["params"], **evaluate(m, tok, ids), "code": provenance()}
         results["rows"][key] = row
         write(results)
         print(key, {k: row[k] for k in ("ppl128", "ppl512", "params", "prefill_ms", "prune_s", "eval_s")}, flush=True)

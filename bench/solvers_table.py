@@ -14,7 +14,7 @@ import time
 
 from layerprune import load_model, measure_sparsity, prune
 
-from .common import MODEL, RESULTS, calibration, code_line, wikitext_ppl, write_json
+from .common import MODEL, RESULTS, calibration, carried_row, code_line, wikitext_ppl, write_json
 
 RUNS = [  # label, method, nm, solver options
     ("magnitude (per matrix)", "magnitude", None, {"scope": "matrix"}),
@@ -36,11 +36,11 @@ def main() -> None:
     model, tok = load_model(MODEL)
     calib = calibration(tok)
     ppl = lambda m: wikitext_ppl(m, tok)  # noqa: E731
-    rows = [old["dense"] if only else {"run": "dense", "sparsity": measure_sparsity(model)["overall"],
+    rows = [carried_row(old["dense"]) if only else {"run": "dense", "sparsity": measure_sparsity(model)["overall"],
                                          "ppl": ppl(model)}]
     for label, method, nm, opts in RUNS:
         if only and only not in label:
-            rows.append({**old[label], "commit_of_row": old[label].get("commit_of_row", prev["code"].get("commit"))})
+            rows.append(carried_row(old[label]))
             continue
         m = copy.deepcopy(model)
         t0 = time.time()
@@ -51,7 +51,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         del m
     out = RESULTS
-    write_json(out / "solvers_50.json", {"command": "python -m bench.solvers_table" + (f" --only {only}" if only else ""),
+    write_json(out / "solvers_50.json", {"command": "python -m bench.solvers_table"
+                                                    + (f" --only {only}" if only else ""),
                                          "rows": rows})
     lines = ["| run | measured sparsity | WikiText-2 PPL (40x512) | max abs(achieved - target) | prune s |",
              "|---|---|---|---|---|"]

@@ -23,7 +23,8 @@ from .common import MODEL, RESULTS, cached_prune, calibration, code_line, write_
 OUT = RESULTS
 RUNS = {  # label -> prune() keyword arguments (sparsity 0.5, calibration added by cached_prune)
     "wanda 50% uniform": {"method": "wanda"},
-    "wanda 50% + DLP": {"method": "wanda", "allocation": "dlp", "allocation_options": {"alpha": 0.15, "stat": "median"}},
+    "wanda 50% + DLP": {"method": "wanda", "allocation": "dlp",
+                        "allocation_options": {"alpha": 0.15, "stat": "median"}},
     "sparsegpt 50%": {"method": "sparsegpt"},
 }
 
@@ -42,7 +43,8 @@ def write(rows, tasks, limit, total_s):
         cells = []
         for t in tasks:
             x = r["zeroshot"]["tasks"].get(t)
-            cells.append("-" if x is None else f"{x['acc']:.3f}" + (f" / {x['acc_norm']:.3f}" if "acc_norm" in x else ""))
+            cells.append("-" if x is None else f"{x['acc']:.3f}"
+                         + (f" / {x['acc_norm']:.3f}" if "acc_norm" in x else ""))
         zs = r["zeroshot"]
         lines.append(f"| {r['model']} | {r['sparsity']:.4f} | " + " | ".join(cells)
                      + f" | {zs['mean_acc']:.3f} | {zs['mean_acc_norm']:.3f} | {zs['seconds']:.0f} |")
@@ -52,7 +54,8 @@ def write(rows, tasks, limit, total_s):
             f"**Limited run:** the first {limit} examples of each task (n per task: "
             + ", ".join(f"{t} {x['n']}" for t, x in n.items())
             + f"), so each accuracy has a standard error of about 0.05. Cells are acc / acc_norm (acc_norm where the "
-            f"task defines it). *mean acc_norm: acc_norm where reported, else acc. Total run time {total_s / 60:.1f} min "
+            f"task defines it). *mean acc_norm: acc_norm where reported, else acc. "
+            f"Total run time {total_s / 60:.1f} min "
             f"on 2 CPU cores (eval s: zero-shot time per model). {code_line()}\n\n" + "\n".join(lines) + "\n")
     (OUT / "zeroshot_50.md").write_text(text)
     print(text, flush=True)

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .allocation import get_allocator
 from .config import DTYPES, PruneConfig, RunConfig
 from .data import calibration_set
 from .data.calibration import CalibrationSet
-from .engine import preflight, prune_model, prune_to_blocks
+from .engine import preflight, prune_model
 from .errors import UserError
 from .models.info import measure_sparsity
 from .record import versions
@@ -78,7 +79,7 @@ def _config(cls, config, settings: dict):
 
 def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calibration=None, data_dir=None, device=None,
           out_dir: Path | None = None, resume: bool = False, store=None, progress: bool = True,
-          block_stats: list[float] | None = None, **settings) -> dict:
+          block_stats: list[float] | None = None, checkpoint: str | None = None, **settings) -> dict:
     """Prune ``model`` in place and return the run record (a dict, JSON-serialisable).
 
     ``config``: a PruneConfig, or its fields as keywords (``method="wanda", sparsity=0.5, ...``), not both.
@@ -87,6 +88,7 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calibrati
     LongTensor [n, seqlen]) with those settings left unset: giving both is refused.
     ``block_stats``: the allocator's per-block statistics if already computed (``allocation.plan.allocation_statistics``
     on the same model and calibration): the dense pre-pass is skipped.
+    ``checkpoint``: with ``out_dir``, what is kept to resume (full, weights or none; ``checkpoint.checkpoint_mode``).
     An allocation that is chosen per model (``allocation="auto"``: candidates scored by a proxy on the WikiText-2
     validation split, which needs ``tokenizer`` and the data directory) is chosen first; the record's
     ``allocation_auto`` says what was tried, the proxy values and why the choice was made.
@@ -108,7 +110,7 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calibrati
                                       c["seed"], data_dir)
     t_calib = time.perf_counter() - t0
     return _prune(model, tokenizer, cfg, calibration, t_calib, data_dir=data_dir, device=device, out_dir=out_dir,
-                  resume=resume, store=store, progress=progress, block_stats=block_stats)
+                  resume=resume, store=store, progress=progress, block_stats=block_stats, checkpoint=checkpoint)
 
 
 def _chooser(cfg: PruneConfig):
@@ -124,7 +126,7 @@ def _check_choice(cfg: PruneConfig, has_tokenizer: bool) -> None:
 
 
 def _prune(model, tokenizer, cfg: PruneConfig, calibration, t_calib: float, *, data_dir, device, out_dir, resume,
-           store, progress, block_stats) -> dict:
+           store, progress, block_stats, checkpoint=None) -> dict:
     if isinstance(calibration, CalibrationSet):
         calib_info = {"source": calibration.source or "given", "nsamples": calibration.nsamples,
                       "seqlen": calibration.seqlen, "seed": calibration.seed, "pool_size": calibration.pool_size,
@@ -136,11 +138,11 @@ def _prune(model, tokenizer, cfg: PruneConfig, calibration, t_calib: float, *, d
     chooser, report, run_cfg = _chooser(cfg), None, cfg
     if chooser is not None:
         report = chooser.choose_for_run(model, tokenizer, ids, cfg, data_dir=data_dir, progress=progress,
-                                        prune_fn=prune_to_blocks)
+                                        prune_fn=prune_model)
         run_cfg = dataclasses.replace(cfg, allocation=report["spec"], allocation_options=report["run_options"])
         block_stats = report["block_stats"]
     record = prune_model(model, ids, run_cfg, device=device, out_dir=out_dir, resume=resume, store=store,
-                         progress=progress, block_stats=block_stats)
+                         progress=progress, block_stats=block_stats, checkpoint=checkpoint)
     record["timings"]["calibration_data"] = t_calib  # drawing the windows, when this call drew them
     record["timings"]["total"] += t_calib
     if report is not None:
@@ -201,20 +203,31 @@ def run_prune(config: RunConfig | None = None, **settings) -> dict:
     from .evaluation.perplexity import check_seqlen
     from .models.loading import load_model, load_skeleton
     from .offload import run_disk_need
-    from .outputs import check_free_space, finish_dir, prepare_dir, write_text
-    from .record import save_dtype, save_run, write_record
-    from .recipe import RECIPE_NAME, build_recipe, dump, model_path
+    from .outputs import RECORD_NAME, check_free_space, finish_dir, prepare_dir, write_text
+    from .record import parent_summary, read_record, save_dtype, save_run, write_record
+    from .recipe import RECIPE_NAME, build_recipe, dump, model_path, run_recipe
 
     run = _config(RunConfig, config, settings)
     cfg = run.prune
     data_dir = _data_dir(run.data_dir)
     out = Path(run.out).expanduser()
     inputs = [run.model, *run.inputs]
-    prepare_dir(out, run.force, run.resume, inputs=inputs, create=False)  # 1. checks before any load or write
     device = resolve_device(run.device)
+    world = distributed.current()
+    if distributed.launched():  # torchrun: N processes, each on its shard of the calibration windows
+        world.check(cfg, cfg.calibration_settings()["nsamples"])
+        world = distributed.init(device)
+        device = world.device
+        if world.rank:  # logs, progress, evaluation and every write: rank 0
+            logging.getLogger().setLevel(logging.ERROR)
+    lead = world.rank == 0
+    if lead:  # 1. checks before any load or write
+        prepare_dir(out, run.force, run.resume, inputs=inputs, create=False)
     _check_choice(cfg, True)  # the tokenizer comes with the model
-    _say(run, f"loading {run.model} ({run.dtype})")
-    skeleton = load_skeleton(run.model, run.dtype)
+    model_spec = run.model if run.parent is None else _replay_parent(run, out)
+    inputs[0] = model_spec
+    _say(run, f"loading {model_spec} ({run.dtype})")
+    skeleton = load_skeleton(model_spec, run.dtype)
     if skeleton is not None:
         preflight(skeleton, cfg)
         del skeleton
@@ -223,9 +236,9 @@ def run_prune(config: RunConfig | None = None, **settings) -> dict:
     if cfg.offload == "disk":  # idle blocks stay on disk from load to save
         from .offload import load_model_lazy
 
-        model, tok, store = load_model_lazy(run.model, run.dtype)
+        model, tok, store = load_model_lazy(model_spec, run.dtype)
     else:  # in CPU RAM: the engine moves one block at a time to `device`
-        model, tok = load_model(run.model, run.dtype, use_cache=run.use_cache)
+        model, tok = load_model(model_spec, run.dtype, use_cache=run.use_cache)
     preflight(model, cfg)  # again, for a model whose config was not at hand before the load
     c = cfg.calibration_settings()
     seqlen = check_seqlen(model, c["seqlen"])
@@ -235,25 +248,36 @@ def run_prune(config: RunConfig | None = None, **settings) -> dict:
     calib = calibration_set(tok, c["calib"], c["nsamples"], seqlen, c["seed"], data_dir)
     t_calib = time.perf_counter() - t0
     need_out = run_disk_need(model, c["nsamples"], seqlen, DTYPES[cfg.compute_dtype], cfg.offload)
-    work = prepare_dir(out, run.force, run.resume, inputs=inputs, create=False)
-    check_free_space(work, need_out - _du(work), "the checkpoint and the saved run")
-    work = prepare_dir(out, run.force, run.resume, inputs=inputs)
-    if store is not None:  # pruned blocks go straight to their final shards in the run directory
+    work = out  # another rank writes nothing: the engine only needs to know that rank 0 checkpoints
+    if lead:
+        work = prepare_dir(out, run.force, run.resume, inputs=inputs, create=False)
+        check_free_space(work, need_out - _du(work), "the checkpoint and the saved run")
+        work = prepare_dir(out, run.force, run.resume, inputs=inputs)
+    if store is not None and lead:  # pruned blocks go straight to their final shards in the run directory
         store.bind(work, save_dtype(model, run.save_dtype))
 
     lazy = store is not None  # with disk offload the full model is never in memory: evaluate the saved run
     ev = lambda m, t: evaluate_datasets(m, t, run.eval, eval_seqlen, data_dir, run.max_windows,  # noqa: E731
                                         cfg.batch_size, device)
-    before = ev(model, tok) if run.dense_eval and not lazy else {}
+    before = ev(model, tok) if run.dense_eval and not lazy and lead else {}
     dense_sparsity = None if lazy else measure_sparsity(model)["overall"]
     record = _prune(model, tok, cfg, calib, t_calib, data_dir=data_dir, device=device, out_dir=work,
-                    resume=run.resume, store=store, progress=run.progress, block_stats=None)
-    record["model"] = run.model
+                    resume=run.resume, store=store, progress=run.progress, block_stats=None, checkpoint=run.checkpoint)
+    if not lead:
+        return None
+    record["model"] = model_spec
     record["command_line"] = run.command_line  # shown in the run's model card
     record["dense_sparsity"] = dense_sparsity
-    resolved = {"model": model_path(run.model), "seqlen": seqlen, "eval_seqlen": eval_seqlen,
+    resolved = {"model": model_path(model_spec), "seqlen": seqlen, "eval_seqlen": eval_seqlen,
                 "save_dtype": str(save_dtype(model, run.save_dtype)).removeprefix("torch.")}
-    recipe_text = dump(build_recipe(run, resolved))
+    if record["sparsity"] is None:  # a run that sets no sparsity (e.g. depth's drop) records none
+        resolved["sparsity"] = record["api_call"]["sparsity"] = None
+    parent_dir, parent_recipe = Path(model_spec).expanduser(), None
+    if (parent_dir / RECORD_NAME).is_file():  # pruned further: the record and the recipe chain the steps
+        record["parent"] = parent_summary(read_record(parent_dir), parent_dir)
+        parent_recipe = run_recipe(parent_dir)
+        record["parent"]["recipe"] = parent_recipe is not None
+    recipe_text = dump(build_recipe(run, resolved, parent_recipe))
     if lazy:
         write_text(work / RECIPE_NAME, recipe_text)
         sp = store.measure_sparsity(model)  # one block at a time
@@ -275,6 +299,32 @@ def run_prune(config: RunConfig | None = None, **settings) -> dict:
         save_run(model, tok, work, record, dtype=run.save_dtype)
         finish_dir(work, out)
     return record
+
+
+def _replay_parent(run: RunConfig, out: Path) -> str:
+    """Run a chained run's parent step into ``OUT.parent`` (or reuse the run there when it holds the recipe that step
+    replays and ``force`` is off); returns that directory, the model of this step."""
+    from .outputs import RECORD_NAME
+    from .recipe import run_recipe
+
+    step = out.with_name(out.name + ".parent")
+    parent = dataclasses.replace(run.parent, out=step)
+    have = run_recipe(step) if (step / RECORD_NAME).is_file() else None
+    if have is not None and not run.force and parent.replays is not None and _same_step(have, parent.replays):
+        _say(run, f"reusing the parent step in {step} (it holds this recipe's parent run)")
+        return str(step)
+    _say(run, f"replaying the parent step into {step}")
+    try:
+        run_prune(parent)
+    except UserError as e:
+        raise UserError(f"the parent step ({step}) failed: {e}; nothing was written to {out}") from None
+    return str(step)
+
+
+def _same_step(a: dict, b: dict) -> bool:
+    """Two recipes of the same step (a replayed chain's model moves: a step with a parent is compared without it)."""
+    strip = lambda r: {k: v for k, v in r.items() if k != "model" or "parent" not in r}  # noqa: E731
+    return strip(a) == strip(b)
 
 
 def _say(run: RunConfig, what: str) -> None:

@@ -30,10 +30,11 @@ def _fmt(x, digits: int = 4) -> str:
 
 
 def base_model(record: dict) -> str | None:
-    """The base model as the user named it: a built-in name becomes its hub id; a hub id or a path stays."""
+    """The base model as the user named it: a built-in name becomes its hub id; a hub id or a path stays. A chained
+    run's base is the model its first step pruned."""
     from .models.loading import BUILTIN_HUB_IDS
 
-    spec = record.get("model")
+    spec = chain(record)[0].get("model")
     if not spec:
         return None
     return BUILTIN_HUB_IDS.get(spec, spec)
@@ -75,6 +76,25 @@ def _zeroshot_table(zs: dict) -> list[str]:
     return lines + [""]
 
 
+def _steps_table(steps: list[dict]) -> list[str]:
+    """A chained run: one row per step (the first pruned the base model, each next one the result before it)."""
+    lines = ["## Pruning steps", "", "This model was pruned in steps, each from the result of the one before:", "",
+             "| step | method | settings | parameters after |", "|---|---|---|---|"]
+    for i, r in enumerate(steps, 1):
+        opts = r.get("solver_options") or {}
+        d = r.get("depth") or {}
+        what = (f"removed blocks {d.get('removed')} of {d.get('blocks_before')}" if d
+                else f"sparsity {_fmt(r.get('sparsity'), 2)}")
+        settings = ", ".join([what] + [f"{k}={v}" for k, v in opts.items() if k != "drop"])
+        after = (r.get("params") or {}).get("after")
+        lines.append(f"| {i} | {r.get('method')} | {settings} | {f'{after:,}' if after else '-'} |")
+    first = (steps[0].get("params") or {}).get("before")
+    last = (steps[-1].get("params") or {}).get("after")
+    if first and last:
+        lines += ["", f"Overall: {first:,} -> {last:,} parameters ({last / first:.3f}x)."]
+    return lines + [""]
+
+
 def render(record: dict, remote_code: bool | None = None, recipe: str | None = None) -> str:
     """The card text for a run record. ``remote_code``: whether the run ships model code (per-block widths); by
     default read from the record. ``recipe``: the name of the run's recipe file, when it has one."""
@@ -105,8 +125,10 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     front += ["library_name: transformers", "pipeline_tag: text-generation", "tags:"]
     front += [f"- {_yaml_str(t)}" for t in dict.fromkeys(tags)]
     front.append("---")
-
-    title = f"{Path(base).name if base and _is_local(base) else (base or 'A model')} pruned with {method}"
+    steps = chain(record)
+    methods = " then ".join(str(r.get("method")) for r in steps)
+    title = f"{Path(base).name if base and _is_local(base) else (base or 'A model')} pruned with {methods}"
+    depth = record.get("depth") or {}
     target = f"{nm_text} (N pruned of every M)" if nm_text else _fmt(record.get("sparsity"), 2)
     rows = [("method", method + (f" ({', '.join(f'{k}={v}' for k, v in record['solver_options'].items())})"
                                  if record.get("solver_options") else "")),
@@ -115,7 +137,15 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     blocks = alloc.get("block") if isinstance(alloc, dict) else None
     if blocks:
         rows.append(("per-block targets", f"{min(blocks):.3f} to {max(blocks):.3f} over {len(blocks)} blocks"))
-    rows.append(("target sparsity", target + (" of the block linears' parameters" if not nm_text else "")))
+    if depth:
+        rows.append(("blocks removed", f"{len(depth.get('removed', []))} of {depth.get('blocks_before')} by "
+                                       f"{depth.get('criterion')}: {depth.get('removed')} "
+                                       f"({_fmt(depth.get('removed_fraction'), 3)} of the block parameters)"))
+        cost = depth.get("cost") or {}
+        rows.append(("criterion cost", f"{cost.get('forward_passes')} forward passes over the calibration windows, "
+                                       f"{_fmt(cost.get('seconds'), 1)} s"))
+    elif not nm_text or record.get("sparsity") is not None:
+        rows.append(("target sparsity", target + (" of the block linears' parameters" if not nm_text else "")))
     if structured and params:
         rows.append(("parameters", f"{params['before']:,} -> {params['after']:,} "
                                    f"({params['after'] / params['before']:.3f}x)"))
@@ -144,6 +174,8 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
             "## Pruning", "", "| | |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in rows]
     body.append("")
+    if len(steps) > 1:
+        body += _steps_table(steps)
     ev = record.get("eval") or {}
     zs = record.get("zeroshot") or {}
     if ev.get("before") or ev.get("after") or zs.get("tasks"):
@@ -163,7 +195,8 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
         body += ["Python API:", "", "```python", _python_call(record), "```"]
     if recipe:
         body += ["", f"`{recipe}` beside this card holds its settings: `layerprune prune --recipe {recipe} --out NEW_DIR` "
-                 "reruns it."]
+                 "reruns it" + (" with every earlier step (they are replayed into NEW_DIR.parent first)."
+                                if len(steps) > 1 and all(r.get("recipe", True) for r in steps[:-1]) else ".")]
     v = record.get("versions") or {}
     commit = v.get("layerprune_commit")
     body += ["", f"layerprune {v.get('layerprune', 'unknown')}"
@@ -175,10 +208,15 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     if remote_code:
         body += ['model = AutoModelForCausalLM.from_pretrained("THIS_DIR", trust_remote_code=True)',
                  'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")', "```", "",
-                 "Its decoder blocks have different widths, which no stock config describes: the directory ships "
-                 "`configuration_layerprune.py` and `modeling_layerprune.py` (they import only torch and "
+                 ("Its decoder blocks all have the same widths, but the family's stock config refuses them "
+                  f"({structure['stock_config_refused']})" if structure.get("stock_config_refused") else
+                  "Its decoder blocks have different widths, which no stock config describes")
+                 + ": the directory ships `configuration_layerprune.py` and `modeling_layerprune.py` (they import only torch and "
                  "transformers; read them before trusting them), and `trust_remote_code=True` loads them. "
                  "`layerprune.load_model(\"THIS_DIR\")` loads it without remote code."]
+        if structure.get("stock_config_refused"):
+            body += ["", "`layerprune export THIS_DIR --to gguf` writes the family's stock llama.cpp architecture "
+                     "(llama.cpp reads any head count)."]
     else:
         body += ['model = AutoModelForCausalLM.from_pretrained("THIS_DIR")',
                  'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")', "```", ""]
@@ -213,3 +251,13 @@ def write_card(out: Path, record: dict) -> bool:
     tmp.write_text(render(record, recipe=recipe), encoding="utf-8")
     tmp.replace(p)
     return True
+
+
+def chain(record: dict) -> list[dict]:
+    """The steps of a chained run, first first: its ancestors (``parent`` records) then itself."""
+    steps = []
+    r = record
+    while isinstance(r, dict):
+        steps.append(r)
+        r = r.get("parent")
+    return steps[::-1]

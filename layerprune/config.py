@@ -16,6 +16,7 @@ from .dtypes import DTYPES  # noqa: F401 (the dtypes by name, also importable fr
 from .errors import UserError
 
 OFFLOAD_MODES = ("none", "cpu", "disk")
+CHECKPOINT_MODES = ("full", "weights", "none")  # what a run keeps to be resumed (checkpoint.checkpoint_mode)
 CALIBRATION_FIELDS = ("calib", "nsamples", "seqlen", "seed")  # how the calibration windows are drawn
 CALIBRATION_DEFAULTS = {"calib": "c4", "nsamples": 128, "seqlen": None, "seed": 0}  # seqlen None: 2048, capped
 
@@ -39,6 +40,8 @@ class PruneConfig:
     nsamples: int | None = None
     seqlen: int | None = None  # None: 2048, capped at the model's maximum
     seed: int | None = None
+    # whether the sparsity was given (not the 0.5 default): set by the first validate(); not a result setting
+    sparsity_given: bool | None = None
 
     def validate(self) -> PruneConfig:
         """Check every setting and normalise (N:M text to a pair, the sparsity of N:M, skip as a tuple); returns
@@ -48,6 +51,8 @@ class PruneConfig:
             return self
         from .solvers.nm import check_nm, parse_nm
 
+        if self.sparsity_given is None:
+            self.sparsity_given = self.sparsity is not None
         if isinstance(self.nm, str):
             self.nm = parse_nm(self.nm)
         if self.nm is not None:  # N:M fixes the sparsity: n/m, recorded as such
@@ -95,7 +100,7 @@ class PruneConfig:
         """The settings that decide the result, as JSON (offload and batch size do not; the calibration windows are
         fingerprinted themselves): a checkpoint's key."""
         c = asdict(self)
-        for k in ("offload", "batch_size", *CALIBRATION_FIELDS):
+        for k in ("offload", "batch_size", "sparsity_given", *CALIBRATION_FIELDS):
             c.pop(k)
         c["nm"] = list(c["nm"]) if c["nm"] is not None else None
         c["skip"] = list(c["skip"])
@@ -121,9 +126,14 @@ class RunConfig:
     use_cache: bool = True  # the dequantized GGUF cache
     force: bool = False  # replace ``out`` if it holds a layerprune run
     resume: bool = False  # continue an interrupted run in ``out``
+    checkpoint: str | None = None  # resume state kept in ``out``: full, weights or none (None: full on a CPU, weights
+    # on a GPU; ``checkpoint.checkpoint_mode``)
     progress: bool = True
     command_line: str | None = None  # shown in the model card (the CLI fills it in)
     inputs: tuple = ()  # other local inputs (e.g. the recipe read) that ``out`` must stay apart from
+    # a chained run: the step run first, into ``<out>.parent``, whose result is this run's model (``model`` unused)
+    parent: RunConfig | None = None
+    replays: dict | None = None  # the recipe this run replays: a run in ``out`` holding it is reused as a parent step
 
     def validate(self) -> RunConfig:
         key = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name != "prune"))
@@ -141,8 +151,12 @@ class RunConfig:
             self.eval = tuple(self.eval or ())
             if self.max_windows is not None and self.max_windows < 1:
                 raise UserError(f"--max-windows {self.max_windows} must be at least 1")
+            if self.checkpoint not in (None, *CHECKPOINT_MODES):
+                raise UserError(f"--checkpoint {self.checkpoint!r} is unknown: use one of {', '.join(CHECKPOINT_MODES)}")
             self._validated = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name != "prune"))
         self.prune.validate()
+        if self.parent is not None:
+            self.parent.validate()
         return self
 
     @classmethod

@@ -19,7 +19,8 @@ from .allocation import get_allocator
 from .allocation.base import LayerInfo
 from .allocation.plan import Plan, allocation_statistics, block_statistics, layer_census, make_plan
 from .allocation.plan import check as check_plan
-from .checkpoint import Checkpoint, fingerprint
+from . import distributed
+from .checkpoint import Checkpoint, checkpoint_mode, fingerprint
 from .config import DTYPES, PruneConfig
 from .errors import UserError
 from .models.adapters import get_adapter
@@ -41,6 +42,7 @@ def preflight(model, cfg: PruneConfig) -> list[LayerInfo]:
     constraints, --skip names, N:M widths, and the allocation's census checks (e.g. a user list's length).
     Returns the layer census."""
     cfg.validate()
+    distributed.current().check(cfg)
     adapter = get_adapter(model)
     program = block_program(get_solver(cfg.method), model, adapter, cfg)
     skip = set(cfg.skip)
@@ -58,28 +60,52 @@ def preflight(model, cfg: PruneConfig) -> list[LayerInfo]:
 
 
 def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, out_dir: Path | None = None,
-                resume: bool = False, store=None, progress: bool = True, block_stats: list[float] | None = None
-                ) -> dict:
+                resume: bool = False, store=None, progress: bool = True, block_stats: list[float] | None = None,
+                checkpoint: str | None = None) -> dict:
     """Prune ``model`` in place, block by block. Returns the run record (see ``record.py``).
 
     ``block_stats``: the allocator's per-block statistics when already known (``allocation_statistics`` on the same
-    model and calibration); skips the dense pre-pass."""
+    model and calibration); skips the dense pre-pass. ``checkpoint``: what a run with ``out_dir`` keeps to be resumed
+    (``checkpoint.checkpoint_mode``: full, weights or none; default full on the CPU, weights on a GPU; on N processes
+    full, since a rank rebuilds no inputs).
+
+    On N processes (``layerprune.distributed.init``) every rank calls this with the same ``calib`` and works on its
+    shard of the windows; only rank 0 writes the checkpoint under ``out_dir``."""
     t_start = time.perf_counter()
+    world = distributed.current()
+    world.check(cfg, calib.shape[0])
+    world.begin()
     infos = preflight(model, cfg)
+    progress = progress and world.rank == 0
     device = torch.device(device) if device is not None else torch.device("cpu")
+    mode = checkpoint_mode(checkpoint, device)
+    if world.active and mode == "weights":
+        if checkpoint is not None:
+            raise UserError("--checkpoint weights is for one process (a resume rebuilds the inputs by rerunning the "
+                            "finished blocks); on N processes use --checkpoint full or none")
+        mode = "full"
+    if resume and mode == "none":
+        raise UserError("--resume needs the run's checkpoint, and --checkpoint none keeps none: drop one of them")
     dtype = DTYPES[cfg.compute_dtype]
     adapter = get_adapter(model)
     program = block_program(get_solver(cfg.method), model, adapter, cfg)
-    blocks = adapter.blocks(model)
     params_before = sum(p.numel() for p in model.parameters())
-    store = store or MemoryStore()
-    timers = Timers()
-    ckpt = Checkpoint(out_dir / ".checkpoint", fingerprint(model, calib, cfg.result_settings())) \
-        if out_dir is not None else None
-    state = ckpt.load() if (ckpt is not None and resume) else None
+    if getattr(program, "whole_model", False):  # a program that decides over the whole model at once
+        return _whole_model(model, calib, cfg, program, device, dtype, progress, t_start, params_before)
+    blocks = adapter.blocks(model)
+    store = world.local_store(store or MemoryStore())
+    timers = Timers(device)
+    if device.type == "cuda":  # the peak reported is this prune's, not an earlier evaluation's
+        torch.cuda.reset_peak_memory_stats(device)
+    keep = out_dir is not None and mode != "none"
+    ckpt = Checkpoint(out_dir / ".checkpoint", fingerprint(model, calib, cfg.result_settings()),
+                      activations=mode == "full") if keep and world.rank == 0 else None
+    state = _load_state(ckpt, world) if (keep and resume) else None
 
-    with timers("capture"):  # the inputs of block 0 and every block's call arguments
-        hidden, kwargs = capture_inputs(model, adapter, calib, device, dtype, cfg.batch_size)
+    with timers("capture"):  # the inputs of block 0 and every block's call arguments (of this rank's windows)
+        hidden, kwargs = capture_inputs(model, adapter, calib[world.shard(calib.shape[0])], device, dtype,
+                                        cfg.batch_size)
+    world.started = True
     if state is not None:  # a resumed run keeps the plan it started with
         plan = Plan(state["allocation"], cfg.nm)
     else:
@@ -89,13 +115,14 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     layers: list[dict] = state["layers"] if state else []
     per_block: list[dict] = (state or {}).get("block_timings", [])  # seconds per stage, one entry per block
     start = state["next_block"] if state else 0
-    buf = ActivationBuffer(hidden, cfg.offload, device, folder=out_dir)
+    buf = ActivationBuffer(hidden, cfg.offload, device, folder=out_dir if world.rank == 0 else None)
     del hidden
     persist = getattr(store, "persists", False)  # offload() writes each block's final shard (DiskStore.bind)
     if persist:
         store.restart_at(start)
     if state is not None:
-        _restore(model, blocks, store, program, ckpt, state, buf, timers)
+        _restore(model, blocks, store, program, ckpt, state, buf, timers, world, kwargs, cfg.batch_size, dtype,
+                 device)
     bar = tqdm(range(start, len(blocks)), desc=f"prune {cfg.method}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     try:
@@ -104,31 +131,38 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             with timers("onload"):
                 store.onload(model, i, device)
             block = blocks[i]
-            t0, s0 = time.perf_counter(), timers.t["statistics"]
+            t0, s0 = timers.now(), timers.t["statistics"]
             collect = make_collect(block, buf, kwargs[i], cfg.batch_size, dtype, timers)
             rows = program.run(block, collect, plan.targets(i))
+            if not getattr(program, "sharded", False):  # it ran on every rank: rank 0's block is the result
+                world.sync_block(block)
             layers += [{"block": i, **r} for r in rows]
-            timers.t["solve"] += time.perf_counter() - t0 - (timers.t["statistics"] - s0)
+            timers.t["solve"] += timers.now() - t0 - (timers.t["statistics"] - s0)
             with timers("propagate"):
                 propagate(block, buf, kwargs[i], cfg.batch_size, dtype)
             if persist:
                 with timers("offload"):
                     store.offload(model, i)
-            if ckpt is not None:  # a store that does not persist: before the offload, while the block is in memory
+            if keep:  # a store that does not persist: before the offload, while the block is in memory
                 with timers("checkpoint"):
-                    ckpt.save(i, None if persist else block, buf.inputs, {
-                        "allocation": plan.allocation, "layers": layers, "block_timings": per_block + [_delta(
-                            i, before, timers.t)],
-                        "timings": {**timers.t, "total": time.perf_counter() - t_start + prev_total}})
+                    # N processes: every rank's windows, on rank 0; --checkpoint weights keeps none
+                    acts = world.gather_rows(buf.inputs) if mode == "full" else None
+                    if ckpt is not None:
+                        ckpt.save(i, None if persist else block, acts, {
+                            "allocation": plan.allocation, "layers": layers, "world_size": world.world,
+                            "block_timings": per_block + [_delta(i, before, timers.t)],
+                            "timings": {**timers.t, "total": time.perf_counter() - t_start + prev_total}})
+                    del acts
             if not persist:
                 with timers("offload"):
                     store.offload(model, i)
             per_block.append(_delta(i, before, timers.t))
+            world.block_done(i)
             errs = [r["rel_error"] for r in rows if r["rel_error"] is not None]
             bar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.3g}")
     finally:
         buf.close()
-    extra = program.finish(model)
+    extra = program.finish(model) if world.rank == 0 else {}  # another rank's model is not the run's
     timers.t["total"] = time.perf_counter() - t_start + prev_total
     return {
         **extra,
@@ -138,7 +172,28 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         "compute_dtype": cfg.compute_dtype, "offload": cfg.offload, "skip": sorted(set(cfg.skip)), "layers": layers,
         "timings": dict(timers.t), "block_timings": per_block,
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "resumed_from_block": start if state else None,
+        "resumed_from_block": start if state else None, "checkpoint": mode,
+        **({"distributed": world.summary()} if world.active else {}),
+    }
+
+
+def _whole_model(model, calib, cfg: PruneConfig, program, device, dtype, progress, t_start, params_before) -> dict:
+    """A whole-model program (``program.whole_model``): it scores and changes the model in one call,
+    ``run_model(model, calib, ...) -> {"layers": rows, ...}``; no per-block plan, checkpoint or resume."""
+    extra = program.run_model(model, calib, device=device, dtype=dtype, batch_size=cfg.batch_size,
+                              progress=progress)
+    layers = extra.pop("layers")
+    total = time.perf_counter() - t_start
+    n = len(get_adapter(model).blocks(model))
+    return {
+        "sparsity": cfg.sparsity, **extra,
+        "params": {"before": params_before, "after": sum(p.numel() for p in model.parameters())},
+        "method": cfg.method, "nm": None, "allocation": {"name": cfg.allocation, "blocks_after": n},
+        "solver_options": cfg.solver_options, "true_sequential": cfg.true_sequential,
+        "compute_dtype": cfg.compute_dtype, "offload": cfg.offload, "skip": [], "layers": layers,
+        "timings": {"solve": total, "total": total}, "block_timings": [],
+        "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "resumed_from_block": None,
     }
 
 
@@ -161,35 +216,56 @@ def _plan(model, adapter, cfg, infos, block_stats, hidden, kwargs, device, dtype
     return make_plan(cfg, allocator, infos, len(blocks), block_stats, weights)
 
 
-def _restore(model, blocks, store, program, ckpt: Checkpoint, state: dict, buf: ActivationBuffer, timers) -> None:
-    """Resume: the finished blocks' pruned weights, the next block's inputs, the time already spent per stage."""
-    for i in range(state["next_block"]):
+def _load_state(ckpt: Checkpoint | None, world) -> dict | None:
+    """The resume state (rank 0 reads it, every rank gets it); a run started on another number of processes is
+    refused (its statistics are summed over other shards)."""
+    try:
+        state = ckpt.load() if ckpt is not None else None
+        n = (state or {}).get("world_size", 1)
+        err = None if state is None or n == world.world else (
+            f"{ckpt.folder.parent} was pruned on {n} process{'es' if n > 1 else ''} and is resumed on {world.world}: "
+            f"resume with the same number ({'torchrun --nproc-per-node ' + str(n) if n > 1 else 'one process'}), "
+            "or use --force to start over")
+    except UserError as e:
+        state, err = None, str(e)
+    if world.active:
+        err, state = world.share((err, state))
+    if err:
+        raise distributed.Shared(err)
+    return state
+
+
+def _restore(model, blocks, store, program, ckpt: Checkpoint | None, state: dict, buf: ActivationBuffer, timers,
+             world, kwargs, batch_size: int, dtype, device) -> None:
+    """Resume: the finished blocks' pruned weights (rank 0: the only one that saves them), the next block's inputs
+    (each rank its shard; on one process rebuilt by running the finished blocks over the captured block-0 inputs when
+    the checkpoint kept no inputs, ``--checkpoint weights``), the time already spent per stage."""
+    acts = ckpt.activations(state) if ckpt is not None else None
+    rebuild = ckpt is not None and acts is None  # one process only (N processes keep full checkpoints)
+    for i in range(state["next_block"] if ckpt is not None else 0):
         if getattr(store, "persists", False):  # the finished blocks are the store's shards already
             if i not in store.modified:
                 raise UserError(f"{ckpt.folder.parent} lacks the shard of pruned block {i}, so the run cannot be "
                                 "resumed: rerun with --force to start over")
             if program.changes_shapes:  # the (meta) block takes its shard's widths; its weights stay on disk
                 program.load_block(blocks[i], store.block_shapes(i))
+            if rebuild:
+                with timers("propagate"):
+                    store.onload(model, i, device)
+                    propagate(blocks[i], buf, kwargs[i], batch_size, dtype)
+                    store.offload(model, i)
             continue
-        store.onload(model, i, "cpu")
+        store.onload(model, i, device if rebuild else "cpu")
         program.load_block(blocks[i], ckpt.block_weights(i))
+        if rebuild:
+            with timers("propagate"):
+                propagate(blocks[i], buf, kwargs[i], batch_size, dtype)
         store.offload(model, i)
-    buf.a.copy_(ckpt.activations(state).to(buf.a.dtype))
+    if world.active:
+        buf.a.copy_(world.scatter_rows(acts, buf.a).to(buf.a.dtype))
+    elif not rebuild:
+        buf.a.copy_(acts.to(buf.a.dtype))
     for k, v in state.get("timings", {}).items():
         if k != "total":
             timers.t[k] += v
     log.info("resuming at block %d of %d", state["next_block"], len(blocks))
-
-
-def prune_to_blocks(model, calib: torch.Tensor, block_sparsity, compute_dtype: str = "float32",
-                    method: str = "wanda") -> dict:
-    """Prune ``model`` in place with ``method`` at the given per-block sparsities (a ``user`` allocation, parameter-
-    weighted mean as the target), block by block with propagation on ``calib``: what the allocation proxies that
-    propagate (``search.proxy``, ``prune_fn``) run per candidate. Returns the run record."""
-    bs = [float(s) for s in block_sparsity]
-    adapter = get_adapter(model)
-    sizes = [sum(adapter.get_weight(m).numel() for m in adapter.linears(b).values()) for b in adapter.blocks(model)]
-    mean = sum(w * s for w, s in zip(sizes, bs)) / sum(sizes)
-    cfg = PruneConfig(method=method, sparsity=mean, allocation="user",
-                      allocation_options={"sparsities": bs, "lo": 0.0, "hi": 1.0}, compute_dtype=compute_dtype)
-    return prune_model(model, calib, cfg, progress=False)

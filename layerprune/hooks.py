@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import distributed
 from .stats import LayerStats
 
 
@@ -43,6 +44,7 @@ class InputCollector:
         self.ntokens += x.shape[0]
 
     def stats(self) -> LayerStats:
+        distributed.current().reduce_collector(self)  # N processes: the sums over every rank's windows
         h = None
         if self.xtx is not None:  # the upper triangle mirrored (the diagonal tiles were computed whole), in place
             h, self.xtx = self.xtx, None

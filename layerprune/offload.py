@@ -304,6 +304,14 @@ class DiskStore:
         del state
         release_free_memory()
 
+    def drop(self, model, i: int) -> None:
+        """Take block i off the device without writing it (another process stores the run: distributed pruning)."""
+        block = self.adapter.blocks(model)[i]
+        for k, t in block.state_dict().items():
+            _set_tensor(block, k, t.detach().to("meta"))
+        _move_real_buffers(block, "cpu")
+        release_free_memory()
+
     def measure_sparsity(self, model) -> dict:
         """``models.info.measure_sparsity`` of the stored model, one block in memory at a time (no full load)."""
         per_block, per_layer, zeros_all, numel_all = [], {}, 0, 0

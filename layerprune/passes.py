@@ -148,18 +148,31 @@ class ActivationBuffer:
 
 
 class Timers:
-    """Wall time per named stage: ``with timers("solve"): ...``; ``timers.t`` holds the sums."""
+    """Wall time per named stage: ``with timers("solve"): ...``; ``timers.t`` holds the sums.
 
-    def __init__(self):
+    On a CUDA device kernels run asynchronously, so a stage's wall time is only its own once the device has finished
+    the work queued before it and in it: ``Timers(device)`` synchronizes the device at both ends of every stage (and in
+    ``now()``). On the CPU nothing is synchronized."""
+
+    def __init__(self, device=None, sync=None):
         self.t: dict[str, float] = defaultdict(float)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.sync = sync if sync is not None else (
+            (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None)
+
+    def now(self) -> float:
+        """perf_counter() after the device has finished its queued work."""
+        if self.sync is not None:
+            self.sync()
+        return time.perf_counter()
 
     @contextmanager
     def __call__(self, name: str):
-        t0 = time.perf_counter()
+        t0 = self.now()
         try:
             yield
         finally:
-            self.t[name] += time.perf_counter() - t0
+            self.t[name] += self.now() - t0
 
 
 def forward_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Plots of a run record: per-block target vs achieved sparsity (matplotlib, PNG)."""
+"""Plots of a run record: per-block target vs achieved sparsity, and for a depth run every block's criterion value
+with the removed blocks marked (matplotlib, PNG)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,12 @@ def plot_block_sparsity(records: dict[str, dict], out_png: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install 'layerprune[plot]'") from None
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    depth = {label: rec["depth"] for label, rec in records.items() if rec.get("depth")}
+    if depth:
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7.4), sharex=True)
+        plot_depth_values(ax2, depth)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.2))
     for label, rec in records.items():
         target, achieved = block_sparsity(rec)
         line, = ax.plot(range(len(target)), target, "-", label=f"{label} target")
@@ -44,3 +50,23 @@ def plot_block_sparsity(records: dict[str, dict], out_png: Path) -> Path:
     fig.savefig(out_png, dpi=120, metadata={"Software": "layerprune"})
     plt.close(fig)
     return out_png
+
+
+def plot_depth_values(ax, depth: dict[str, dict]) -> None:
+    """One line per depth run: every block's criterion value (its record's ``depth.values``), removed blocks ringed.
+    Runs of different criteria get their own y axis (twin) since their values are not comparable."""
+    axes: dict[str, object] = {}
+    for label, d in depth.items():
+        name = d.get("value_name", d.get("criterion", ""))
+        a = axes.setdefault(name, ax if not axes else ax.twinx())
+        values = d["values"]
+        xs = [i for i, v in enumerate(values) if v is not None]
+        line, = a.plot(xs, [values[i] for i in xs], "-o", ms=3, label=f"{label} ({d.get('criterion')})")
+        gone = [i for i in d["removed"] if values[i] is not None]
+        a.plot(gone, [values[i] for i in gone], "o", ms=9, mfc="none", color=line.get_color(),
+               label=f"{label} removed {d['removed']}")
+        a.set_ylabel(name, fontsize=8)
+        a.legend(fontsize=7, loc="upper left" if a is ax else "upper right")
+    ax.set_xlabel("decoder block (of the model the run started from)")
+    ax.grid(alpha=0.3)
+    ax.set_title("depth: criterion per block (rings: removed)")

@@ -113,7 +113,8 @@ def theoretical_size_bytes(numel, nonzeros, bits, groupsize, rows, sym=False):
 
     dense_fp16       = 2 * numel
     groups           = rows * ceil(cols / groupsize)       (groupsize -1: rows, one group per output row)
-    quant_overhead   = groups * (2 + bits / 8)              (an fp16 scale and a `bits`-bit zero per group; sym: scale only)
+    quant_overhead   = groups * (2 + bits / 8)              (an fp16 scale and a `bits`-bit zero per group;
+                                                             sym: scale only)
     quantized        = numel * bits / 8 + quant_overhead
     sparse_fp16      = numel / 8 + 2 * nonzeros             (1-bit mask over every position + fp16 kept values)
     sparse_quantized = numel / 8 + nonzeros * bits / 8 + quant_overhead

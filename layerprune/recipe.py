@@ -24,18 +24,20 @@ def _declared(registry, spec: str, options: dict) -> dict:
     return {o.name: options.get(o.name, o.default) for o in cls.options}
 
 
-def build_recipe(run: RunConfig, resolved: dict) -> dict:
+def build_recipe(run: RunConfig, resolved: dict, parent: dict | None = None) -> dict:
     """The recipe of a validated run, in the layout of ``cli/recipe.LAYOUT``. ``resolved``: the values the run really
     used where the config left them to be decided later (model path, seqlen and eval seqlen capped by the model,
-    the save dtype)."""
+    the save dtype; ``sparsity`` None for a run that had none, e.g. depth's ``drop``). ``parent``: the recipe of the
+    run this one pruned further (its model was a run directory), kept whole under ``parent`` so one recipe replays
+    every step (``cli/recipe.parent_of``)."""
     from .allocation import ALLOCATORS
     from .solvers import SOLVER_REGISTRY
 
     cfg = run.prune
     calib = cfg.calibration_settings()
-    return {
+    recipe = {
         "layerprune_recipe": FORMAT, "model": resolved["model"], "dtype": run.dtype, "method": cfg.method,
-        "sparsity": None if cfg.nm else cfg.sparsity, "nm": f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else None,
+        "sparsity": resolved.get("sparsity", None if cfg.nm else cfg.sparsity), "nm": f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else None,
         "allocation": inline_user_file(cfg.allocation), "skip": ",".join(cfg.skip) or None,
         "solver_options": _declared(SOLVER_REGISTRY, cfg.method, cfg.solver_options),
         "allocation_options": _declared(ALLOCATORS, cfg.allocation, cfg.allocation_options),
@@ -47,6 +49,17 @@ def build_recipe(run: RunConfig, resolved: dict) -> dict:
                  "no_dense_eval": not run.dense_eval},
         "save": {"dtype": resolved["save_dtype"]},
     }
+    if parent is not None:
+        recipe["parent"] = parent
+    return recipe
+
+
+def run_recipe(run_dir) -> dict | None:
+    """The recipe a run directory holds (its ``recipe.yaml``), or None (a run made through the Python API)."""
+    import yaml
+
+    p = Path(run_dir).expanduser() / RECIPE_NAME
+    return yaml.safe_load(p.read_text(encoding="utf-8")) if p.is_file() else None
 
 
 def dump(recipe: dict) -> str:

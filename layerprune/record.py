@@ -105,6 +105,25 @@ def save_run(model, tokenizer, out: Path, record: dict, store=None, dtype=None) 
     shutil.rmtree(out / CHECKPOINT_NAME, ignore_errors=True)
 
 
+_PARENT_KEYS = ("model", "method", "sparsity", "nm", "solver_options", "params", "depth", "structure", "calibration",
+                "eval", "command_line", "parent")
+
+
+def parent_summary(record: dict, run_dir: Path) -> dict:
+    """What a chained run records of the run it pruned further: where it was, its method, settings, sizes, removed
+    blocks or widths, evaluation, and its own parent (so the whole chain is in the last record)."""
+    out = {"path": str(Path(run_dir).expanduser().resolve())}
+    out.update({k: record[k] for k in _PARENT_KEYS if k in record})
+    if isinstance(record.get("allocation"), dict):
+        out["allocation"] = record["allocation"].get("name")
+    if isinstance(out.get("depth"), dict):  # the per-step candidate tables stay in the parent's own record
+        out["depth"] = {k: v for k, v in out["depth"].items() if k != "steps"}
+    commit = (record.get("versions") or {}).get("layerprune_commit")
+    if commit:
+        out["layerprune_commit"] = commit
+    return out
+
+
 def write_record(out: Path, record: dict) -> None:
     """Write the run record; in a saved run directory (one with a config.json) the model card follows it."""
     tmp = out / f".{RECORD_NAME}.tmp"

@@ -399,7 +399,7 @@ def test_global_needs_weights_and_respects_hi():
     check_allocation(ctx, a, 0.5, 0.0, 0.9)
 
 
-# ---------------------------------------------------------------------------------------------------------- user/registry
+# -------------------------------------------------------------------------------------------------------- user/registry
 
 def test_user_list_file_and_errors(tmp_path):
     ctx = make_ctx(num_blocks=4)

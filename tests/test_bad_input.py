@@ -151,7 +151,8 @@ CASES = [
     (["prune", "--model", "{ws}/corrupt_model", "--offload", "disk", "--out", "{ws}/new10"], "corrupt or truncated"),
     (["prune", "--model", "{ws}/interrupted", "--out", "{ws}/new11"], "interrupted run"),
     (PRUNE + ["--nsamples", "0", "--out", "{ws}/new12"], "at least 1"),
-    (PRUNE + ["--method", "slimgpt", "--nm", "2:4", "--offload", "disk", "--out", "{ws}/new18"], "--nm and --skip do not"),
+    (PRUNE + ["--method", "slimgpt", "--nm", "2:4", "--offload", "disk", "--out", "{ws}/new18"],
+     "--nm and --skip do not"),
     (PRUNE + ["--method", "slimgpt", "--skip", "mlp.down_proj", "--out", "{ws}/new19"], "--nm and --skip do not"),
     # prune --recipe: the key and the fix, before any model is loaded
     (["prune", "--recipe", "{ws}/recipes/unknown_key.yaml", "--out", "{ws}/new17"], "unknown key 'colour'"),

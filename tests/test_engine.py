@@ -265,30 +265,72 @@ RESUME_SCRIPT = textwrap.dedent("""
 
     model = tiny_model("llama", layers=5)
     calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
-    prune(model, calibration=calib, method="sparsegpt", sparsity=0.6, out_dir={out!r}, resume=True,
-          store=KillingStore(), progress=False)
+    prune(model, calibration=calib, method={method!r}, sparsity={sparsity}, out_dir={out!r}, resume=True,
+          store=KillingStore(), progress=False, checkpoint={mode!r})
     torch.save(model.state_dict(), {result!r})
 """)
 
 
-def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("mode,method,sparsity", [("full", "sparsegpt", 0.6), ("weights", "sparsegpt", 0.6),
+                                                  ("weights", "slimgpt", 0.3)])
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path, mode, method, sparsity):
+    """--checkpoint full resumes from the saved inputs of the next block; weights rebuilds them by running the
+    finished (pruned) blocks again: both give the uninterrupted run's weights exactly."""
     out, result, flag = tmp_path / "run", tmp_path / "resumed.pt", tmp_path / "flag"
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parent), kill_at=3, out=str(out),
-                                           result=str(result), resume_flag=str(flag)))
+                                           result=str(result), resume_flag=str(flag), method=method,
+                                           sparsity=sparsity, mode=mode))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True)
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-500:]
     state = json.loads((out / ".checkpoint" / "state.json").read_text())
     assert state["next_block"] == 3
+    acts = list((out / ".checkpoint").glob("acts_*"))
+    assert (state["activations"] is None and not acts) if mode == "weights" else len(acts) == 1
     flag.write_text("resume")
     p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True)
     assert p.returncode == 0, p.stderr.decode()[-800:]
     resumed = torch.load(result)
     ref = tiny_model("llama", layers=5)
-    prune(ref, calibration=calib(6, 24), method="sparsegpt", sparsity=0.6, progress=False)
+    prune(ref, calibration=calib(6, 24), method=method, sparsity=sparsity, progress=False)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, resumed[k]), k
+
+
+def test_checkpoint_none_keeps_nothing_and_refuses_resume(tmp_path):
+    rec = prune(tiny_model("llama"), calibration=calib(), method="wanda", sparsity=0.5, out_dir=tmp_path,
+                progress=False, checkpoint="none")
+    assert rec["checkpoint"] == "none" and not (tmp_path / ".checkpoint").exists()
+    with pytest.raises(UserError, match="--checkpoint none"):
+        prune(tiny_model("llama"), calibration=calib(), method="wanda", sparsity=0.5, out_dir=tmp_path, resume=True,
+              progress=False, checkpoint="none")
+    with pytest.raises(UserError, match="--checkpoint 'some'"):
+        prune(tiny_model("llama"), calibration=calib(), method="wanda", sparsity=0.5, out_dir=tmp_path,
+              progress=False, checkpoint="some")
+
+
+def test_checkpoint_default_is_full_on_cpu_and_weights_on_gpu():
+    from layerprune.checkpoint import checkpoint_mode
+    assert checkpoint_mode(None, "cpu") == "full" and checkpoint_mode(None, None) == "full"
+    assert checkpoint_mode(None, "cuda") == "weights" and checkpoint_mode("full", "cuda") == "full"
+
+
+def test_timers_synchronize_a_cuda_device_at_both_ends_of_a_stage(monkeypatch):
+    """A stage's time on a GPU is only its own once queued kernels have finished: Timers(cuda) synchronizes."""
+    from layerprune.passes import Timers
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    t = Timers(torch.device("cuda", 0))
+    with t("solve"):
+        assert len(calls) == 1
+    assert len(calls) == 2 and calls[0] == torch.device("cuda", 0)
+    t.now()
+    assert len(calls) == 3
+    calls.clear()
+    with Timers("cpu")("solve"):
+        pass
+    assert calls == [] and Timers().sync is None
 
 
 def test_checkpoint_with_other_settings_is_refused(tmp_path):

@@ -41,7 +41,8 @@ def test_masked_weights_stay_zero_and_2_4_holds():
     assert len(masks) == 2 * 7
     before = {n: model.get_submodule(n).weight.detach().clone() for n in masks}
     head, emb = model.lm_head.weight.detach().clone(), model.model.embed_tokens.weight.detach().clone()
-    out = finetune_lora(model, None, windows(), steps=8, lr=1e-2, rank=4, alpha=8, seqlen=16, batch_size=2, progress=False)
+    out = finetune_lora(model, None, windows(), steps=8, lr=1e-2, rank=4, alpha=8, seqlen=16, batch_size=2,
+                        progress=False)
     assert out["max_abs_refilled"] > 0  # merging did refill the pruned positions before re-masking
     for name, mask in masks.items():
         w = model.get_submodule(name).weight
@@ -67,7 +68,8 @@ def test_loss_decreases_and_texts_path():
     model = tiny_llama()
     prune_2_4(model)
     texts = ["the cat sat on a mat"] * 20
-    out = finetune_lora(model, tokenizer, texts, steps=12, lr=1e-2, rank=4, alpha=8, seqlen=12, batch_size=2, progress=False)
+    out = finetune_lora(model, tokenizer, texts, steps=12, lr=1e-2, rank=4, alpha=8, seqlen=12, batch_size=2,
+                        progress=False)
     assert out["windows"] == (20 * 6) // 12 and out["seqlen"] == 12
     assert sum(out["losses"][-3:]) / 3 < out["losses"][0] - 0.5
 

@@ -8,7 +8,7 @@ from conftest import FAMILIES, tiny_model
 from layerprune import prune
 from layerprune.search.proxy import (PROXIES, Proxy, dense_logprobs, eval_windows, proxy_settings,
                                              window_scores)
-from layerprune.engine import prune_to_blocks
+from layerprune.engine import prune_model
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import perplexity
 
@@ -27,7 +27,7 @@ def make_proxy(**kw):
 def test_propagated_proxy_prunes_like_a_full_run_on_its_windows():
     """propagate=n: the weights equal those of prune() on the first n calibration windows with the same allocation."""
     s = [0.6, 0.65, 0.75, 0.8]
-    p = make_proxy(propagate=2, prune_fn=prune_to_blocks)
+    p = make_proxy(propagate=2, prune_fn=prune_model)
     p.apply(s)
     ref = tiny_model("llama", layers=4)
     prune(ref, calibration=calib()[:2], sparsity=0.7, allocation="user:" + ",".join(map(str, s)), progress=False)
@@ -60,7 +60,7 @@ def test_proxy_settings_are_checked():
     with pytest.raises(UserError, match="metric"):
         make_proxy(metric="acc")
     with pytest.raises(UserError, match="calibration windows"):
-        make_proxy(propagate=9, prune_fn=prune_to_blocks)
+        make_proxy(propagate=9, prune_fn=prune_model)
     with pytest.raises(UserError, match="prune_fn"):
         make_proxy(propagate=2)
 
@@ -100,7 +100,7 @@ def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path, family):
 def test_auto_screens_every_candidate_then_scores_uniform_and_the_best_with_the_proxy():
     from layerprune.search.auto import CANDIDATES, SCREEN_PROXY, choose
 
-    kw = dict(seqlen=32, prune_fn=prune_to_blocks)
+    kw = dict(seqlen=32, prune_fn=prune_model)
     rep = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=10.0, **kw)
     tried = [r for r in rep["tried"] if "error" not in r]
     assert len(tried) >= 4 and all(r["screen"] is not None for r in tried)

@@ -212,7 +212,8 @@ def test_builtin_flags_give_the_options_of_the_hand_written_cli():
     assert groups["allocation options"] == ["--min-sparsity", "--max-sparsity"]
     assert groups["dlp options"] == ["--alpha", "--dlp-stat"]
     text = prune.format_help()
-    assert "magnitude, wanda, sparsegpt, or slimgpt (structured: heads + FFN channels)" in " ".join(text.split())
+    assert ("magnitude, wanda, sparsegpt, slimgpt (structured: heads + FFN channels), or depth (depth: whole blocks "
+            "removed, a stock config with fewer layers)") in " ".join(text.split())
     for registry, select, cases in ((SOLVER_REGISTRY, "--method", SOLVER_CASES), (ALLOCATORS, "--allocation",
                                                                                    ALLOC_CASES)):
         for name, extra, want in cases:
@@ -224,10 +225,9 @@ def test_builtin_flags_give_the_options_of_the_hand_written_cli():
                     _method_options(registry, select, name, args)
 
 
-def test_the_readme_examples_run_through_the_cli(tmp_path, text_corpus):
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index("## Adding a method"):]
-    blocks = re.findall(r"```python\n(.*?)```", section[:section.index("\n## ")], re.S)
+def test_the_adding_a_method_examples_run_through_the_cli(tmp_path, text_corpus):
+    text = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert len(blocks) == 2
     src = tmp_path / "model"
     tiny_model("llama", layers=3).save_pretrained(src)

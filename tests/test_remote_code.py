@@ -14,7 +14,6 @@ import shlex
 import subprocess
 import sys
 
-import pytest
 import torch
 import yaml
 from conftest import tiny_model, tiny_tokenizer
@@ -136,7 +135,8 @@ def test_cli_run_writes_a_model_card(tmp_path, text_corpus):
     tiny_tokenizer().save_pretrained(src)
     out = tmp_path / "run"
     argv = ["prune", "--model", str(src), "--method", "slimgpt", "--sparsity", "0.4", "--allocation", "ipr-log",
-            "--nsamples", "4", "--seqlen", "32", "--data-dir", str(text_corpus), "--out", str(out), "--max-windows", "3"]
+            "--nsamples", "4", "--seqlen", "32", "--data-dir", str(text_corpus), "--out", str(out),
+            "--max-windows", "3"]
     assert main(argv) == 0
     rec, text = read_record(out), (out / CARD_NAME).read_text()
     meta = front_matter(text)

@@ -31,8 +31,9 @@ def tiny_model(vocab):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, eos_token_id=vocab - 1, bos_token_id=vocab - 1)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=vocab - 1, bos_token_id=vocab - 1)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -44,16 +45,20 @@ def write_data(root, skip=()):
         p.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     if "boolq" not in skip:
-        jsonl("boolq/val.jsonl", [{"question": f"is {i} even", "passage": f"number {i}", "label": i % 2 == 0} for i in range(N)])
+        jsonl("boolq/val.jsonl", [{"question": f"is {i} even", "passage": f"number {i}", "label": i % 2 == 0}
+                                  for i in range(N)])
     if "rte" not in skip:
         jsonl("rte/val.jsonl", [{"premise": f"a cat {i}", "hypothesis": "a cat", "idx": i,
                                  "label": ["entailment", "not_entailment"][i % 2]} for i in range(N)])
     for name, f in (("arc_easy", "ARC-Easy-Test"), ("arc_challenge", "ARC-Challenge-Test")):
         if name not in skip:
             jsonl(f"arc/{f}.jsonl", [{"id": f"q{i}", "answerKey": "ABCD"[i % 4], "question": {
-                "stem": f"what is {i}?", "choices": [{"text": f"opt {c * k}", "label": c} for k, c in enumerate("ABCD", 1)]}} for i in range(N)])
+                "stem": f"what is {i}?",
+                "choices": [{"text": f"opt {c * k}", "label": c} for k, c in enumerate("ABCD", 1)]}}
+                for i in range(N)])
     if "piqa" not in skip:
-        jsonl("piqa/dev.jsonl", [{"id": str(i), "goal": f"open jar {i}", "sol1": "twist lid", "sol2": "eat lid"} for i in range(N)])
+        jsonl("piqa/dev.jsonl", [{"id": str(i), "goal": f"open jar {i}", "sol1": "twist lid", "sol2": "eat lid"}
+                                 for i in range(N)])
         (root / "piqa/dev-labels.lst").write_text("".join(f"{i % 2}\n" for i in range(N)))
     if "openbookqa" not in skip:
         (root / "openbookqa").mkdir(parents=True, exist_ok=True)
@@ -147,7 +152,8 @@ def test_accuracy_equals_brute_force(tmp_path):
     d = write_data(tmp_path)
     out = zeroshot(model, tok, ["boolq", "arc_easy"], data_dir=d, batch_size=2, offline=True)
     boolq = [(f"number {i}\nQuestion: is {i} even?\nAnswer:", ["no", "yes"], int(i % 2 == 0)) for i in range(N)]
-    arc = [(f"Question: what is {i}?\nAnswer:", [f"opt {c * k}" for k, c in enumerate("ABCD", 1)], i % 4) for i in range(N)]
+    arc = [(f"Question: what is {i}?\nAnswer:", [f"opt {c * k}" for k, c in enumerate("ABCD", 1)], i % 4)
+           for i in range(N)]
     assert out["tasks"]["boolq"]["acc"] == pytest.approx(brute_force_acc(model, tok, boolq)[0])
     acc, norm = brute_force_acc(model, tok, arc)
     assert out["tasks"]["arc_easy"]["acc"] == pytest.approx(acc)

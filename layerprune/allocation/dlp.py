@@ -4,7 +4,8 @@ Per block l, with A = the Wanda scores |W_ij| * ||X_j||_2 of all the block's lin
     S_l = median(A)  (paper; exact lower median)  or  mean(A)  (released code, ``stat="mean"``)
     I_l = 1 - S_l / sum_i S_i                        relative importance: small S -> important
     d_l = (I_l - min I) / (max I - min I) * 2*alpha
-    R_l = p + mean(d) - d_l                          more important -> LOWER sparsity; mean R = p, max R - min R = 2*alpha
+    R_l = p + mean(d) - d_l                          more important -> LOWER sparsity;
+                                                     mean R = p, max R - min R = 2*alpha
 then clipped to [lo, hi] and rebalanced. One sparsity per block.
 
 alpha: a float (default 0.15, the paper's and code's value at 70%; Appendix G's per-sparsity values were not

@@ -56,11 +56,23 @@ def main(argv: list[str] | None = None) -> int:
             hf_logging.disable_progress_bar()  # ours (blocks, windows) stay; loading/saving bars go
         return args.func(args)
     except UserError as e:
-        print(f"layerprune: error: {e}", file=sys.stderr)
+        if _speaks(e):
+            print(f"layerprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("layerprune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "layerprune.distributed" in sys.modules:
+            sys.modules["layerprune.distributed"].shutdown()
+
+
+def _speaks(e: UserError) -> bool:
+    """On N processes rank 0 prints every error; another rank only its own, once the engine has begun (a refusal
+    every rank raises alike, or one rank 0 already reported, stays quiet there)."""
+    dist = sys.modules.get("layerprune.distributed")
+    world = dist.current() if dist else None
+    return world is None or world.rank == 0 or (world.started and not isinstance(e, dist.Shared))
 
 
 __all__ = ["main", "build_parser", "COMMANDS"]

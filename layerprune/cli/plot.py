@@ -1,4 +1,5 @@
-"""``layerprune plot``: per-block target vs achieved sparsity of one or more runs (PNG)."""
+"""``layerprune plot``: per-block target vs achieved sparsity of one or more runs (PNG); depth runs also get every
+block's criterion value with the removed blocks marked."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from layerprune.outputs import prepare_file
 
 
 def add_parser(sub) -> None:
-    s = sub.add_parser("plot", help="per-block target vs achieved sparsity of one or more runs (PNG)",
+    s = sub.add_parser("plot", help="per-block target vs achieved sparsity of one or more runs (PNG); depth runs: criterion per block",
                        epilog=_examples("layerprune plot runs/wanda70 runs/dlp70 --out runs/compare.png"))
     s.add_argument("run_dirs", nargs="+", help="run directories (each has layerprune.json)")
     s.add_argument("--out", default=None, help="PNG path (default RUN_DIR/block_sparsity.png)")

@@ -11,6 +11,7 @@ from layerprune.allocation import ALLOCATORS, split_spec
 from layerprune.cli.common import (DATA_DIR_HELP, DTYPES, _common_model_args, _examples, _method_flags, _method_list,
                                    _method_options, _positive, _table, calibration_args)
 from layerprune.cli import recipe
+from layerprune.recipe import RECIPE_NAME, dump
 from layerprune.solvers import SOLVER_REGISTRY
 
 QUICK = "--nsamples 32 --seqlen 512 --max-windows 40"  # the help's examples: minutes on a CPU
@@ -30,7 +31,9 @@ def add_parser(sub) -> None:
                            "layerprune prune --method wanda --sparsity 0.5 --out runs/wanda50-paper   # paper protocol",
                            "layerprune prune ... --out runs/wanda50 --resume   # after an interruption",
                            "layerprune prune --recipe runs/wanda50/recipe.yaml --out runs/again   # rerun a run",
-                           "layerprune prune --recipe runs/wanda50/recipe.yaml --seed 1 --out runs/seed1"))
+                           "layerprune prune --recipe runs/wanda50/recipe.yaml --seed 1 --out runs/seed1",
+                           "torchrun --nproc-per-node 4 -m layerprune prune --method sparsegpt --out runs/sgpt50   "
+                           "# 4 processes (docs/distributed.md)"))
     s.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub id")
     s.add_argument("--method", default="wanda", help=_method_list(SOLVER_REGISTRY))
     s.add_argument("--sparsity", type=float, default=None,
@@ -44,6 +47,10 @@ def add_parser(sub) -> None:
     s.add_argument("--force", action="store_true",
                    help="replace --out if it holds a layerprune run (written beside it, swapped in at the end)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--checkpoint", default=None, choices=["full", "weights", "none"],
+                   help="resume state kept in --out after each block: full (pruned block + next inputs), weights "
+                        "(pruned block; a resume reruns the finished blocks) or none (default: full on a CPU, weights "
+                        "on a GPU)")
     s.add_argument("--eval", default="wikitext2", help="comma list of datasets to evaluate before/after ('' for none)")
     s.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
     s.add_argument("--max-windows", type=_positive, default=None, help="evaluate only the first N windows")
@@ -70,7 +77,8 @@ def run(args) -> int:
     from layerprune import api
 
     record = api.run_prune(config_from_args(args))
-    print(summary(record, args.out))
+    if record is not None:  # None: a rank other than 0 of a torchrun launch (rank 0 reports)
+        print(summary(record, args.out))
     return 0
 
 
@@ -87,12 +95,34 @@ def config_from_args(args):
                       offload=args.offload, compute_dtype=args.compute_dtype, batch_size=args.batch_size,
                       true_sequential=args.true_sequential, skip=args.skip or (), calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    parent = None
+    if args.recipe and "model" not in getattr(args, "explicit_dests", set()):
+        parent = recipe.parent_of(args.recipe)  # a chained recipe: its earlier steps run first, into OUT.parent
     return RunConfig(model=args.model, out=args.out, prune=cfg, dtype=args.dtype, save_dtype=args.save_dtype,
                      eval=args.eval, eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
                      dense_eval=not args.no_dense_eval, device=args.device, data_dir=args.data_dir,
-                     use_cache=not args.no_cache, force=args.force, resume=args.resume,
-                     command_line=getattr(args, "command_line", None),
-                     inputs=(args.recipe,) if args.recipe else ()).validate()
+                     use_cache=not args.no_cache, force=args.force, resume=args.resume, checkpoint=args.checkpoint,
+                     command_line=getattr(args, "command_line", None), inputs=(args.recipe,) if args.recipe else (),
+                     parent=None if parent is None else _parent_config(args, parent)).validate()
+
+
+def _parent_config(args, parent: dict):
+    """The RunConfig of a chained recipe's parent step (parsed like ``--recipe`` itself), written to ``OUT.parent``;
+    where and how it runs (data, device, force, cache) as this run's flags say."""
+    import tempfile
+
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / RECIPE_NAME
+        path.write_text(dump(parent), encoding="utf-8")
+        argv = ["--recipe", str(path), "--out", str(out.with_name(out.name + ".parent"))]
+        argv += ["--data-dir", args.data_dir] if args.data_dir else []
+        argv += ["--device", args.device] if args.device else []
+        argv += ["--force"] if args.force else []
+        argv += ["--no-cache"] if args.no_cache else []
+        step = config_from_args(args.prune_parser.parse_args(argv))
+    step.inputs, step.replays = (), parent
+    return step
 
 
 def summary(record: dict, out) -> str:
@@ -120,6 +150,11 @@ def summary(record: dict, out) -> str:
     if structured:
         ratio = params["after"] / params["before"]
         lines.append(f"parameters {params['before']:,} -> {params['after']:,} ({ratio:.3f}x, {1 - ratio:.1%} removed)")
+    if record.get("depth"):
+        d = record["depth"]
+        lines.append(f"removed blocks {d['removed']} of {d['blocks_before']} by {d['criterion']} "
+                     f"({d['removed_fraction']:.1%} of the block parameters); the criterion took "
+                     f"{d['cost']['forward_passes']} forward passes, {d['cost']['seconds']:.1f}s")
     if "allocation_auto" in record:
         a = record["allocation_auto"]
         lines.append(f"allocation auto: chose {a['chosen']} ({a['reason']}); {len(a['tried'])} candidates scored by "

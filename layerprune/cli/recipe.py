@@ -6,6 +6,11 @@ declared options (layerprune.registry) fill ``solver_options`` and ``allocation_
 checked against the flag's own type and choices. Flags given on the command line win over the recipe; ``--out``,
 ``--force``, ``--resume``, ``--data-dir``, ``--device`` and ``--no-cache`` are never part of a recipe (where and how a
 run is written or computed, not what it computes).
+
+Chained runs: a run whose ``--model`` was another run directory stores that run's recipe under ``parent`` (nested for
+longer chains). ``--recipe`` with a parent first replays the parent into ``OUT.parent`` (kept, reused when it already
+holds that recipe's run) and prunes that, so one recipe reproduces every step; ``--model`` on the command line skips
+the replay and prunes the given model instead.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ LAYOUT: dict[str | None, dict[str, str]] = {
     "save": {"dtype": "save_dtype"},
 }
 OPTION_SECTIONS = {"solver_options": "method", "allocation_options": "allocation"}  # section -> the key choosing it
-NOT_RECORDED = {"out", "force", "resume", "recipe", "data_dir", "device", "no_cache", "help"}
+NOT_RECORDED = {"out", "force", "resume", "checkpoint", "recipe", "data_dir", "device", "no_cache", "help"}
 
 
 def _method_name(spec) -> str:
@@ -45,6 +50,17 @@ def core_dests() -> set[str]:
 
 def _where(section, key) -> str:
     return f"{section}.{key}" if section else key
+
+
+def parent_of(path) -> dict | None:
+    """The ``parent`` recipe of a chained recipe (checked to be a recipe itself), or None."""
+    parent = load(path).get("parent")
+    if parent is None:
+        return None
+    if not isinstance(parent, dict) or parent.get("layerprune_recipe") != FORMAT:
+        raise UserError(f"--recipe {path}: parent must be the recipe of the step before (a mapping starting with "
+                        f"'layerprune_recipe: {FORMAT}'), got {str(parent)[:80]!r}")
+    return parent
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
@@ -108,7 +124,8 @@ def apply(path, args, parser: argparse.ArgumentParser, registries: dict[str, Reg
     recipe = load(path)
     actions = _actions(parser)
     explicit = getattr(args, "explicit_dests", set())
-    known = {k for k in LAYOUT[None]} | {s for s in LAYOUT if s} | set(OPTION_SECTIONS) | {"layerprune_recipe"}
+    known = ({k for k in LAYOUT[None]} | {s for s in LAYOUT if s} | set(OPTION_SECTIONS)
+             | {"layerprune_recipe", "parent"})
     for key in recipe:
         if key not in known:
             raise UserError(f"--recipe {path}: unknown key {key!r}: remove it (known keys: {', '.join(sorted(known))})")

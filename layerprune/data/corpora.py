@@ -190,7 +190,8 @@ def calibration_pool(source: str, data_dir: Path | None) -> list[str]:
     if source in ("wikitext2-valid", "ptb-valid"):
         return [load_text(source, data_dir)]  # one long document, windows drawn from anywhere in it
     if source in CORPORA:
-        raise UserError(f"calibration from {source!r} would use a test split: use c4, wikitext2-valid, ptb-valid or a file")
+        raise UserError(f"calibration from {source!r} would use a test split: "
+                        "use c4, wikitext2-valid, ptb-valid or a file")
     path = Path(source).expanduser()
     if path.is_file():
         return _user_file_docs(path)

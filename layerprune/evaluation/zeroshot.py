@@ -41,7 +41,8 @@ STRUCTURED_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc
 
 
 def zeroshot_dir(data_dir):
-    """The folder holding boolq/, rte/, arc/, ...: `data_dir`/zeroshot when it exists (the project data dir), else `data_dir`."""
+    """The folder holding boolq/, rte/, arc/, ...: `data_dir`/zeroshot when it exists (the project data dir),
+    else `data_dir`."""
     if data_dir is None:
         return None
     sub = Path(data_dir) / "zeroshot"
@@ -59,8 +60,10 @@ def local_files(task, data_dir):
 
 
 def hub_reachable(timeout=3.0):
-    """False when the user asked for offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or the hub host does not answer."""
-    if any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    """False when the user asked for offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or the hub host does not
+    answer."""
+    if any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+           for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
@@ -91,7 +94,10 @@ def _short(err):
 
 
 def load_tasks(tasks, data_dir=None, offline=None):
-    """Build lm-eval Task objects. Returns (tasks {name: Task}, sources {name: "local:<dir>" | "hub"}, skipped {name: reason})."""
+    """Build lm-eval Task objects.
+
+    Returns (tasks {name: Task}, sources {name: "local:<dir>" | "hub"}, skipped {name: reason}).
+    """
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
@@ -113,7 +119,8 @@ def load_tasks(tasks, data_dir=None, offline=None):
         if spec == name:
             full_tm = full_tm or TaskManager(metadata=meta)
             if name not in full_tm.all_subtasks:
-                raise UserError(f"unknown zero-shot task {name!r}; use one of {', '.join(HUB_YAML)} or an lm-eval task name")
+                raise UserError(f"unknown zero-shot task {name!r}; use one of {', '.join(HUB_YAML)} "
+                                "or an lm-eval task name")
         try:
             with hub_offline(offline):
                 loaded[name] = (full_tm if spec == name else tm).load([spec])["tasks"][name]

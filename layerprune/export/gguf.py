@@ -8,7 +8,8 @@ What goes in:
   ``2i + 1`` (``interleave_heads``), biases alike. A tied output head is left out (llama.cpp reuses the embedding).
 - The architecture's metadata (``Adapter.gguf_hparams``). A SlimGPT run with per-block widths becomes llama.cpp's
   ``deci`` architecture: per-layer arrays ``attention.head_count``, ``attention.head_count_kv`` and
-  ``feed_forward_length`` (llama-style families only; others are refused before any work).
+  ``feed_forward_length`` (llama-style families only; others are refused before any work). Equal widths in a
+  per-block config (one the stock config refused) are written as the family's stock architecture with those widths.
 - The tokenizer: copied from the source GGUF when the run came from one (the built-in ``smollm2-135m``); otherwise
   built from the run's ``tokenizer.json`` (byte-level BPE: tokens, token types, merges, special ids), with the
   pre-tokenizer name looked up in ``models/gguf_vocab.PRE_TOKENIZERS`` (an unknown one is refused).
@@ -79,6 +80,13 @@ def _source_gguf(spec: str, record: dict) -> Path | None:
 def _per_block(config) -> list[tuple[int, int, int]] | None:
     lists = [getattr(config, f, None) for f in ("layer_heads", "layer_kv_heads", "layer_intermediate")]
     return list(zip(*lists)) if all(isinstance(v, list) for v in lists) else None
+
+
+def _differ(widths) -> bool:
+    """Whether per-block widths really differ. A ``layerprune_<type>`` config may hold equal widths that the stock
+    config refuses (e.g. gemma3 validates hidden_size % heads although head_dim is decoupled): those go to the
+    family's stock architecture, which llama.cpp reads with any head count."""
+    return widths is not None and len(set(widths)) > 1
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -234,7 +242,7 @@ def plan(spec: str, qtype: str = "f16", out=None, force: bool = False, align: in
     target = None
     if skeleton is not None:
         adapter = get_adapter(skeleton)
-        target = adapter.gguf_target(skeleton.config, _per_block(skeleton.config) is not None)
+        target = adapter.gguf_target(skeleton.config, _differ(_per_block(skeleton.config)))
         need = int(sum(p.numel() for p in skeleton.parameters()) * _bytes_per_param(qtype)) + (64 << 20)
         check_free_space(out.parent, need, f"the {qtype} GGUF file")
     return {"spec": spec, "type": qtype, "out": out, "run": run, "record": record, "source_gguf": src_gguf,
@@ -256,7 +264,8 @@ def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=N
         model, tokenizer = load_model(spec, "float32")
     adapter = get_adapter(model)
     widths = _per_block(model.config)
-    arch, interleave = adapter.gguf_target(model.config, widths is not None)
+    per_block = _differ(widths)
+    arch, interleave = adapter.gguf_target(model.config, per_block)
     if p["target"] is None:  # no skeleton was at hand before the load
         need = int(sum(t.numel() for t in model.parameters()) * _bytes_per_param(qtype)) + (64 << 20)
         check_free_space(p["out"].parent, need, f"the {qtype} GGUF file")
@@ -279,7 +288,7 @@ def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=N
     ffn = ffn_widths(model, adapter, align)
     if ffn is not None:
         written = [b for _, b in ffn]
-        hparams[gguf.Keys.LLM.FEED_FORWARD_LENGTH] = written if widths is not None else written[0]
+        hparams[gguf.Keys.LLM.FEED_FORWARD_LENGTH] = written if per_block else written[0]
     for key, value in hparams.items():
         key = key.format(arch=arch)
         if isinstance(value, bool):
@@ -321,7 +330,7 @@ def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=N
     finally:
         if tmp.exists():
             tmp.unlink()
-    return {"out": str(out), "type": qtype, "architecture": arch, "per_block_widths": widths is not None,
+    return {"out": str(out), "type": qtype, "architecture": arch, "per_block_widths": per_block,
             "tensors": counts, "bytes": out.stat().st_size, "align": align,
             "ffn_channels_padded": sum(b - a for a, b in ffn or []),
             "tokenizer": "copied from " + p["source_gguf"].name if p["source_gguf"] else "built from tokenizer.json"}

@@ -180,6 +180,54 @@ class Adapter:
                 nn.ModuleList(list(self.blocks(model))[:n]))
         self.truncate_config(model.config, n)
 
+    # --- depth: any blocks (depth pruning) ----------------------------------------------------------
+    # Config fields with one entry per block, cut like the blocks (sliding/global layer types; the per-block widths of
+    # a ``layerprune_<type>`` config). ``cut_config`` refuses a config with another such list it does not know.
+    per_layer_fields: tuple[str, ...] = ("layer_types", "layer_heads", "layer_kv_heads", "layer_intermediate")
+    _not_per_layer = ("architectures", "bad_words_ids", "begin_suppress_tokens", "suppress_tokens", "eos_token_id")
+
+    def check_cut(self, config) -> None:
+        """Refuse (UserError) a config whose blocks cannot be removed with a stock config describing the rest."""
+        n = config.num_hidden_layers
+        unknown = [k for k, v in config.to_dict().items() if isinstance(v, (list, tuple)) and len(v) == n > 1
+                   and k not in self.per_layer_fields and k not in self._not_per_layer]
+        if unknown:
+            raise UserError(f"the {self.family} config field(s) {', '.join(unknown)} have one entry per block and "
+                            "layerprune does not know how to cut them: removing blocks is not supported for it")
+
+    def cut_config(self, config, keep: list[int]) -> None:
+        """Make ``config`` (in place) describe only the blocks ``keep`` (old indices, ascending) of its blocks: the
+        block count, every per-block list, and ``max_window_layers`` (the first N blocks use full attention, so N
+        becomes the number of kept blocks below it)."""
+        self.check_cut(config)
+        n = config.num_hidden_layers
+        for key in self.per_layer_fields:
+            v = getattr(config, key, None)
+            if isinstance(v, (list, tuple)):
+                if len(v) != n:
+                    raise UserError(f"config {key} has {len(v)} entries for {n} blocks: the model's config is "
+                                    "inconsistent")
+                setattr(config, key, [v[i] for i in keep])
+        mwl = getattr(config, "max_window_layers", None)
+        if isinstance(mwl, int):
+            config.max_window_layers = sum(i < mwl for i in keep)
+        config.num_hidden_layers = len(keep)
+
+    def keep_blocks(self, model: nn.Module, keep: list[int]) -> None:
+        """Keep only the blocks ``keep`` (old indices), in place: the block list, the config (``cut_config``), and
+        every module's ``layer_idx`` renumbered 0..len(keep)-1 so the KV cache and per-layer lookups match."""
+        keep = sorted(set(keep))
+        blocks = list(self.blocks(model))
+        if not keep or any(not 0 <= i < len(blocks) for i in keep):
+            raise UserError(f"blocks to keep {keep} must be a non-empty subset of 0..{len(blocks) - 1}")
+        self.cut_config(model.config, keep)
+        kept = [blocks[i] for i in keep]
+        for new, block in enumerate(kept):
+            for m in block.modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = new
+        setattr(_get(model, _parent(self.blocks_path)), self.blocks_path.rsplit(".", 1)[1], nn.ModuleList(kept))
+
     # --- evaluation -------------------------------------------------------------------------------
     def max_positions(self, config) -> int | None:
         """The longest sequence the model's positions allow, or None when its config sets no limit."""
@@ -237,12 +285,14 @@ class Adapter:
 
     def gguf_hparams(self, config, widths: list[tuple[int, int, int]] | None = None) -> dict:
         """Metadata keys (gguf.Keys templates with ``{arch}``) -> values. ``widths``: per-block (heads, KV heads,
-        FFN channels) written as per-layer arrays; None: the config's single widths."""
+        FFN channels) written as per-layer arrays (as single values when all equal); None: the config's widths."""
         from gguf import Keys
 
         g = self.geometry(config)
         if widths is None:
             heads, kv, ff = g.num_heads, g.num_kv_heads, config.intermediate_size
+        elif len(set(widths)) == 1:  # equal widths that only a per-block config could hold: plain values
+            heads, kv, ff = widths[0]
         else:
             heads, kv, ff = ([w[j] for w in widths] for j in range(3))
         rope, _ = self._rope(config)
@@ -427,6 +477,12 @@ class GPT2Adapter(Adapter):
 
     def geometry(self, config) -> AttentionGeometry:
         return AttentionGeometry(config.n_head, config.n_head, config.n_embd // config.n_head)
+
+    def check_cut(self, config) -> None:
+        super().check_cut(config)
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            raise UserError("this GPT-2 scales attention by 1/(layer index + 1) (scale_attn_by_inverse_layer_idx): "
+                            "renumbered blocks would compute differently, so blocks cannot be removed")
 
     def gguf_check(self, config) -> None:
         if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn",

@@ -269,11 +269,14 @@ def finalize(model) -> dict:
     old = model.config
     base_cfg, base_model, cfg_cls, model_cls = _classes(old)
     widths = model_widths(model)
-    new, cls = None, base_model
+    new, cls, refused = None, base_model, None
     if len(set(widths)) == 1:
         h, kv, ch = widths[0]
         adapter = get_adapter(old)
-        new = _config(base_cfg, old, **adapter.width_fields(adapter.geometry(old).head_dim, h, kv, ch))
+        fields = adapter.width_fields(adapter.geometry(old).head_dim, h, kv, ch)
+        new = _config(base_cfg, old, **fields)
+        if new is None:
+            refused = _refusal(base_cfg, old, fields)
     if new is None:
         new, cls = _per_block(old, widths), model_cls
     if new is None:  # check_expressible() refuses such models before any work
@@ -283,6 +286,24 @@ def finalize(model) -> dict:
         if getattr(m, "config", None) is old:
             m.config = new
     model.__class__ = cls
-    return {"uniform": cls is base_model, "model_type": new.model_type,
-            "heads": [w[0] for w in widths], "kv_heads": [w[1] for w in widths],
-            "intermediate": [w[2] for w in widths]}
+    out = {"uniform": cls is base_model, "model_type": new.model_type,
+           "heads": [w[0] for w in widths], "kv_heads": [w[1] for w in widths],
+           "intermediate": [w[2] for w in widths]}
+    if refused:  # equal widths the stock config refuses: per-block config (remote code), stock GGUF architecture
+        out["equal_widths"] = True
+        out["stock_config_refused"] = refused
+    return out
+
+
+def _refusal(cls, old, fields) -> str:
+    """Why the stock config class refuses these widths (its validator's first line)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    d = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "transformers_version", "architectures",
+                                                             *_FIELDS)}
+    try:
+        cls(**{**d, **fields})
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        return lines[-1] if lines else type(e).__name__
+    return ""

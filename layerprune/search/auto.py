@@ -14,7 +14,7 @@ The lowest proxy value wins; uniform is always a finalist and wins ties, so the 
 the proxy*. ``finalists`` >= the number of candidates skips the screen. The proxy works on a copy of the model (the
 model passed in is not changed).
 
-    report = choose(model, calib_ids, valid_ids, 0.7, bos=bos, prune_fn=engine.prune_to_blocks)
+    report = choose(model, calib_ids, valid_ids, 0.7, bos=bos, prune_fn=engine.prune_model)
     report["spec"], report["options"], report["block_stats"]   # what prune() then runs with, pre-pass skipped
 """
 from __future__ import annotations
@@ -136,7 +136,7 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
            margin: float = MARGIN, lo: float = 0.0, hi: float = 0.99, seqlen: int = 512, batch_size: int = 8, bos: int | None = None,
            candidates=CANDIDATES, progress: bool = False, prune_fn=None) -> dict:
     """Screen every candidate allocation, score the finalists with the proxy; the report of what was tried and what
-    was chosen (and why). ``prune_fn``: for a proxy that propagates (``engine.prune_to_blocks``)."""
+    was chosen (and why). ``prune_fn``: for a proxy that propagates (``engine.prune_model``)."""
     settings = proxy_settings(proxy)
     settings["propagate"] = min(settings["propagate"], int(calib.shape[0]))  # a short calibration: all of it
     screen = proxy_settings(SCREEN_PROXY)

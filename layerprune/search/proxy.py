@@ -5,7 +5,7 @@ Once per (model, calibration):
      *unpruned* blocks, same batching) collects sq_norm_j = sum_t x_tj^2 for every block linear
      (cached on disk with ``norms_path``, keyed by ``checkpoint.fingerprint`` of the model, calibration ids and batch);
   2. per linear: a float32 copy of the dense weight W and the rank of every Wanda score S_ij = |W_ij| * ||X_j||_2
-     (``allocation.scores``) inside its row (stable sort, the order of the Wanda solver), kept as int16/int32;
+     (``scores``) inside its row (stable sort, the order of the Wanda solver), kept as int16/int32;
   3. the validation windows, tokenized once.
 Per candidate f:
   phi(block) for every block -> DSA mapping -> per-block sparsities with parameter-weighted mean = S exactly. phi's
@@ -20,8 +20,9 @@ norms of every block from the outputs of the already pruned blocks before it).
 
 Two options bring the proxy closer to the full protocol (``bench/proxy_study.py`` measures how much):
   ``propagate=n``  prune with propagation, as a real run does, on the first n calibration windows: ``prune_fn``
-                   (``engine.prune_to_blocks``: Wanda, a ``user`` allocation, forwards in the proxy dtype; passed in,
-                   since allocation/ does not import the engine) re-collects the input norms of every block from the
+                   (``engine.prune_model``, passed in since allocation/ does not import the engine) runs the proxy's
+                   ``method`` (Wanda) at the candidate's per-block sparsities (``blocks_config``: a ``user``
+                   allocation, forwards in the proxy dtype) and re-collects the input norms of every block from the
                    outputs of the already pruned blocks. n = 0: one-shot (above).
   ``metric="kl"``  the mean per-token KL divergence KL(p_dense || p_pruned) of the next-token distributions on the
                    validation windows (EvoPress) instead of the perplexity; the dense log-probabilities are computed
@@ -41,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from layerprune.allocation.dsa.functions import AllocationFunction, InvalidCandidate, StageCache, allocate, resolve
 from layerprune.scores import wanda_score
 from layerprune.checkpoint import fingerprint
-from layerprune.config import DTYPES
+from layerprune.config import DTYPES, PruneConfig
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapters import get_adapter
@@ -133,6 +134,20 @@ def dense_norms(model, calib: torch.Tensor, batch_size: int = 8, device=None) ->
             for n, c in cols.items()}
 
 
+PROXY_METHOD = "wanda"  # the proxy's solver: the one-shot masks above are Wanda's, and so is a propagating proxy's run
+
+
+def blocks_config(model, block_sparsity, compute_dtype: str = "float32", method: str = PROXY_METHOD) -> PruneConfig:
+    """The run that prunes ``model`` with ``method`` at the given per-block sparsities: a ``user`` allocation whose
+    parameter-weighted mean is the target."""
+    bs = [float(s) for s in block_sparsity]
+    adapter = get_adapter(model)
+    sizes = [sum(adapter.get_weight(m).numel() for m in adapter.linears(b).values()) for b in adapter.blocks(model)]
+    mean = sum(w * s for w, s in zip(sizes, bs)) / sum(sizes)
+    return PruneConfig(method=method, sparsity=mean, allocation="user",
+                       allocation_options={"sparsities": bs, "lo": 0.0, "hi": 1.0}, compute_dtype=compute_dtype)
+
+
 class Proxy:
     """fitness(f) = perplexity on ``eval_ids``'s first ``windows`` windows of the model pruned by f's allocation.
 
@@ -151,7 +166,7 @@ class Proxy:
             raise UserError(f"the proxy propagates through {propagate} calibration windows but there are "
                             f"{calib.shape[0]}: use 0 to {calib.shape[0]}")
         if propagate and prune_fn is None:
-            raise UserError("a proxy that propagates needs prune_fn (layerprune.engine.prune_to_blocks)")
+            raise UserError("a proxy that propagates needs prune_fn (layerprune.engine.prune_model)")
         if dtype not in DTYPES:
             raise UserError(f"proxy dtype {dtype!r} is unknown: use {', '.join(DTYPES)}")
         if not 0.0 < target < 1.0:
@@ -256,7 +271,7 @@ class Proxy:
                 raise InvalidCandidate(f"block sparsity {s} is not in [0, 1]")
         self.restore()
         dtype = next(n for n, d in DTYPES.items() if d == next(self.model.parameters()).dtype)
-        self.prune_fn(self.model, self.prop_calib, [float(s) for s in block_sparsity], dtype)
+        self.prune_fn(self.model, self.prop_calib, blocks_config(self.model, block_sparsity, dtype), progress=False)
 
     def score(self) -> float:
         """The metric of the model as it is now: perplexity or mean KL to the dense model on the windows."""

@@ -183,7 +183,7 @@ def search_allocation(cfg: SearchConfig) -> dict:
     from layerprune.data import calibration_set
     from layerprune.data import resolve_data_dir
     from layerprune.data.bos import bos_id
-    from layerprune.engine import prune_to_blocks
+    from layerprune.engine import prune_model
     from layerprune.evaluation.perplexity import check_seqlen, tokenize_corpus
     from layerprune.models.loading import load_model
 
@@ -204,7 +204,7 @@ def search_allocation(cfg: SearchConfig) -> dict:
     pset = {k: v for k, v in proxy_settings(cfg.proxy).items() if k != "windows"}
     pkw = dict(seqlen=eval_seqlen, windows=cfg.eval_windows, lam=cfg.lam, batch_size=cfg.batch_size,
                dtype=cfg.proxy_dtype, norms_path=out / "dense_norms.safetensors", bos=bos_id(tok),
-               prune_fn=prune_to_blocks if pset["propagate"] else None, lo=cfg.min_sparsity, hi=cfg.max_sparsity,
+               prune_fn=prune_model if pset["propagate"] else None, lo=cfg.min_sparsity, hi=cfg.max_sparsity,
                **pset)
     evaluator = None
     if cfg.workers > 1:  # the driver's proxy computes (and caches) the dense statistics first

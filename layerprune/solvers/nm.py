@@ -1,4 +1,5 @@
-"""N:M semi-structured sparsity helpers: n of every m consecutive input weights in a row are pruned (2:4 keeps 2 of 4)."""
+"""N:M semi-structured sparsity helpers: n of every m consecutive input weights in a row are pruned
+(2:4 keeps 2 of 4)."""
 from __future__ import annotations
 
 import math

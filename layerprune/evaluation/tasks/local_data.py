@@ -29,7 +29,8 @@ def _file(data_dir, task, k=0):
         root = root / "zeroshot"
     path = root / FILES[task][k]
     if not path.is_file():
-        raise FileNotFoundError(f"{task}: {path} is missing; pass the data directory that holds zeroshot/{FILES[task][k]}")
+        raise FileNotFoundError(f"{task}: {path} is missing; "
+                                f"pass the data directory that holds zeroshot/{FILES[task][k]}")
     return path
 
 
@@ -51,7 +52,8 @@ def load_boolq(data_dir, **kwargs):
 
 def load_rte(data_dir, **kwargs):
     """SuperGLUE RTE validation -> GLUE layout {sentence1, sentence2, label: 0 entailment / 1 not_entailment}."""
-    rows = [{"sentence1": r["premise"], "sentence2": r["hypothesis"], "label": 0 if r["label"] in ("entailment", 0) else 1}
+    rows = [{"sentence1": r["premise"], "sentence2": r["hypothesis"],
+             "label": 0 if r["label"] in ("entailment", 0) else 1}
             for r in _jsonl(_file(data_dir, "rte"))]
     return _split("validation", rows)
 
