@@ -152,7 +152,8 @@ class RunConfig:
             if self.max_windows is not None and self.max_windows < 1:
                 raise UserError(f"--max-windows {self.max_windows} must be at least 1")
             if self.checkpoint not in (None, *CHECKPOINT_MODES):
-                raise UserError(f"--checkpoint {self.checkpoint!r} is unknown: use one of {', '.join(CHECKPOINT_MODES)}")
+                raise UserError(f"--checkpoint {self.checkpoint!r} is unknown: use one of "
+                                f"{', '.join(CHECKPOINT_MODES)}")
             self._validated = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name != "prune"))
         self.prune.validate()
         if self.parent is not None:

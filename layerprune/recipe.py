@@ -37,7 +37,8 @@ def build_recipe(run: RunConfig, resolved: dict, parent: dict | None = None) -> 
     calib = cfg.calibration_settings()
     recipe = {
         "layerprune_recipe": FORMAT, "model": resolved["model"], "dtype": run.dtype, "method": cfg.method,
-        "sparsity": resolved.get("sparsity", None if cfg.nm else cfg.sparsity), "nm": f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else None,
+        "sparsity": resolved.get("sparsity", None if cfg.nm else cfg.sparsity),
+        "nm": f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else None,
         "allocation": inline_user_file(cfg.allocation), "skip": ",".join(cfg.skip) or None,
         "solver_options": _declared(SOLVER_REGISTRY, cfg.method, cfg.solver_options),
         "allocation_options": _declared(ALLOCATORS, cfg.allocation, cfg.allocation_options),
