@@ -1,13 +1,15 @@
 """FedLP over LoRA adapters of the whole SmolLM2-135M (all 30 blocks), Flower simulation on CPU (issue 19).
 
-    python -m bench.fedlp_lora --part table      # FedAvg-LoRA, Homo(0.5), Homo(0.7), Hetero(u) -> fedlp_lora.{json,md,png}
+    python -m bench.fedlp_lora --part table      # FedAvg-LoRA, Homo(0.5/0.7), Hetero(u) +- personal heads
     python -m bench.fedlp_lora --part recovery   # federated LoRA recovery of Wanda 60% -> fedlp_lora_recovery.{json,md}
     python -m bench.fedlp_lora --quick           # a smoke run of both parts (tiny settings, nothing written to results)
 
 Table: 10 non-IID clients (Dirichlet(1.0) mix of C4 pool / WikiText-2 valid / PTB valid), 3 sampled a round (the same
-clients in every scheme: seeded), LoRA rank 8 (alpha 16) on every block linear, base frozen and never sent; the global
-model is evaluated after each round (WikiText-2 test and C4, EVAL_WINDOWS x EVAL_SEQLEN). The simulation runs one client
-at a time on one thread (``sim_cpus=1``), so seconds per round are sequential client time + the server's evaluation.
+partitions in every scheme: sampled by partition ID, seeded by seed and round; checked by ``bench.fedlp_partitions``
+and stated in the table), hetero with and without the clients' personal heads, LoRA rank 8 (alpha 16) on every block
+linear, base frozen and never sent; the global model is evaluated after each round (WikiText-2 test and C4,
+EVAL_WINDOWS x EVAL_SEQLEN). The simulation runs one client at a time on one thread (``sim_cpus=1``), so seconds
+per round are sequential client time + the server's evaluation.
 
 Recovery: the Wanda 60% run (calibration 32 x 512 C4 pool seed 0, as bench.lora_recovery; pruned here when --run
 does not exist) is the frozen base; clients train LoRA on their private non-IID shards; the server merges
@@ -36,14 +38,20 @@ QUICK = dict(clients=10, fraction=0.2, rounds=1, local_steps=1, batch_size=1, se
              eval_seqlen=128, max_client_tokens=2000)
 RECOVERY = dict(TABLE, rounds=6, local_steps=4, eval_sets=("wikitext2",))
 RUNS = {"fedavg": dict(scheme="fedavg"), "homo0.5": dict(scheme="homo", keep_prob=0.5),
-        "homo0.7": dict(scheme="homo", keep_prob=0.7), "hetero": dict(scheme="hetero", depth_flag=None)}
+        "homo0.7": dict(scheme="homo", keep_prob=0.7),
+        "hetero": dict(scheme="hetero", depth_flag=None, personal_heads=False),
+        "hetero-ph": dict(scheme="hetero", depth_flag=None, personal_heads=True),
+        "hetero-ph0": dict(scheme="hetero", depth_flag=None, personal_heads=True, head_steps=0),  # no first fit
+        "hetero-phl": dict(scheme="hetero", depth_flag=None, personal_heads=True, personal_head="head-lora")}
 
 
 def label(c: dict) -> str:
     if c["scheme"] == "homo":
         return f"Homo({c['keep_prob']})"
     if c["scheme"] == "hetero":
-        return f"Hetero({c['depth_flag'] or 'u'})"
+        return (f"Hetero({c['depth_flag'] or 'u'})" + (" + personal heads" if c.get("personal_heads") else "")
+                + (" (no first fit)" if c.get("personal_heads") and c.get("head_steps") == 0 else "")
+                + (" (head LoRA)" if c.get("personal_heads") and c.get("personal_head") == "head-lora" else ""))
     return "FedAvg-LoRA"
 
 
@@ -54,22 +62,34 @@ def table(args) -> None:
     t0 = time.time()
     model, tok = load(base)
     print(f"[fedlp_lora] model loaded in {time.time() - t0:.1f}s", file=sys.stderr)
-    results = []
-    for name in args.schemes.split(","):
-        if name not in RUNS:
-            raise SystemExit(f"unknown scheme {name!r}: use {', '.join(RUNS)}")
+    names = args.schemes.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown scheme {unknown[0]!r}: use {', '.join(RUNS)}")
+    results, out = [], Path(args.out)
+    for name in names:
         results.append(run_federated(replace(base, **RUNS[name]), copy.deepcopy(model), tok))
         print(f"[fedlp_lora] {name} done at {time.time() - t0:.0f}s", file=sys.stderr)
+        if not args.quick:  # after every run: an interrupted table keeps the rows it finished
+            write_json(out / "fedlp_lora.json", {
+                "command": " ".join(["python -m bench.fedlp_lora"] + sys.argv[1:]), "settings": asdict(base),
+                "wall_s": round(time.time() - t0, 1), "complete": len(results) == len(names),
+                "runs": results}, default=str)
     if args.quick:
         print({label(r["config"]): r["summary"]["final_ppl"] for r in results})
         return
-    out = Path(args.out)
-    write_json(out / "fedlp_lora.json", {"command": " ".join(["python -m bench.fedlp_lora"] + sys.argv[1:]),
-                                         "settings": asdict(base), "wall_s": round(time.time() - t0, 1),
-                                         "runs": results}, default=str)
+    results = ordered(results)
     plot(results, out / "fedlp_lora.png")
     (out / "fedlp_lora.md").write_text(table_md(results, base, time.time() - t0))
     print((out / "fedlp_lora.md").read_text())
+
+
+def ordered(results: list[dict]) -> list[dict]:
+    """Runs in the table's order (that of RUNS), whatever order they ran in."""
+    def key(r):
+        c = r["config"]
+        return next((i for i, kw in enumerate(RUNS.values()) if all(c.get(k) == v for k, v in kw.items())), len(RUNS))
+    return sorted(results, key=key)
 
 
 def count_uploads(r: dict) -> int:
@@ -118,12 +138,41 @@ def table_md(results: list[dict], cfg: FedConfig, wall: float, code: str | None 
         cells = [" / ".join(f"{row['ppl'][k]:.2f}" for k in sets) for row in r["rounds"]]
         per_round.append(f"| {label(r['config'])} | " + " | ".join(cells) + " |")
     lo = results[0]["lora"]
-    cost = next((r["lora"]["client_cost"] for r in results if r["config"]["scheme"] == "hetero"), lo["client_cost"])
-    mem = ["| depth | forward GFLOPs / token | train TFLOPs / client round | base fp32 MB | adapter params | "
-           "param memory MB |", "|---|---|---|---|---|---|"]
-    for d, x in sorted(cost.items(), key=lambda kv: int(kv[0])):
-        mem.append(f"| {d} | {x['forward_flops_per_token'] / 1e9:.3f} | {x['train_flops_per_round'] / 1e12:.3f} | "
-                   f"{x['base_param_bytes'] / 1e6:.0f} | {x['adapter_params']:,} | {x['param_memory_bytes'] / 1e6:.0f} |")
+    hets = [r for r in results if r["config"]["scheme"] == "hetero"]
+    mem = ["| scheme | depth | forward GFLOPs / token | train TFLOPs / client round | personal params | "
+           "head fit TFLOPs (first round) | base fp32 MB | adapter params | param memory MB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in hets or results[:1]:
+        for d, x in sorted(r["lora"]["client_cost"].items(), key=lambda kv: int(kv[0])):
+            mem.append(f"| {label(r['config'])} | {d} | {x['forward_flops_per_token'] / 1e9:.3f} | "
+                       f"{x['train_flops_per_round'] / 1e12:.3f} | {x.get('personal_params', 0):,} | "
+                       f"{x.get('head_fit_flops', 0) / 1e12:.3f} | {x['base_param_bytes'] / 1e6:.0f} | "
+                       f"{x['adapter_params']:,} | {x['param_memory_bytes'] / 1e6:.0f} |")
+    from .fedlp_partitions import check, partitions_by_round
+
+    problems = check(results)
+    parts = partitions_by_round(results[0])
+    deps = next(([row.get("depths") for row in r["rounds"] if row["round"] > 0] for r in hets), None)
+    same = ("Sampled partitions per round (" + ("the same in every row, checked by `python -m bench.fedlp_partitions`"
+            if not problems else "NOT the same in every row: " + "; ".join(problems)) + "): "
+            + ", ".join(f"round {i + 1}: {p}" + (f" at depths {deps[i]}" if deps else "") for i, p in enumerate(parts))
+            + ".\n\n")
+    ph = next((r for r in hets if r["config"].get("personal_heads")), None)
+    h0 = next((r for r in hets if not r["config"].get("personal_heads")), None)
+    if ph is not None and h0 is not None and ref is not None:
+        for k in sets:
+            f, h, p = (x["summary"]["final_ppl"][k] for x in (ref, h0, ph))
+            closed = (h - p) / (h - f) if h != f else float("nan")
+            verdict.append(f"- {label(ph['config'])} vs {label(h0['config'])}, {k}: {h:.3f} -> {p:.3f} (FedAvg-LoRA "
+                           f"{f:.3f}): {100 * closed:.0f}% of Hetero's gap closed"
+                           + (f" (target: at least half; {'met' if closed >= 0.5 else 'NOT met'})"
+                              if k == "wikitext2" else "") + ".")
+        pers = ph.get("personal") or {}
+        verdict.append(f"- Personal heads kept on {len(pers.get('partitions', []))} shallow partitions, "
+                       f"{pers.get('params_total', 0):,} parameters in all "
+                       f"({next(iter(pers.get('params_per_partition', {}).values()), 0):,} each: translator d x d + d "
+                       f"and the final norm); never sent, so the bytes are {ph['summary']['total_bytes']:,} vs "
+                       f"{h0['summary']['total_bytes']:,} without them.")
     rss = max((r["summary"]["client_peak_rss_mib"] or 0) for r in results)
     head = (f"# FedLP over LoRA adapters: {cfg.model}, all blocks, {cfg.clients} clients ({cfg.partition} alpha "
             f"{cfg.alpha}), {round(cfg.fraction * cfg.clients)} sampled a round, {cfg.rounds} rounds\n\n"
@@ -134,12 +183,15 @@ def table_md(results: list[dict], cfg: FedConfig, wall: float, code: str | None 
             f"in all on a 2-core CPU shared with other jobs. Bytes are the serialized ArrayRecords (download + upload) "
             f"per sampled client per round; 'predicted' is the paper's arithmetic in fp32 bytes (FedAvg 2N, Homo "
             f"(1+p)N, Hetero 2E[shared(c)] over adapter parameters N). {code or code_line()}\n\n")
-    return (head + "\n".join(lines) + "\n\nThe paper's claim (Homo with p in 0.5-0.7 within 2% of FedAvg at 15-25% "
-            "less communication):\n\n" + "\n".join(verdict) + "\n\nSeconds per round (server: send, sequential "
+    return (head + same + "\n".join(lines) + "\n\nThe paper's claim (Homo with p in 0.5-0.7 within 2% of FedAvg at "
+            "15-25% less communication), and the personal heads (issue 32):\n\n" + "\n".join(verdict)
+            + "\n\nSeconds per round (server: send, sequential "
             "client training, aggregate) are medians: the machine is shared, and a run paused by another job shows "
             "one long round in the JSON.\n\nPPL per round (" + " / ".join(sets) + "):\n\n"
             + "\n".join(per_round) + "\n\nCompute and memory per client and round by depth (hetero depths; estimate: "
-            "forward 2 x (block-linear weights run + head) per token, training 2 x forward with the base frozen). "
+            "forward 2 x (block-linear weights run + head) per token, training 2 x forward with the base frozen; a "
+            "personal head adds its translator, 2 d^2 a token forward and 3 x that to train, and a first-round fit "
+            "of the head alone). "
             f"Peak RSS of the simulated client process: {rss:.0f} MiB.\n\n" + "\n".join(mem) + "\n")
 
 
@@ -219,7 +271,7 @@ def md_only(args) -> None:
     base = FedConfig(**data["settings"])
     v = data.get("code", {})
     code = f"Code: commit `{str(v.get('commit'))[:12]}`" + (" with uncommitted changes" if v.get("dirty") else "")
-    text = table_md(data["runs"], base, data["wall_s"], code)
+    text = table_md(ordered(data["runs"]), base, data["wall_s"], code)
     (Path(args.out) / "fedlp_lora.md").write_text(text)
     print(text)
 
@@ -229,7 +281,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["table", "recovery", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny settings; writes no results")
-    ap.add_argument("--schemes", default="fedavg,homo0.5,homo0.7,hetero", help=f"comma list out of {', '.join(RUNS)}")
+    ap.add_argument("--schemes", default="fedavg,hetero,hetero-ph,homo0.5,homo0.7",
+                    help=f"comma list out of {', '.join(RUNS)} (run in this order; the table in that of the list)")
     ap.add_argument("--rounds", type=int, default=None, help="override the table's rounds")
     ap.add_argument("--run", default=None, help="Wanda 60%% run directory (default: pruned into the bench cache)")
     ap.add_argument("--recovery-scheme", default="fedavg", choices=list(RUNS))
@@ -239,6 +292,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.md_only:
         return md_only(args)
+    provenance()  # taken now: what runs is the code at start
     if args.part in ("table", "all"):
         table(args)
     if args.part in ("recovery", "all"):

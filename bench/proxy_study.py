@@ -193,7 +193,7 @@ WINDOWS = 16
 
 
 def proxies(args) -> None:
-    from layerprune.search.proxy import Proxy, dense_logprobs, eval_windows, window_scores
+    from layerprune.search.proxy import Proxy, dense_hidden, eval_windows, window_scores
     from layerprune.engine import prune_model
     from layerprune.data import resolve_data_dir
     from layerprune.data.bos import bos_id
@@ -214,7 +214,7 @@ def proxies(args) -> None:
     calib = calibration(tok).ids
     proxy = Proxy(dense, calib, valid, TARGET, windows=8, bos=bos, prune_fn=prune_model)  # bf16, as the search
     windows = eval_windows(valid, 512, WINDOWS, bos)
-    ref = dense_logprobs(proxy.model, windows)
+    ref = dense_hidden(proxy.model, windows)
     print(f"setup {time.perf_counter() - t0:.0f}s", flush=True)
     for fam, row in todo:
         proxy.propagate = FAMILIES[fam]

@@ -103,8 +103,11 @@ def provenance(chain: list) -> tuple[str | None, bool | None]:
             return code["commit"], code.get("dirty")
         if isinstance(obj.get("commit"), str) and obj["commit"]:
             return obj["commit"], obj.get("dirty")
-        if obj.get("commit_of_row"):
-            return obj["commit_of_row"], obj.get("dirty")
+        row = obj.get("commit_of_row")
+        if isinstance(row, dict) and row.get("commit"):  # {commit, dirty, ...} in one field
+            return row["commit"], row.get("dirty")
+        if isinstance(row, str) and row:
+            return row, obj.get("dirty")
     return None, None
 
 

@@ -33,6 +33,7 @@ from .data.calibration import CalibrationSet
 from .engine import preflight, prune_model
 from .errors import UserError
 from .models.info import measure_sparsity
+from .reconstruct import check as check_reconstruct
 from .record import versions
 from .search import Auto  # noqa: F401 (registers the 'auto' allocator: a choice step before the run)
 from .solvers import get_solver
@@ -74,6 +75,7 @@ def _config(cls, config, settings: dict):
     cfg = config.prune if cls is RunConfig else config
     get_solver(cfg.method)  # the method's and the allocation's names and options, before any work
     get_allocator(cfg.allocation, **cfg.allocation_options)
+    cfg.reconstruct_options = check_reconstruct(cfg.reconstruct, cfg.reconstruct_options)
     return config
 
 
@@ -138,7 +140,7 @@ def _prune(model, tokenizer, cfg: PruneConfig, calibration, t_calib: float, *, d
     chooser, report, run_cfg = _chooser(cfg), None, cfg
     if chooser is not None:
         report = chooser.choose_for_run(model, tokenizer, ids, cfg, data_dir=data_dir, progress=progress,
-                                        prune_fn=prune_model)
+                                        prune_fn=prune_model, device=device)
         run_cfg = dataclasses.replace(cfg, allocation=report["spec"], allocation_options=report["run_options"])
         block_stats = report["block_stats"]
     record = prune_model(model, ids, run_cfg, device=device, out_dir=out_dir, resume=resume, store=store,
@@ -164,7 +166,9 @@ def _prune(model, tokenizer, cfg: PruneConfig, calibration, t_calib: float, *, d
                           "nm": f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else None, "allocation": cfg.allocation,
                           "allocation_options": dict(cfg.allocation_options),
                           "solver_options": dict(cfg.solver_options), **given, "compute_dtype": cfg.compute_dtype,
-                          "true_sequential": cfg.true_sequential, "skip": list(cfg.skip)}
+                          "true_sequential": cfg.true_sequential, "skip": list(cfg.skip),
+                          **({"reconstruct": cfg.reconstruct, "reconstruct_options": dict(cfg.reconstruct_options)}
+                             if cfg.reconstruct != "none" else {})}
     return record
 
 

@@ -50,14 +50,14 @@ def _python_call(record: dict) -> str:
     return "layerprune.prune(model, tokenizer" + (f", {args}" if args else "") + ")"
 
 
-def _ppl_table(ev: dict) -> list[str]:
+def _ppl_table(ev: dict, columns=("base model", "pruned")) -> list[str]:
     before, after = ev.get("before") or {}, ev.get("after") or {}
     datasets = list(dict.fromkeys([*before, *after]))
     if not datasets:
         return []
     windows = "all windows" if ev.get("max_windows") is None else f"the first {ev['max_windows']} windows"
     lines = [f"Perplexity (lower is better), windows of {ev.get('seqlen')} tokens, {windows}:", "",
-             "| dataset | base model | pruned |", "|---|---|---|"]
+             f"| dataset | {columns[0]} | {columns[1]} |", "|---|---|---|"]
     for ds in datasets:
         ppl = lambda side: side.get(ds, {}).get("ppl")  # noqa: E731
         lines.append(f"| {ds} | {_fmt(ppl(before), 2)} | {_fmt(ppl(after), 2)} |")
@@ -149,6 +149,11 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     if structured and params:
         rows.append(("parameters", f"{params['before']:,} -> {params['after']:,} "
                                    f"({params['after'] / params['before']:.3f}x)"))
+        if record.get("layers"):
+            from .record_rows import block_sparsity
+
+            rows.append(("achieved sparsity", f"{block_sparsity(record)['overall']:.4f} of the block linears' "
+                                              "parameters removed"))
         if structure:
             rows.append(("block widths", "query heads " + ",".join(map(str, structure.get("heads", [])))
                          + "; KV heads " + ",".join(map(str, structure.get("kv_heads", [])))
@@ -166,7 +171,8 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
         rows.append(("pruning time", f"{record['timings']['total']:.1f} s"))
     if record.get("finetune"):
         ft = record["finetune"]
-        rows.append(("recovery", f"{ft.get('method', 'lora')} finetuning, {ft.get('steps', '?')} steps"))
+        kd = f", distilled from {ft['teacher']}" if ft.get("loss") == "kd" else ""
+        rows.append(("recovery", f"{ft.get('method', 'lora')} finetuning, {ft.get('steps', '?')} steps{kd}"))
 
     body = ["", MARK, "", f"# {title}", "",
             "Pruned layer by layer with layerprune. This card is generated from the run record `layerprune.json` "
@@ -186,7 +192,11 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
         body += [f"| {ds} | {e.get('protocol')} | {r.get('seqlen')} | {r.get('windows')} | {_fmt(r.get('ppl'), 2)} |"
                  for e in record["evals"] for ds, r in e.get("results", {}).items()] + [""]
     if (record.get("finetune") or {}).get("eval"):
-        body += ["After LoRA recovery:", ""] + _ppl_table(record["finetune"]["eval"])
+        how = "LoRA" if record["finetune"].get("method", "lora") == "lora" else "full"
+        how += " distillation" if record["finetune"].get("loss") == "kd" else ""
+        body += [f"After {how} recovery:", ""] + _ppl_table(record["finetune"]["eval"], ("pruned", "recovered"))
+        if record["finetune"].get("command_line"):
+            body += ["", "```bash", record["finetune"]["command_line"], "```", ""]
 
     body += ["## How it was made", ""]
     if record.get("command_line"):

@@ -80,24 +80,34 @@ class Checkpoint:
         """The next block's inputs, or None when the run kept none (``--checkpoint weights``)."""
         if state["activations"] is None:
             return None
-        return load_file(str(self.folder / state["activations"]))["x"]
+        return load_file(str(self.folder / state["activations"])).get("x")
+
+    def extra(self, state: dict) -> dict[str, torch.Tensor]:
+        """The block program's own resume tensors saved beside the inputs (``save(extra=...)``)."""
+        if state["activations"] is None:
+            return {}
+        return {k: v for k, v in load_file(str(self.folder / state["activations"])).items() if k != "x"}
 
     def _atomic(self, name: str, write) -> None:
         tmp = self.folder / f".{name}.tmp"
         write(tmp)
         os.replace(tmp, self.folder / name)
 
-    def save(self, i: int, block: nn.Module | None, acts: torch.Tensor, state: dict) -> None:
+    def save(self, i: int, block: nn.Module | None, acts: torch.Tensor, state: dict,
+             extra: dict[str, torch.Tensor] | None = None) -> None:
         """Commit block i: its pruned weights (unless ``block`` is None: the block store keeps them), the next block's
-        inputs (when this checkpoint keeps them), then the state file."""
+        inputs (when this checkpoint keeps them; with ``extra``: the block program's own resume tensors, kept in
+        every mode but none), then the state file."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if block is not None:
             sd = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
             self._atomic(f"block_{i:04d}.safetensors", lambda p: save_file(sd, str(p)))
-        name = None
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()}
         if self.keep_activations:
-            name = f"acts_{i + 1:04d}.safetensors"
-            self._atomic(name, lambda p: save_file({"x": acts.detach().to("cpu").contiguous()}, str(p)))
+            tensors["x"] = acts.detach().to("cpu").contiguous()
+        name = f"acts_{i + 1:04d}.safetensors" if tensors else None
+        if name is not None:
+            self._atomic(name, lambda p: save_file(tensors, str(p)))
         state = {**state, "fingerprint": self.fingerprint, "next_block": i + 1, "activations": name}
         self._atomic("state.json", lambda p: p.write_text(json.dumps(state)))
         for old in self.folder.glob("acts_*.safetensors"):  # only the latest block's inputs are needed to resume

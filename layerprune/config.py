@@ -42,6 +42,8 @@ class PruneConfig:
     seed: int | None = None
     # whether the sparsity was given (not the 0.5 default): set by the first validate(); not a result setting
     sparsity_given: bool | None = None
+    reconstruct: str = "none"  # after each block's solve: "none" or "block" (layerprune.reconstruct)
+    reconstruct_options: dict = field(default_factory=dict)
 
     def validate(self) -> PruneConfig:
         """Check every setting and normalise (N:M text to a pair, the sparsity of N:M, skip as a tuple); returns
@@ -104,6 +106,8 @@ class PruneConfig:
             c.pop(k)
         c["nm"] = list(c["nm"]) if c["nm"] is not None else None
         c["skip"] = list(c["skip"])
+        if c["reconstruct"] == "none":  # as before reconstruction existed: the same key for the same result
+            del c["reconstruct"], c["reconstruct_options"]
         return json.dumps(c, sort_keys=True, default=str)
 
 

@@ -79,6 +79,9 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     progress = progress and world.rank == 0
     device = torch.device(device) if device is not None else torch.device("cpu")
     mode = checkpoint_mode(checkpoint, device)
+    if world.active and cfg.reconstruct != "none":
+        raise UserError("--reconstruct runs on one process (its dense activation stream is not sharded): drop it "
+                        "or run without torchrun")
     if world.active and mode == "weights":
         if checkpoint is not None:
             raise UserError("--checkpoint weights is for one process (a resume rebuilds the inputs by rerunning the "
@@ -123,6 +126,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
     if state is not None:
         _restore(model, blocks, store, program, ckpt, state, buf, timers, world, kwargs, cfg.batch_size, dtype,
                  device)
+        if hasattr(program, "restore_state"):  # the program's own resume state (e.g. a dense activation stream)
+            program.restore_state(ckpt.extra(state), buf.inputs, device, out_dir)
     bar = tqdm(range(start, len(blocks)), desc=f"prune {cfg.method}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     try:
@@ -131,13 +136,15 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             with timers("onload"):
                 store.onload(model, i, device)
             block = blocks[i]
-            t0, s0 = timers.now(), timers.t["statistics"]
+            t0, s0 = timers.now(), dict(timers.t)
             collect = make_collect(block, buf, kwargs[i], cfg.batch_size, dtype, timers)
+            collect.context = {"buffer": buf, "kwargs": kwargs[i], "batch_size": cfg.batch_size, "dtype": dtype,
+                               "timers": timers, "index": i, "folder": out_dir, "linears": adapter.linears}
             rows = program.run(block, collect, plan.targets(i))
             if not getattr(program, "sharded", False):  # it ran on every rank: rank 0's block is the result
                 world.sync_block(block)
             layers += [{"block": i, **r} for r in rows]
-            timers.t["solve"] += timers.now() - t0 - (timers.t["statistics"] - s0)
+            timers.t["solve"] += timers.now() - t0 - sum(v - s0.get(k, 0.0) for k, v in timers.t.items())
             with timers("propagate"):
                 propagate(block, buf, kwargs[i], cfg.batch_size, dtype)
             if persist:
@@ -148,7 +155,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
                     # N processes: every rank's windows, on rank 0; --checkpoint weights keeps none
                     acts = world.gather_rows(buf.inputs) if mode == "full" else None
                     if ckpt is not None:
-                        ckpt.save(i, None if persist else block, acts, {
+                        ckpt.save(i, None if persist else block, acts, extra=_resume_state(program), state={
                             "allocation": plan.allocation, "layers": layers, "world_size": world.world,
                             "block_timings": per_block + [_delta(i, before, timers.t)],
                             "timings": {**timers.t, "total": time.perf_counter() - t_start + prev_total}})
@@ -170,6 +177,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         "method": cfg.method, "sparsity": cfg.sparsity, "nm": list(cfg.nm) if cfg.nm else None,
         "allocation": plan.allocation, "solver_options": cfg.solver_options, "true_sequential": cfg.true_sequential,
         "compute_dtype": cfg.compute_dtype, "offload": cfg.offload, "skip": sorted(set(cfg.skip)), "layers": layers,
+        **({"reconstruct": {"method": cfg.reconstruct, **cfg.reconstruct_options}}
+           if cfg.reconstruct != "none" else {}),
         "timings": dict(timers.t), "block_timings": per_block,
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "resumed_from_block": start if state else None, "checkpoint": mode,
@@ -195,6 +204,11 @@ def _whole_model(model, calib, cfg: PruneConfig, program, device, dtype, progres
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "resumed_from_block": None,
     }
+
+
+def _resume_state(program) -> dict:
+    """Tensors the block program needs to resume (``program.resume_state()``), saved with the next block's inputs."""
+    return program.resume_state() if hasattr(program, "resume_state") else {}
 
 
 def _delta(i: int, before: dict, now: dict) -> dict:

@@ -31,6 +31,7 @@ def build_recipe(run: RunConfig, resolved: dict, parent: dict | None = None) -> 
     run this one pruned further (its model was a run directory), kept whole under ``parent`` so one recipe replays
     every step (``cli/recipe.parent_of``)."""
     from .allocation import ALLOCATORS
+    from .reconstruct import RECONSTRUCTORS
     from .solvers import SOLVER_REGISTRY
 
     cfg = run.prune
@@ -40,8 +41,10 @@ def build_recipe(run: RunConfig, resolved: dict, parent: dict | None = None) -> 
         "sparsity": resolved.get("sparsity", None if cfg.nm else cfg.sparsity),
         "nm": f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else None,
         "allocation": inline_user_file(cfg.allocation), "skip": ",".join(cfg.skip) or None,
+        "reconstruct": cfg.reconstruct,
         "solver_options": _declared(SOLVER_REGISTRY, cfg.method, cfg.solver_options),
         "allocation_options": _declared(ALLOCATORS, cfg.allocation, cfg.allocation_options),
+        "reconstruct_options": _declared(RECONSTRUCTORS, cfg.reconstruct, cfg.reconstruct_options),
         "calibration": {"calib": calib["calib"], "nsamples": calib["nsamples"], "seqlen": resolved["seqlen"],
                         "seed": calib["seed"]},
         "compute": {"compute_dtype": cfg.compute_dtype, "batch_size": cfg.batch_size, "offload": cfg.offload,

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
+from .record_rows import block_sparsity, layer_size  # noqa: F401 (importable from here)
 from .outputs import CHECKPOINT_NAME, RECORD_NAME, user_mode
 
 

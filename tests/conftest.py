@@ -154,3 +154,27 @@ def flower_task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+class FakeGrid:
+    """A Flower Grid stand-in for strategy tests: ``nodes`` connected, node ``nodes[i]`` holds partition
+    ``partitions[i]`` (default i) and answers the strategy's partition-ID query; train messages are not sent."""
+
+    def __init__(self, nodes, partitions=None):
+        self.nodes = list(nodes)
+        self.partitions = dict(zip(self.nodes, partitions if partitions is not None else range(len(self.nodes))))
+        self.queries = 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        out = []
+        for m in messages:
+            assert m.metadata.message_type == "query"
+            self.queries += 1
+            pid = self.partitions[m.metadata.dst_node_id]
+            out.append(Message(content=RecordDict({"m": MetricRecord({"partition-id": pid})}), reply_to=m))
+        return out

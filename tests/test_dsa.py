@@ -383,8 +383,6 @@ def test_existing_log_needs_resume(tmp_path):
 
 def test_failing_fitness_is_logged_and_search_continues(tmp_path):
     def fitness(f):
-        if f.reduce == "VAR":
-            raise ValueError("boom")
         if f.reduce == "STD":
             return float("nan")
         if f.reduce == "GRAM":
@@ -398,13 +396,58 @@ def test_failing_fitness_is_logged_and_search_continues(tmp_path):
     failed = [r for r in recs if r["status"] == "failed"]
     assert failed and res.n_failed == len(failed)
     for r in recs:
-        bad = parse(r["function"]).reduce in ("VAR", "STD", "GRAM")
+        bad = parse(r["function"]).reduce in ("STD", "GRAM")
         assert (r["status"] == "failed") == bad and (r["fitness"] is None) == bad
-    assert any("ValueError: boom" in r["error"] for r in failed)
+    assert any("InvalidCandidate: constant" in r["error"] for r in failed)
     assert any("non-finite" in r["error"] for r in failed)
-    assert res.best.reduce not in ("VAR", "STD", "GRAM")
+    assert res.best.reduce not in ("STD", "GRAM")
     s = summarize(log)
     assert s["n"] == 80 and s["n_failed"] == len(failed) and s["best"]["fitness"] == res.best_fitness
+
+
+def test_a_fitness_bug_stops_the_search_with_the_candidate_named(tmp_path):
+    """An error other than InvalidCandidate is a bug, not a bad candidate: it is not logged as fitness inf."""
+    def fitness(f):
+        if f.reduce == "VAR":
+            raise ValueError("boom")
+        return slot_distance(f)
+
+    log = tmp_path / "v.jsonl"
+    with pytest.raises(ValueError, match="boom") as e:
+        evolutionary_search(fitness, seed=0, population=10, max_candidates=80, log_path=log, progress=False)
+    recs = lines(log)
+    assert all(r["status"] == "ok" for r in recs) and len(recs) < 80
+    assert any("VAR" in n and str(log) in n for n in e.value.__notes__)
+
+
+def test_consecutive_failures_stop_the_search(tmp_path):
+    from layerprune.search.dsa import MAX_CONSECUTIVE_FAILURES, SearchFailed
+
+    def always(f):
+        raise InvalidCandidate("no allocation")
+
+    log = tmp_path / "a.jsonl"
+    with pytest.raises(SearchFailed, match=f"{MAX_CONSECUTIVE_FAILURES} candidates in a row failed .*no allocation"):
+        random_search(always, seed=0, max_candidates=500, log_path=log, progress=False)
+    assert len(lines(log)) == MAX_CONSECUTIVE_FAILURES and issubclass(SearchFailed, UserError)
+    flaky = Counter(lambda f: (_ for _ in ()).throw(InvalidCandidate("odd")) if len(f.key) % 2 else 1.0)
+    res = random_search(flaky, seed=0, max_candidates=60, log_path=tmp_path / "b.jsonl", progress=False,
+                        max_failures=8)  # failures that are not in a row: the search runs to its budget
+    assert res.stopped == "max_candidates" and res.n_failed > 8
+    with pytest.raises(SearchFailed, match="3 candidates in a row"):
+        evolutionary_search(always, seed=0, population=6, max_candidates=60, log_path=tmp_path / "c.jsonl",
+                            progress=False, max_failures=3)
+
+
+def test_a_failing_signature_propagates(tmp_path):
+    """Only InvalidCandidate (a constant function) means 'no signature'; another error never turns duplicate
+    detection off."""
+    def sig(f):
+        raise RuntimeError("signature bug")
+
+    with pytest.raises(RuntimeError, match="signature bug"):
+        random_search(slot_distance, seed=0, max_candidates=5, log_path=tmp_path / "s.jsonl", progress=False,
+                      signature=sig)
 
 
 def test_random_search_budget_and_summary(tmp_path):

@@ -140,12 +140,7 @@ def test_lora_client_rounds_send_only_their_adapters():
                               3), RecordDict(), None, IDS, TRAIN, 0, lambda: pm)
 
 
-class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+from conftest import FakeGrid  # noqa: E402
 
 
 def test_strategy_on_adapters_downloads_adapters_only_and_rejects_bad_replies():
@@ -166,9 +161,10 @@ def test_strategy_on_adapters_downloads_adapters_only_and_rejects_bad_replies():
     good = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in good_vals.items()}),
                        "metrics": MetricRecord({"num-examples": 5, "train-seconds": 1.5})})
     out, _ = s.aggregate_train(1, [Message(content=bad, reply_to=sent[1]), Message(content=good, reply_to=sent[2])])
-    status = {c["node"]: c for c in s.history[-1]["clients"]}
-    assert status[1]["status"] == "rejected" and "depth-1" in status[1]["reason"]
-    assert status[2]["status"] == "ok" and status[2]["train_seconds"] == 1.5
+    status = {c["partition"]: c for c in s.history[-1]["clients"]}  # node 1: partition 0, depth 1
+    assert status[0]["status"] == "rejected" and "depth-1" in status[0]["reason"]
+    assert status[1]["status"] == "ok" and status[1]["train_seconds"] == 1.5
+    assert s.history[-1]["partitions"] == [0, 1] and s.history[-1]["depths"] == [1, 3]
     out = {k: v.numpy() for k, v in out.items()}
     assert all(np.array_equal(out[k], good_vals[k]) for k in good_vals)
     assert all(np.array_equal(out[k], ad[k]) for k in ad if k not in good_vals)  # nobody sent: kept

@@ -53,12 +53,7 @@ def task_identity(flower_task_identity):
 LAYOUT = Layout("model.layers", ("model.norm",), 2)
 
 
-class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+from conftest import FakeGrid  # noqa: E402
 
 
 def global_arrays(rng):
@@ -119,10 +114,10 @@ def test_bad_replies_are_rejected_with_reason(caplog):
     with caplog.at_level(logging.WARNING, logger="flwr"):
         out, _ = s.aggregate_train(1, replies)
     assert out is None  # nothing accepted: the caller keeps the previous global model
-    status = {c["node"]: c for c in s.history[-1]["clients"]}
-    assert [status[n]["status"] for n in (1, 2, 3, 4)] == ["rejected", "rejected", "rejected", "timeout"]
-    assert "shape (3, 2)" in status[1]["reason"] and "unknown key" in status[2]["reason"]
-    assert "non-finite" in status[3]["reason"]
+    status = {c["partition"]: c for c in s.history[-1]["clients"]}  # nodes 1..4 hold partitions 0..3
+    assert [status[n]["status"] for n in (0, 1, 2, 3)] == ["rejected", "rejected", "rejected", "timeout"]
+    assert "shape (3, 2)" in status[0]["reason"] and "unknown key" in status[1]["reason"]
+    assert "non-finite" in status[2]["reason"]
     assert "rejected reply from node 1" in caplog.text and "unknown key" in caplog.text
     # one good reply next to a bad one: the result is exactly the good one
     instr = start_round(s, g, [1, 2, 3], rnd=2)

@@ -73,3 +73,23 @@ def test_bf16_compute_on_cuda_close_to_fp32_cpu(method):
     ref, dev, _, _ = _pair("llama", method=method, sparsity=0.5, compute_dtype="bfloat16",
                            ref_kw={"compute_dtype": "float32"})
     compare_pruned(ref.state_dict(), dev.state_dict(), atol=5e-2, rtol=5e-2, mask_tol=0.05)
+
+
+def test_auto_proxy_runs_on_the_device():
+    """``--allocation auto`` honours the device: its proxy's copy lives there and every forward runs there; the
+    proxy values match the CPU's (bf16 on both) and the model passed in is only read."""
+    from layerprune.search.auto import choose
+    from layerprune.engine import prune_model
+
+    ev = torch.randint(3, 256, (1, 400), generator=torch.Generator().manual_seed(1))
+    model = tiny_model("llama", layers=2, real=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(seqlen=32, prune_fn=prune_model, budget=0, finalists=2, margin=0.0)
+    rc = choose(model, CALIB, ev, 0.6, device="cpu", **kw)
+    rg = choose(model, CALIB, ev, 0.6, device=DEVICE, **kw)
+    assert rg["device"].startswith(DEVICE) and rc["device"] == "cpu"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    vc = {r["label"]: r["screen"] for r in rc["tried"] if r["screen"] is not None}
+    vg = {r["label"]: r["screen"] for r in rg["tried"] if r["screen"] is not None}
+    assert vc.keys() == vg.keys() and all(vg[k] == pytest.approx(vc[k], rel=5e-2) for k in vc)

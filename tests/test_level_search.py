@@ -154,3 +154,65 @@ def test_a_start_allocation_goes_on_the_grid_with_the_budget():
     assert np.abs(np.array(sp.sparsity(lv)) - want).max() < 2 * sp.per_level.max()
     with pytest.raises(UserError):
         sp.levels_of([0.7] * 3)
+
+
+def test_level_search_failures_are_logged_bugs_stop_it_and_streaks_stop_it(tmp_path):
+    from layerprune.allocation.dsa.functions import InvalidCandidate
+    from layerprune.search.dsa import SearchFailed
+
+    sp = LevelSpace([10] * 6, 0.7, step=0.02)
+    good = _quadratic(np.linspace(0.6, 0.8, 6))
+
+    def some_bad(bs, windows):  # a bad candidate: logged as failed, the search goes on
+        if bs[0] < 0.7 - 1e-9:
+            raise InvalidCandidate("block 0 too dense")
+        return good(bs, windows)
+
+    res = level_search(some_bad, sp, seed=0, offspring=6, stages=((1, 2), (4, 1)), max_candidates=36,
+                       log_path=tmp_path / "a.jsonl")
+    recs = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    failed = [r for r in recs if r["status"] == "failed"]
+    assert failed and all(r["error"] == "InvalidCandidate: block 0 too dense" and r["fitness"] is None
+                          for r in failed)
+    assert len(failed) < len(recs) and res.stopped == "max_candidates" and res.best_sparsity[0] >= 0.7 - 1e-9
+
+    def bug(bs, windows):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError, match="a bug") as e:
+        level_search(bug, sp, seed=0, offspring=4, stages=((1, 1),), max_candidates=8, log_path=tmp_path / "b.jsonl")
+    assert any("levels [[0, 0, 0, 0, 0, 0]]" in n for n in e.value.__notes__)
+    assert not (tmp_path / "b.jsonl").exists() or not (tmp_path / "b.jsonl").read_text()  # never logged as inf
+
+    def never(bs, windows):
+        raise InvalidCandidate("nan perplexity")
+
+    with pytest.raises(SearchFailed, match="5 candidates in a row failed"):
+        level_search(never, sp, seed=0, offspring=4, stages=((1, 1),), max_candidates=80, max_failures=5,
+                     log_path=tmp_path / "c.jsonl")
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 5
+
+
+def test_ray_worker_logs_bad_candidates_and_raises_bugs():
+    """The Ray actor's evaluation (run in-process here): InvalidCandidate -> (inf, error); anything else raises."""
+    from layerprune.allocation.dsa.functions import InvalidCandidate
+    from layerprune.search.ray_search import _Worker
+
+    class Fake:
+        def evaluate_on(self, bs, windows):
+            if windows == 1:
+                raise InvalidCandidate("bad")
+            if windows == 2:
+                raise RuntimeError("bug")
+            return sum(bs)
+
+    threads = torch.get_num_threads()
+    try:
+        w = _Worker(lambda: Fake())
+    finally:
+        torch.set_num_threads(threads)
+    assert w.run("levels", ([0.5, 0.25], 4))[:2] == (0.75, None)
+    v, err, _ = w.run("levels", ([0.5], 1))
+    assert v == float("inf") and err == "InvalidCandidate: bad"
+    with pytest.raises(RuntimeError, match="bug"):
+        w.run("levels", ([0.5], 2))

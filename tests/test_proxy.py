@@ -6,8 +6,8 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 from layerprune import prune
-from layerprune.search.proxy import (PROXIES, Proxy, dense_logprobs, eval_windows, proxy_settings,
-                                             window_scores)
+from layerprune.search.proxy import (PROXIES, Proxy, dense_hidden, eval_windows, proxy_settings,
+                                     window_scores)
 from layerprune.engine import prune_model
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import perplexity
@@ -45,9 +45,9 @@ def test_propagated_proxy_prunes_like_a_full_run_on_its_windows():
 def test_kl_metric_is_zero_for_the_dense_model_and_matches_nll():
     p = make_proxy(metric="kl")
     p.restore()
-    assert abs(p.score()) < 1e-3  # the dense log-probabilities are stored in bfloat16
+    assert abs(p.score()) < 1e-3  # the dense log-probabilities are rounded to bfloat16
     w = eval_windows(EV, 32, 4, None)
-    nll, kl = window_scores(p.model, w, dense_logprobs(p.model, w))
+    nll, kl = window_scores(p.model, w, dense_hidden(p.model, w))
     ppl = perplexity(p.model, EV, 32, 4, progress=False).ppl
     assert math.exp(sum(nll) / len(nll)) == pytest.approx(ppl, rel=1e-5)
     assert p.evaluate_allocation([0.7] * 4) > 1e-3  # pruning moves the distributions away
@@ -100,7 +100,7 @@ def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path, family):
 def test_auto_screens_every_candidate_then_scores_uniform_and_the_best_with_the_proxy():
     from layerprune.search.auto import CANDIDATES, SCREEN_PROXY, choose
 
-    kw = dict(seqlen=32, prune_fn=prune_model)
+    kw = dict(seqlen=32, prune_fn=prune_model, budget=0)  # no time budget: every stage runs in full
     rep = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=10.0, **kw)
     tried = [r for r in rep["tried"] if "error" not in r]
     assert len(tried) >= 4 and all(r["screen"] is not None for r in tried)
@@ -154,3 +154,142 @@ def test_proxy_without_ranks_prunes_the_same_weights():
         b.apply(s)
         for x, y in zip(a.model.parameters(), b.model.parameters()):
             assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --allocation auto within budget: memory (no model copy in full precision, no full-vocabulary tensor), time, device
+
+
+def test_kl_from_dense_hidden_states_equals_full_vocabulary_log_probabilities(monkeypatch):
+    """The KL recomputed chunk by chunk from the dense final hidden states equals the one over the full-vocabulary
+    dense log-probabilities (bfloat16, as they were stored), whatever the chunk size."""
+    from layerprune.allocation.dsa import proxy as proxy_mod
+    from layerprune.models.adapters import get_adapter
+
+    dense = tiny_model("llama", layers=4)
+    pruned = tiny_model("llama", layers=4)
+    prune(pruned, calibration=calib(), sparsity=0.7, progress=False)
+    w = eval_windows(EV, 32, 3, None)
+    a = get_adapter(dense)
+    with torch.no_grad():
+        ref_nll, ref_kl = [], []
+        for x in w:
+            ref = torch.log_softmax(a.head_logits(dense, a.body(dense)(input_ids=x[None]).last_hidden_state[0, :-1])
+                                    .float(), -1).bfloat16().float()
+            lp = torch.log_softmax(pruned(input_ids=x[None]).logits[0, :-1].float(), -1)
+            ref_nll.append(-lp.gather(1, x[1:, None]).mean().item())
+            ref_kl.append((ref.exp() * (ref - lp)).sum(-1).mean().item())
+    hidden = proxy_mod.dense_hidden(dense, w)
+    assert [tuple(h.shape) for h in hidden] == [(31, 64)] * 3  # T-1 x hidden: no vocabulary axis
+    for chunk in (1 << 24, 256 * 5, 256):  # one chunk, 5 rows, 1 row at a time
+        monkeypatch.setattr(proxy_mod, "LOGIT_CHUNK", chunk)
+        assert proxy_mod.chunk_rows(pruned) == max(1, chunk // 256)
+        nll, kl = proxy_mod.window_scores(pruned, w, hidden)
+        assert nll == pytest.approx(ref_nll, rel=1e-5) and kl == pytest.approx(ref_kl, rel=1e-4, abs=1e-6)
+
+
+def test_auto_proxy_reads_the_model_and_prunes_a_bf16_copy_on_its_device():
+    from layerprune.search.auto import choose
+
+    model = tiny_model("llama", layers=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def prune_fn(*a, **k):
+        seen.append((k.get("device"), {p.dtype for p in a[0].parameters()}, a[0] is model))
+        return prune_model(*a, **k)
+
+    rep = choose(model, calib(), EV, 0.7, seqlen=32, prune_fn=prune_fn, budget=0, device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # only read
+    assert seen and all(d == torch.device("cpu") and dt == {torch.bfloat16} and not same for d, dt, same in seen)
+    assert rep["device"] == "cpu"
+    p = Proxy(model, calib(), EV, 0.7, seqlen=32, windows=4, keep_model=True, metric="kl")
+    assert p.model is not model and p.model.model.embed_tokens.weight is p.model.lm_head.weight  # still tied
+    assert all(t.dtype == torch.bfloat16 for t in p.model.parameters())
+    assert all(w.data_ptr() == mod_w.data_ptr() for (_, _, _, w, _, _), mod_w in zip(  # the dense weights: the model's
+        p.layers, [m.weight for blk in model.model.layers for m in (blk.self_attn.q_proj, blk.self_attn.k_proj,
+                                                                   blk.self_attn.v_proj, blk.self_attn.o_proj,
+                                                                   blk.mlp.gate_proj, blk.mlp.up_proj,
+                                                                   blk.mlp.down_proj)]))
+    p.evaluate_allocation([0.6, 0.65, 0.75, 0.8])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_auto_time_budget_scores_fewer_candidates_and_says_how_many():
+    from layerprune.search.auto import CANDIDATES, choose, summary
+
+    kw = dict(seqlen=32, prune_fn=prune_model)
+    full = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=0.0, budget=0, **kw)
+    sc = full["scored"]
+    assert sc["screen"] == sc["allocations"] == sum("error" not in r for r in full["tried"]) <= len(CANDIDATES)
+    assert sc["final"] == 2 == sum(r["value"] is not None for r in full["tried"])  # uniform and the screen's best
+    assert full["budget"]["seconds"] is None and not full["budget"]["skipped_screen"]
+    line = summary(full)
+    assert f"{sc['screen']} of {sc['allocations']} candidates screened by oneshot-2, 2 scored by the " \
+           "propagate-kl-4 proxy" in line and "skipped" not in line
+    # a budget spent by the dense pass: each stage scores uniform (its measure) and nothing more; the record says so
+    tight = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=0.0, budget=1e-6, **kw)
+    b, sc = tight["budget"], tight["scored"]
+    assert 0 < b["seconds"] < 1e-3 and sc["screen"] == 1 and sc["final"] == 1
+    assert len(b["skipped_screen"]) == sc["allocations"] - 1 and "uniform" not in b["skipped_screen"]
+    assert tight["chosen"] == "uniform" and [r["label"] for r in tight["tried"] if r["screen"] is not None] == [
+        "uniform"]
+    assert f"1 of {sc['allocations']} candidates screened" in summary(tight) and "skipped for time" in summary(tight)
+    with pytest.raises(UserError, match="budget"):
+        choose(tiny_model("llama", layers=4), calib(), EV, 0.7, budget=-1, **kw)
+
+
+def test_auto_screen_decides_when_no_finalist_fits(monkeypatch):
+    """After uniform's proxy value, a finalist that does not fit the time left is skipped, and the screen decides
+    between uniform and its best (recorded as decided_by 'screen'). auto's clock is made to see every final (KL)
+    score take 1e9 s; the screen's cost stays real."""
+    import time
+
+    from layerprune.allocation import auto
+
+    class Clock:
+        extra = 0.0
+
+        @staticmethod
+        def perf_counter():
+            return time.perf_counter() + Clock.extra
+
+    real = Proxy.evaluate_allocation
+
+    def slow_final(self, bs):
+        v = real(self, bs)
+        if self.metric == "kl":  # the finalists' proxy (the screen scores perplexity)
+            Clock.extra += 1e9
+        return v
+
+    monkeypatch.setattr(auto, "time", Clock)
+    monkeypatch.setattr(Proxy, "evaluate_allocation", slow_final)
+    rep = auto.choose(tiny_model("llama", layers=4), calib(), EV, 0.7, seqlen=32, prune_fn=prune_model, budget=1e6)
+    b, sc = rep["budget"], rep["scored"]
+    assert sc["decided_by"] == "screen" and sc["final"] == 1 and len(b["skipped_final"]) >= 1
+    assert sc["screen"] == sc["allocations"] and not b["skipped_screen"]  # the screen fitted
+    uni = next(r for r in rep["tried"] if r["spec"] == "uniform")
+    top = min((r for r in rep["tried"] if r["screen"] is not None and r["spec"] != "uniform"),
+              key=lambda r: r["screen"])
+    assert b["skipped_final"][0] == top["label"]
+    assert rep["chosen"] == (top["label"] if top["screen"] < uni["screen"] else "uniform")
+    assert "screen" in rep["reason"] and "time budget" in rep["reason"]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])
+def test_working_copy_computes_what_a_cast_deep_copy_computes(family):
+    """The proxy's bf16 copy (parameters copied directly in bf16) is the old deep copy cast with ``.to``: same buffers
+    (rotary frequencies stay as ``Module.to`` leaves them), same logits, bit for bit."""
+    import copy
+
+    from layerprune.search.proxy import working_copy
+
+    model = tiny_model(family, layers=2, real=family != "gpt2")
+    x = calib()[:2]
+    new, old = working_copy(model, torch.bfloat16, "cpu"), copy.deepcopy(model).to(torch.bfloat16)
+    for (n, a), (_, b) in zip([*new.named_parameters(), *new.named_buffers()],
+                              [*old.named_parameters(), *old.named_buffers()]):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+    with torch.no_grad():
+        assert torch.equal(new(input_ids=x).logits, old(input_ids=x).logits)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

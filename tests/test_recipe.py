@@ -90,8 +90,9 @@ def test_every_prune_flag_has_a_place_in_the_recipe():
     parser = build_parser()
     prune = next(a for a in parser._actions if a.dest == "command").choices["prune"]
     from layerprune.allocation import ALLOCATORS
+    from layerprune.reconstruct import RECONSTRUCTORS
 
-    registry = {o.dest for r in (SOLVER_REGISTRY, ALLOCATORS) for o, _ in r.options().values()}
+    registry = {o.dest for r in (SOLVER_REGISTRY, ALLOCATORS, RECONSTRUCTORS) for o, _ in r.options().values()}
     dests = {a.dest for a in prune._actions}
     unplaced = dests - recipe_mod.core_dests() - recipe_mod.NOT_RECORDED - registry
     assert unplaced == set()

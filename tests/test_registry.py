@@ -184,7 +184,10 @@ SOLVER_CASES = [
     ("wanda", ["--wbits", "4"], "--wbits needs --method sparsegpt, not wanda"),
     ("magnitude", ["--wbits", "3"], "--wbits needs --method sparsegpt, not magnitude"),
     ("sparsegpt", ["--groupsize", "16"], "--groupsize only applies with --wbits"),
-    ("wanda", ["--percdamp", "0.1"], "--percdamp needs --method sparsegpt or slimgpt, not wanda"),
+    ("wanda", ["--percdamp", "0.1"], "--percdamp needs --method sparsegpt or slimgpt or alps, not wanda"),
+    ("alps", [], {}),
+    ("alps", ["--admm-iters", "100", "--rho", "0.2", "--pcg-iters", "5", "--percdamp", "0.05"],
+     {"admm_iters": 100, "rho": 0.2, "pcg_iters": 5, "percdamp": 0.05}),
     ("foo", [], "unknown solver 'foo'"),
 ]
 ALLOC_CASES = [
@@ -205,15 +208,16 @@ def test_builtin_flags_give_the_options_of_the_hand_written_cli():
     prune = sub.choices["prune"]
     flags = {s for a in prune._actions for s in a.option_strings}
     assert OLD_PRUNE_FLAGS <= flags  # nothing removed
-    assert sum(a.option_strings == ["--percdamp"] for a in prune._actions) == 1  # shared by two methods, one flag
+    assert sum(a.option_strings == ["--percdamp"] for a in prune._actions) == 1  # shared by three methods, one flag
     groups = {g.title: [a.option_strings[0] for a in g._group_actions] for g in prune._action_groups}
     assert groups["sparsegpt options"] == ["--blocksize", "--wbits", "--groupsize"]
-    assert groups["sparsegpt, slimgpt options"] == ["--percdamp"]
+    assert groups["sparsegpt, slimgpt, alps options"] == ["--percdamp"]
+    assert groups["alps options"] == ["--admm-iters", "--rho", "--pcg-iters"]
     assert groups["allocation options"] == ["--min-sparsity", "--max-sparsity"]
     assert groups["dlp options"] == ["--alpha", "--dlp-stat"]
     text = prune.format_help()
-    assert ("magnitude, wanda, sparsegpt, slimgpt (structured: heads + FFN channels), or depth (depth: whole blocks "
-            "removed, a stock config with fewer layers)") in " ".join(text.split())
+    assert ("magnitude, wanda, sparsegpt, slimgpt (structured: heads + FFN channels), depth (depth: whole blocks "
+            "removed, a stock config with fewer layers), or alps") in " ".join(text.split())
     for registry, select, cases in ((SOLVER_REGISTRY, "--method", SOLVER_CASES), (ALLOCATORS, "--allocation",
                                                                                    ALLOC_CASES)):
         for name, extra, want in cases:

@@ -11,7 +11,7 @@ from layerprune.solvers import SOLVERS, get_solver, nm_for_ratio, parse_nm, rela
 from layerprune.solvers.nm import check_nm
 from layerprune.stats import LayerStats
 
-NAMES = ["magnitude", "wanda", "sparsegpt"]
+NAMES = ["magnitude", "wanda", "sparsegpt", "alps"]
 
 
 def make_stats(X):

@@ -197,3 +197,45 @@ def test_plan_block_ratio_budget_and_mha():
         plan_block(0.5, 9, 3, 64, 576, 1536, gqa="groups")
     with pytest.raises(UserError, match="budget"):
         plan_block(0.5, 9, 3, 64, 576, 1536, budget="flops")
+
+
+def test_config_refused_by_its_validators_is_none_and_other_errors_propagate(monkeypatch):
+    """A stock config whose validators refuse the widths -> None (the per-block format); any other error (a bug) is
+    raised, never turned into a different save format."""
+    from transformers import LlamaConfig
+
+    from layerprune.models import structured
+
+    old = tiny_model("llama").config
+    assert structured._config(LlamaConfig, old, num_attention_heads=3) is None  # 64 % 3: validate_architecture
+    assert structured._config(LlamaConfig, old, num_attention_heads=2).num_attention_heads == 2
+
+    class Broken(LlamaConfig):
+        def __init__(self, **kw):
+            raise TypeError("unexpected keyword argument 'x'")
+
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        structured._config(Broken, old, num_attention_heads=2)
+
+
+def test_skeleton_none_only_for_an_unreadable_config_other_errors_propagate(tmp_path, monkeypatch):
+    import transformers
+
+    from layerprune.models.loading import load_skeleton
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "ok")
+    assert load_skeleton(str(tmp_path / "ok")) is not None
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "no-such-family"}')
+    assert load_skeleton(str(bad)) is None  # ValueError: the real load reports it as a one-line error
+    with pytest.raises(UserError, match="not a causal LM"):
+        load_model(str(bad))
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug in building the model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", broken)
+    with pytest.raises(RuntimeError, match="a bug"):  # before: None, and the checks ran after the full load
+        load_skeleton(str(tmp_path / "ok"))

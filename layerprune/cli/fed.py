@@ -1,6 +1,7 @@
 """``layerprune fed``: FedLP federated training on Flower (simulation engine); see docs/federated.md."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from layerprune.cli.common import _positive, _examples, DATA_DIR_HELP
@@ -33,6 +34,16 @@ def add_parser(sub) -> None:
     s.add_argument("--num-blocks", type=_positive, default=None, help="keep only the first N blocks (small CPU runs)")
     s.add_argument("--depth-flag", default="u",
                    help="hetero depth law: u (uniform over the levels) or a level F in 1..5 (P(depth=F)=0.6)")
+    s.add_argument("--personal-heads", action=argparse.BooleanOptionalAction, default=None,
+                   help="hetero: every shallow client trains and keeps its own exit, never sent or aggregated (LoRA: "
+                        "a translator of its last hidden state + its own final norm; full weights: its final norm and "
+                        "untied head); on by default for hetero, as in the paper")
+    s.add_argument("--personal-head", choices=["translator", "head-lora"], default="translator",
+                   help="LoRA personal heads: translator (a d x d map of the last hidden state, the default) or "
+                        "head-lora (a rank --lora-rank LoRA on the output head); both with their own final norm")
+    s.add_argument("--head-steps", type=int, default=None,
+                   help="LoRA personal heads: steps fitting a new personal head alone before its first round's "
+                        "training (default: --local-steps)")
     s.add_argument("--partition", choices=["iid", "dirichlet"], default="iid",
                    help="client data: iid shards of the C4 pool, or a Dirichlet mix of C4 / WikiText-2 / PTB")
     s.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (non-IID)")
@@ -44,7 +55,9 @@ def add_parser(sub) -> None:
     s.add_argument("--eval-windows", type=_positive, default=8, help="server evaluation windows per data set")
     s.add_argument("--eval-seqlen", type=_positive, default=256, help="server evaluation window length")
     s.add_argument("--fail-clients", default="", help="comma list of partitions that raise (robustness demo)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the shards, client sampling, LoRA init and local steps")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the shards, the hetero depths, LoRA init, local steps and client sampling (by "
+                        "partition ID and round: the same partitions every round in every scheme)")
     s.add_argument("--lr", type=float, default=1e-4, help="client learning rate")
     s.add_argument("--unweighted", action="store_true", help="the paper's plain mean instead of example-weighted")
     s.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
@@ -71,6 +84,7 @@ def run(args) -> int:
     cfg = FedConfig(model=args.model, scheme=args.scheme, keep_prob=args.keep_prob, clients=args.clients,
                     fraction=args.fraction, rounds=args.rounds, num_blocks=args.num_blocks,
                     depth_flag=None if flag == "u" else int(flag), partition=args.partition, alpha=args.alpha,
+                    personal_heads=args.personal_heads, head_steps=args.head_steps, personal_head=args.personal_head,
                     local_steps=args.local_steps, seqlen=args.seqlen, batch_size=args.batch_size, lr=args.lr,
                     lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, weighted=not args.unweighted,
                     docs_per_client=args.docs_per_client, max_client_tokens=args.max_client_tokens,

@@ -12,10 +12,12 @@ from layerprune.cli.common import (DATA_DIR_HELP, DTYPES, _common_model_args, _e
                                    _method_options, _positive, _table, calibration_args)
 from layerprune.cli import recipe
 from layerprune.recipe import RECIPE_NAME, dump
+from layerprune.reconstruct import RECONSTRUCTORS
 from layerprune.solvers import SOLVER_REGISTRY
 
 QUICK = "--nsamples 32 --seqlen 512 --max-windows 40"  # the help's examples: minutes on a CPU
-_REGISTRIES = {"solver_options": SOLVER_REGISTRY, "allocation_options": ALLOCATORS}  # recipe sections
+_REGISTRIES = {"solver_options": SOLVER_REGISTRY, "allocation_options": ALLOCATORS,  # recipe sections
+               "reconstruct_options": RECONSTRUCTORS}
 
 
 def add_parser(sub) -> None:
@@ -29,6 +31,8 @@ def add_parser(sub) -> None:
                            f"layerprune prune --method slimgpt --sparsity 0.5 --allocation ipr-log {QUICK} "
                            "--out runs/slim50",
                            "layerprune prune --method wanda --sparsity 0.5 --out runs/wanda50-paper   # paper protocol",
+                           f"layerprune prune --method wanda --sparsity 0.7 --reconstruct block {QUICK} "
+                           "--out runs/wanda70rb",
                            "layerprune prune ... --out runs/wanda50 --resume   # after an interruption",
                            "layerprune prune --recipe runs/wanda50/recipe.yaml --out runs/again   # rerun a run",
                            "layerprune prune --recipe runs/wanda50/recipe.yaml --seed 1 --out runs/seed1",
@@ -65,11 +69,14 @@ def add_parser(sub) -> None:
                         "else --dtype")
     s.add_argument("--true-sequential", action="store_true", help="prune q/k/v, o, gate/up, down in turn")
     s.add_argument("--skip", default=None, help="comma list of linear names left dense, e.g. mlp.down_proj")
+    s.add_argument("--reconstruct", default="none", choices=list(RECONSTRUCTORS),
+                   help="after each block's solve: " + _method_list(RECONSTRUCTORS))
     s.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     _common_model_args(s)
     calibration_args(s)
     _method_flags(s, SOLVER_REGISTRY)
     _method_flags(s, ALLOCATORS)
+    _method_flags(s, RECONSTRUCTORS)
     s.set_defaults(func=run, prune_parser=s)
 
 
@@ -94,7 +101,8 @@ def config_from_args(args):
                       solver_options=_method_options(SOLVER_REGISTRY, "--method", args.method, args),
                       offload=args.offload, compute_dtype=args.compute_dtype, batch_size=args.batch_size,
                       true_sequential=args.true_sequential, skip=args.skip or (), calib=args.calib,
-                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, reconstruct=args.reconstruct,
+                      reconstruct_options=_method_options(RECONSTRUCTORS, "--reconstruct", args.reconstruct, args))
     parent = None
     if args.recipe and "model" not in getattr(args, "explicit_dests", set()):
         parent = recipe.parent_of(args.recipe)  # a chained recipe: its earlier steps run first, into OUT.parent
@@ -156,9 +164,9 @@ def summary(record: dict, out) -> str:
                      f"({d['removed_fraction']:.1%} of the block parameters); the criterion took "
                      f"{d['cost']['forward_passes']} forward passes, {d['cost']['seconds']:.1f}s")
     if "allocation_auto" in record:
-        a = record["allocation_auto"]
-        lines.append(f"allocation auto: chose {a['chosen']} ({a['reason']}); {len(a['tried'])} candidates scored by "
-                     f"the {a['proxy']['name']} proxy in {a['seconds']['total']:.1f}s")
+        from layerprune.search.auto import summary as auto_summary
+
+        lines.append(f"allocation auto: {auto_summary(record['allocation_auto'])}")
     t = record["timings"]
     lines.append(f"pruned in {t['total']:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total")
                  + f"); saved to {out} in {record['saved']['dtype']}")

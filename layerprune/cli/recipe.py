@@ -4,8 +4,8 @@ run directory holds (written by ``layerprune.recipe`` from the run's config).
 ``LAYOUT`` places the core flags (by argparse dest) in the recipe's sections; the chosen method's and allocation's
 declared options (layerprune.registry) fill ``solver_options`` and ``allocation_options`` by option name. Values are
 checked against the flag's own type and choices. Flags given on the command line win over the recipe; ``--out``,
-``--force``, ``--resume``, ``--data-dir``, ``--device`` and ``--no-cache`` are never part of a recipe (where and how a
-run is written or computed, not what it computes).
+``--force``, ``--resume``, ``--checkpoint``, ``--data-dir``, ``--device`` and ``--no-cache`` are never part of a recipe
+(where and how a run is written or computed, not what it computes).
 
 Chained runs: a run whose ``--model`` was another run directory stores that run's recipe under ``parent`` (nested for
 longer chains). ``--recipe`` with a parent first replays the parent into ``OUT.parent`` (kept, reused when it already
@@ -24,7 +24,7 @@ from layerprune.registry import Registry
 # section (None: top level) -> {recipe key: argparse dest of the prune parser}
 LAYOUT: dict[str | None, dict[str, str]] = {
     None: {"model": "model", "dtype": "dtype", "method": "method", "sparsity": "sparsity", "nm": "nm",
-           "allocation": "allocation", "skip": "skip"},
+           "allocation": "allocation", "skip": "skip", "reconstruct": "reconstruct"},
     "calibration": {"calib": "calib", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed"},
     "compute": {"compute_dtype": "compute_dtype", "batch_size": "batch_size", "offload": "offload",
                 "true_sequential": "true_sequential"},
@@ -32,8 +32,10 @@ LAYOUT: dict[str | None, dict[str, str]] = {
              "no_dense_eval": "no_dense_eval"},
     "save": {"dtype": "save_dtype"},
 }
-OPTION_SECTIONS = {"solver_options": "method", "allocation_options": "allocation"}  # section -> the key choosing it
-NOT_RECORDED = {"out", "force", "resume", "checkpoint", "recipe", "data_dir", "device", "no_cache", "help"}
+OPTION_SECTIONS = {"solver_options": "method", "allocation_options": "allocation",  # section -> the key choosing it
+                   "reconstruct_options": "reconstruct"}
+NOT_RECORDED = {"out", "force", "resume", "checkpoint", "recipe", "data_dir", "device", "no_cache",
+                "help"}
 
 
 def _method_name(spec) -> str:

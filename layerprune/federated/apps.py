@@ -7,8 +7,12 @@
 Client round (``client_round``): load the received tensors into a (cached) model of the assigned depth,
 train ``local_steps`` AdamW steps on random windows of the client's shard (fixed masks re-applied after
 every step), then reply with the shared tensors: all of them (fedavg, hetero) or each unit with
-probability ``keep-prob`` (homo). A shallow hetero client keeps its exit (final norm, untied head) in
-``context.state`` across rounds; it never leaves the client.
+probability ``keep-prob`` (homo). A shallow hetero client with personal heads keeps its exit (final norm, untied
+head) in ``context.state`` across rounds; it never leaves the client. Without personal heads it exits through the
+global exit it receives every round, and does not send it back.
+
+Every ClientApp answers the strategy's QUERY with its ``partition-id`` and ``num-partitions`` (node config): the server
+samples and assigns depths by partition (``partition_reply``).
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def client_round(content: RecordDict, state: RecordDict, model_config, ids: torc
 
         if base_fn is None:
             raise ValueError("a LoRA round needs the client's base model")
-        return lora_round(content, base_fn(), ids, train, partition)
+        return lora_round(content, base_fn(), ids, train, partition, state)
     cfg = content["config"]
     depth, rnd = int(cfg["depth"]), int(cfg["server-round"])
     personal = bool(cfg.get("personal-exit", False))
@@ -69,14 +73,28 @@ def client_round(content: RecordDict, state: RecordDict, model_config, ids: torc
     out = shared_state(model)
     if personal:
         state["personal"] = ArrayRecord({k: v.clone() for k, v in out.items() if layout.unit(k) == "exit"})
-    units = [u for u in layout.units() if not (personal and u == "exit")]
+    shallow = bool(cfg.get("shallow", personal))  # its exit (personal or the global one) never goes back
+    units = [u for u in layout.units() if not (shallow and u == "exit")]
     if cfg["scheme"] == "homo":
         rng = np.random.default_rng(seed)
         units = [u for u in units if rng.random() < float(cfg["keep-prob"])]
     send = {k: v for k, v in out.items() if layout.unit(k) in set(units)}
     metrics = MetricRecord({"num-examples": int(ids.numel()), "train-loss": loss if math.isfinite(loss) else -1.0,
                             "units-sent": len(units), "depth": depth})
+    if personal:
+        metrics["personal-params"] = sum(int(v.numel()) for k, v in out.items() if layout.unit(k) == "exit")
     return RecordDict({"arrays": ArrayRecord(send), "metrics": metrics})
+
+
+def partition_reply(msg: Message, context: Context) -> Message:
+    """Reply to the strategy's QUERY: this node's ``partition-id`` and ``num-partitions`` from its node config."""
+    nc = context.node_config
+    if "partition-id" not in nc:
+        raise ValueError("this node has no partition-id in its node config (flower-supernode --node-config "
+                         "'partition-id=K num-partitions=N')")
+    return Message(content=RecordDict({"metrics": MetricRecord({
+        "partition-id": int(nc["partition-id"]), "num-partitions": int(nc.get("num-partitions", 0))})}),
+        reply_to=msg)
 
 
 def make_client_app(model_config, shards: list[torch.Tensor], train: dict, fail: tuple[int, ...] = (),
@@ -101,6 +119,7 @@ def make_client_app(model_config, shards: list[torch.Tensor], train: dict, fail:
         return Message(content=client_round(msg.content, context.state, model_config, shards[pid], train, pid,
                                             base_fn if base else None), reply_to=msg)
 
+    app.query()(partition_reply)
     return app
 
 

@@ -15,11 +15,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from .apps import client_round
+from .apps import client_round, partition_reply
 from .run import FedConfig, client_setup, loaded_base, serve
 
 server_app = ServerApp()
 client_app = ClientApp()
+client_app.query()(partition_reply)
 
 
 @server_app.main()

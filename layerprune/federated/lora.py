@@ -14,12 +14,17 @@ so a pruned model keeps its exact zero pattern (the dense update would refill th
 with the dense update (as ``layerprune finetune`` does); the mask is applied where the weights are merged: on the
 server's evaluation model and on the saved result.
 
-A client of depth c (hetero) runs the first c blocks and exits through the base model's final norm and head, both
-frozen: it trains and exchanges the adapters of blocks < c only (``depth_view``).
+A client of depth c (hetero) runs the first c blocks and trains and exchanges the adapters of blocks < c only
+(``depth_view``). Without a personal head it exits through the base model's final norm and head, both frozen. With one
+(``PersonalExit``, the paper's local head: never sent, never aggregated, kept per partition) it exits through
+``norm_k(h + W_k h + b_k)``: an affine translator of the block-c hidden state (zero-initialised, so it starts as the
+identity) and its own copy of the final norm, before the frozen shared head. On its first round a partition fits its
+translator alone for ``head_steps`` steps (the adapters frozen: only the exit is differentiated), then trains both.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 
 import numpy as np
@@ -207,6 +212,110 @@ def depth_view(model: nn.Module, depth: int):
             setattr(cfg, k, v)
 
 
+PERSONAL_HEADS = ("translator", "head-lora")
+
+
+class PersonalExit(nn.Module):
+    """A shallow client's personal exit, in one of two forms (``kind``), both starting as the model's own exit:
+
+    - ``translator``: ``head(norm_k(h + W h + b))``, W (d x d) and b zero at the start, ``norm_k`` a trainable copy of
+      the final norm; the head is the shared, frozen one;
+    - ``head-lora``: ``head(n) + s B A n`` with ``n = norm_k(h)``: a rank-r LoRA on the frozen output head (A random,
+      B zero at the start, s = alpha / r) and the copy of the final norm.
+
+    ``install(inner)`` puts it in the model (in place of the final norm; head-lora also wraps the head) and returns
+    the way to put the model back."""
+
+    def __init__(self, norm: nn.Module, hidden: int, kind: str = "translator", vocab: int = 0, rank: int = 8,
+                 alpha: float = 16.0, seed: int = 0):
+        super().__init__()
+        if kind not in PERSONAL_HEADS:
+            raise UserError(f"--personal-head {kind!r}: use one of {', '.join(PERSONAL_HEADS)}")
+        self.kind = kind
+        w = next(norm.parameters(), None)
+        dt = w.dtype if w is not None else torch.float32
+        if kind == "translator":
+            self.translator = nn.Linear(hidden, hidden, dtype=dt)
+            nn.init.zeros_(self.translator.weight)
+            nn.init.zeros_(self.translator.bias)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            bound = 1.0 / hidden ** 0.5  # peft's kaiming_uniform(a=sqrt(5)) bound for A
+            self.A = nn.Parameter((torch.rand(rank, hidden, generator=g, dtype=dt) * 2 - 1) * bound)
+            self.B = nn.Parameter(torch.zeros(vocab, rank, dtype=dt))
+            self.scale = float(alpha) / rank
+        self.norm = copy.deepcopy(norm)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.kind == "translator":
+            hidden_states = hidden_states + self.translator(hidden_states)
+        return self.norm(hidden_states, *args, **kwargs)
+
+    def head_delta(self, x):
+        return self.scale * (x @ self.A.T) @ self.B.T
+
+    def install(self, inner: nn.Module):
+        ad = get_adapter(inner)
+        undo = [_swap(inner, ad.final_norm_path, self)]
+        if self.kind == "head-lora":
+            undo.append(_swap(inner, ad.lm_head_path, _LoRAHead(inner.get_submodule(ad.lm_head_path), self)))
+        return lambda: [u() for u in reversed(undo)]
+
+
+class _LoRAHead(nn.Module):
+    def __init__(self, head: nn.Module, exit_: PersonalExit):
+        super().__init__()
+        self.head, self.exit = head, exit_
+
+    def forward(self, x):
+        return self.head(x) + self.exit.head_delta(x)
+
+
+def _swap(model: nn.Module, path: str, new: nn.Module):
+    parent_path, attr = path.rsplit(".", 1) if "." in path else ("", path)
+    parent = model.get_submodule(parent_path)
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    return lambda: setattr(parent, attr, old)
+
+
+def personal_params(model: nn.Module, kind: str = "translator", rank: int = 8) -> int:
+    """Parameters of one personal exit for ``model``: translator (d x d + d) or head LoRA (r (d + V)), + the final
+    norm's parameters."""
+    norm = get_adapter(model).final_norm(model)
+    if norm is None:
+        raise UserError(f"personal heads need a final norm, and {type(model).__name__} has none: use "
+                        "--no-personal-heads")
+    d, v = int(model.config.hidden_size), int(model.get_output_embeddings().weight.shape[0])
+    own = d * d + d if kind == "translator" else rank * (d + v)
+    return own + sum(p.numel() for p in norm.parameters())
+
+
+@contextlib.contextmanager
+def personal_exit(model: nn.Module, state: dict[str, torch.Tensor] | None = None, kind: str = "translator",
+                  rank: int = 8, alpha: float = 16.0, seed: int = 0):
+    """Within the block, ``model`` (plain or peft-wrapped) exits through a ``PersonalExit`` (from ``state`` if given,
+    else fresh); yields it. The model's own final norm (and head) are put back afterwards."""
+    from peft import PeftModel
+
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
+    norm = get_adapter(inner).final_norm(inner)
+    if norm is None:
+        raise UserError(f"personal heads need a final norm, and {type(inner).__name__} has none: use "
+                        "--no-personal-heads")
+    pe = PersonalExit(norm, int(inner.config.hidden_size), kind, int(inner.get_output_embeddings().weight.shape[0]),
+                      rank, alpha, seed)
+    if state is not None:
+        pe.load_state_dict(state)
+    undo = pe.install(inner)
+    try:
+        yield pe
+    finally:
+        undo()
+
+
 # --- clients -----------------------------------------------------------------------------------------------------
 _PEFT: dict[tuple, nn.Module] = {}  # per process: (base key, rank, alpha) -> peft-wrapped frozen base
 
@@ -228,9 +337,13 @@ def load_saved(path: str) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def client_round(content, peft_model, ids: torch.Tensor, train: dict, partition: int):
+def client_round(content, peft_model, ids: torch.Tensor, train: dict, partition: int, state=None):
     """One client's LoRA round: load the received adapters, train those of its first ``depth`` blocks for
-    ``local_steps`` AdamW steps, reply with them (homo: each block's adapters with probability ``keep-prob``)."""
+    ``local_steps`` AdamW steps, reply with them (homo: each block's adapters with probability ``keep-prob``).
+
+    ``personal-exit`` in the round's config: the client trains through its personal exit, kept in ``state`` (its
+    ``context.state``) as ``personal-head`` (tensors) and ``personal-meta`` (depth, rounds trained); on the first
+    round the exit is fitted alone for ``train["head_steps"]`` steps first. Nothing of it is sent."""
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
     from .train import local_train
@@ -246,10 +359,26 @@ def client_round(content, peft_model, ids: torch.Tensor, train: dict, partition:
     if missing:
         raise ValueError(f"a depth-{depth} client did not receive {missing[:3]}")
     seed = int(train.get("seed", 0)) * 1_000_003 + rnd * 1009 + partition
+    personal = bool(cfg.get("personal-exit", False))
+    if personal and state is None:
+        raise ValueError("a personal-head round needs the client's state")
+    head, done = None, 0
+    if personal and "personal-head" in state.array_records:
+        meta = state["personal-meta"]
+        if int(meta["depth"]) != depth:
+            raise ValueError(f"this partition's personal head was trained at depth {int(meta['depth'])}, not {depth}")
+        head, done = state["personal-head"].to_torch_state_dict(), int(meta["rounds"])
+    steps, bs, sl, lr = int(train["local_steps"]), int(train["batch_size"]), int(train["seqlen"]), float(train["lr"])
     t0 = time.time()
-    with depth_view(peft_model, depth):
-        loss = local_train(peft_model, ids, int(train["local_steps"]), int(train["batch_size"]), int(train["seqlen"]),
-                           float(train["lr"]), seed)
+    kind, rank = str(train.get("personal_head") or "translator"), int(train["lora_rank"])
+    with depth_view(peft_model, depth), (personal_exit(peft_model, head, kind, rank, float(train["lora_alpha"]),
+                                                       partition) if personal else contextlib.nullcontext()) as pe:
+        if personal and head is None and int(train.get("head_steps") or 0):
+            local_train(peft_model, ids, int(train["head_steps"]), bs, sl, lr, seed + 500_009, only=pe)
+        loss = local_train(peft_model, ids, steps, bs, sl, lr, seed)
+        if personal:
+            state["personal-head"] = ArrayRecord({k: v.detach().clone() for k, v in pe.state_dict().items()})
+            state["personal-meta"] = MetricRecord({"depth": depth, "rounds": done + 1})
     seconds = time.time() - t0
     units = [u for u in layout.units() if u in shared]
     if cfg["scheme"] == "homo":
@@ -260,17 +389,24 @@ def client_round(content, peft_model, ids: torch.Tensor, train: dict, partition:
     metrics = MetricRecord({"num-examples": int(ids.numel()), "train-loss": loss if np.isfinite(loss) else -1.0,
                             "units-sent": len(units), "depth": depth, "train-seconds": float(seconds),
                             "peak-rss-mib": float(peak_rss_mb())})
+    if personal:
+        metrics["personal-params"] = sum(p.numel() for p in pe.parameters())
+        metrics["personal-rounds"] = done + 1
     return RecordDict({"arrays": ArrayRecord(send), "metrics": metrics})
 
 
 # --- accounting ----------------------------------------------------------------------------------------------------
-def client_cost(model: nn.Module, depth: int, rank: int, tokens_per_round: int) -> dict:
+def client_cost(model: nn.Module, depth: int, rank: int, tokens_per_round: int, personal: bool = False,
+                head_tokens: int = 0, kind: str = "translator") -> dict:
     """Per client per round at depth ``depth``: parameter memory and an estimate of training FLOPs.
 
     Forward FLOPs per token ~ 2 x (weights of the block linears run + output head); with the base frozen the backward
     pass needs input gradients only (about one forward more) plus the small adapter gradients, so training ~ 2 x
     forward. Memory: the base weights the client runs (fp32) + adapters x 4 (weights, gradients, two AdamW moments).
-    Attention-score FLOPs (seqlen-dependent) are left out.
+    Attention-score FLOPs (seqlen-dependent) are left out. ``personal``: a personal exit adds its own FLOPs
+    (translator 2 d^2 forward per token, head-lora 2 r (d + V)), x 3 to train it (its weight gradients too), and
+    4 x its parameters of memory; its fit alone on a partition's first round (``head_tokens`` tokens: the prefix
+    forward without gradients, then the exit forward and backward) is ``head_fit_flops``, once per partition.
     """
     ad = get_adapter(model)
     lin = prunable_linears(model)
@@ -288,6 +424,11 @@ def client_cost(model: nn.Module, depth: int, rank: int, tokens_per_round: int) 
             continue
         base_params += p.numel()
     fwd = 2 * (run_lin + head)
-    return {"depth": depth, "forward_flops_per_token": fwd, "train_flops_per_round": 2 * fwd * tokens_per_round,
-            "base_param_bytes": 4 * base_params, "adapter_params": adapters,
-            "adapter_train_bytes": 4 * 4 * adapters, "param_memory_bytes": 4 * base_params + 16 * adapters}
+    pers = personal_params(model, kind, rank) if personal else 0
+    d = int(model.config.hidden_size)
+    tr = (2 * d * d if kind == "translator" else 2 * rank * (d + head // d)) if personal else 0
+    train = 2 * fwd * tokens_per_round + 3 * tr * tokens_per_round
+    return {"depth": depth, "forward_flops_per_token": fwd + tr, "train_flops_per_round": train,
+            "base_param_bytes": 4 * base_params, "adapter_params": adapters, "personal_params": pers,
+            "head_fit_flops": (2 * run_lin + 4 * head + 2 * tr) * head_tokens if personal else 0,
+            "adapter_train_bytes": 4 * 4 * adapters, "param_memory_bytes": 4 * base_params + 16 * (adapters + pers)}

@@ -49,6 +49,9 @@ class FedConfig:
     weighted: bool = True           # False: the paper's unweighted per-layer mean
     depth_flag: int | None = None   # hetero: level with P = 0.6 (1-based); None = uniform
     n_levels: int = 5               # hetero: number of depth levels
+    personal_heads: bool | None = None  # hetero: shallow clients keep a personal exit (None: on for hetero)
+    head_steps: int | None = None   # LoRA personal heads: steps fitting a new head alone first (None: local_steps)
+    personal_head: str = "translator"  # LoRA personal heads: translator (d x d after block c) | head-lora
     partition: str = "iid"          # iid (C4 pool) | dirichlet (C4 / WikiText-2 valid / PTB valid)
     alpha: float = 1.0
     docs_per_client: int = 50
@@ -91,6 +94,17 @@ class FedConfig:
             raise UserError(f"--fraction {self.fraction} must be in (0, 1]")
         if self.depth_flag is not None and not 1 <= int(self.depth_flag) <= self.n_levels:
             raise UserError(f"--depth-flag {self.depth_flag} is not a depth level: use u or a level in 1..{self.n_levels}")
+        if self.personal_heads and self.scheme != "hetero":
+            raise UserError(f"--personal-heads is for --scheme hetero (shallow clients' exits), not {self.scheme}")
+        if self.head_steps is not None and int(self.head_steps) < 0:
+            raise UserError(f"--head-steps {self.head_steps} must be 0 or more")
+        if self.personal_head not in ("translator", "head-lora"):
+            raise UserError(f"--personal-head {self.personal_head!r}: use translator or head-lora")
+        if self.personal_head != "translator" and not self.lora_rank:
+            raise UserError("--personal-head head-lora is a LoRA-mode head: give --lora-rank too")
+        if self.personal_heads is None:
+            self.personal_heads = self.scheme == "hetero"
+        self.personal_heads = bool(self.personal_heads)
         self.eval_sets = tuple(self.eval_sets)
         self.fail_clients = tuple(int(x) for x in self.fail_clients)
 
@@ -104,7 +118,9 @@ class FedConfig:
     def train_dict(self) -> dict:
         return {"local_steps": self.local_steps, "batch_size": self.batch_size, "seqlen": self.seqlen,
                 "lr": self.lr, "seed": self.seed, "threads": self.threads, "lora_rank": self.lora_rank,
-                "lora_alpha": self.lora_alpha_value()}
+                "lora_alpha": self.lora_alpha_value(),
+                "head_steps": self.local_steps if self.head_steps is None else int(self.head_steps),
+                "personal_head": self.personal_head}
 
     def lora_alpha_value(self) -> float:
         return float(2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha)
@@ -120,8 +136,10 @@ class FedConfig:
             v = rc[key]
             if f.name in ("eval_sets", "fail_clients"):
                 v = tuple(x for x in str(v).split(",") if x.strip())
+            elif f.name == "personal_heads":
+                v = None if str(v) in ("", "none", "None") else str(v).lower() in ("1", "true", "yes", "on")
             elif f.name in ("depth_flag", "num_blocks", "eval_windows", "data_dir", "out_dir", "name", "save_dir",
-                            "lora_alpha", "sim_cpus"):
+                            "lora_alpha", "sim_cpus", "head_steps"):
                 v = None if str(v) in ("", "u", "none", "None") else v
                 if v is not None and f.name not in ("data_dir", "out_dir", "name", "save_dir"):
                     v = float(v) if f.name == "lora_alpha" else int(v)
@@ -255,7 +273,7 @@ def prepare(cfg: FedConfig, model=None, tokenizer=None, domains=None, eval_texts
     depths = draw_depths(cfg.clients, levels, cfg.depth_flag, cfg.seed) if cfg.scheme == "hetero" else None
     strategy = FedLPStrategy(layout, cfg.scheme, cfg.keep_prob if cfg.scheme == "homo" else 1.0, depths, cfg.weighted,
                              masks, fraction_train=cfg.fraction, min_train_nodes=max(1, round(cfg.fraction * cfg.clients)),
-                             min_available_nodes=cfg.clients, seed=cfg.seed)
+                             min_available_nodes=cfg.clients, seed=cfg.seed, personal_heads=cfg.personal_heads)
     ev = eval_ids(cfg, tokenizer, eval_texts)
     sizes: dict[str, int] = {}
     for k, v in state.items():
@@ -315,6 +333,7 @@ def summarize(prep) -> dict:
             fed = sum(c.get("fedavg_bytes", 0) for c in cl)
             cum += down + up
             cum_fedavg += fed
+            row.update(partitions=h["partitions"], **({"depths": h["depths"]} if "depths" in h else {}))
             row.update(clients=cl, accepted=h["accepted"], down_bytes=down, up_bytes=up, fedavg_bytes=fed,
                        per_client_bytes=(down + up) / max(1, len(cl)), kept_previous_units=h["kept_previous_units"],
                        masked_sparsity=h["masked_sparsity"], round_seconds=round(h["seconds"], 2))
@@ -336,9 +355,24 @@ def summarize(prep) -> dict:
 
         tokens = cfg.local_steps * cfg.batch_size * cfg.seqlen
         depths = sorted(set(prep.depths or [prep.layout.n_blocks]))
+        L_ = prep.layout.n_blocks
+        head_tokens = cfg.train_dict()["head_steps"] * cfg.batch_size * cfg.seqlen
         lora = {"rank": prep.lora.rank, "alpha": prep.lora.alpha, "adapter_params": n_params,
                 "fixed_mask": prep.lora.masks is not None, "masked_sparsity_init": prep.lora.sparsity_init,
-                "client_cost": {str(d): L.client_cost(prep.model, d, prep.lora.rank, tokens) for d in depths}}
+                "personal_heads": cfg.personal_heads,
+                "personal_head": cfg.personal_head if cfg.personal_heads else None,
+                "client_cost": {str(d): L.client_cost(prep.model, d, prep.lora.rank, tokens, cfg.personal_heads and
+                                                      d < L_, head_tokens, cfg.personal_head) for d in depths}}
+    personal = None
+    if cfg.scheme == "hetero" and cfg.personal_heads:  # kept on the clients: never in the bytes above
+        held = {}
+        for r in rows:
+            for c in r.get("clients", []):
+                if c.get("status") == "ok" and c["depth"] < prep.layout.n_blocks:
+                    held[c["partition"]] = c.get("personal_params", personal_exit_params(prep, c["depth"]))
+        personal = {"partitions": sorted(held),
+                    "params_per_partition": {str(k): int(v) for k, v in sorted(held.items())},
+                    "params_total": int(sum(held.values())), "sent_bytes": 0}
     peak = [c["peak_rss_mib"] for r in rows for c in r.get("clients", []) if "peak_rss_mib" in c]
     seconds = [r["round_seconds"] for r in rows if "round_seconds" in r]
     return {
@@ -347,6 +381,7 @@ def summarize(prep) -> dict:
         "model": {"params": n_params, "blocks": prep.layout.n_blocks, "unit_params": prep.unit_sizes,
                   "masked_sparsity_init": masked_sparsity({k: v.numpy() for k, v in prep.initial.items()
                                                            if k in prep.masks}, prep.masks) if prep.masks else None},
+        "personal": personal,
         "depth_levels": prep.levels, "client_depths": prep.depths, "partition_counts": prep.partition_counts,
         "rounds": rows,
         "summary": {"final_ppl": final, "initial_ppl": rows[0]["ppl"] if rows else {},
@@ -360,6 +395,15 @@ def summarize(prep) -> dict:
                     "client_peak_rss_mib": max(peak) if peak else None,
                     "wall_s": round(time.time() - prep.t0, 2)},
     }
+
+
+def personal_exit_params(prep, depth: int) -> int:
+    """Parameters of one personal exit (LoRA: translator + norm; full weights: the exit unit's tensors)."""
+    if prep.lora is not None:
+        from . import lora as L
+
+        return L.personal_params(prep.model, prep.cfg.personal_head, prep.cfg.lora_rank)
+    return int(prep.unit_sizes.get("exit", 0))
 
 
 def plot(results: list[dict], path: Path) -> None:

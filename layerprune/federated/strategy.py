@@ -15,12 +15,18 @@ time are dropped from the round, which still completes.
 
 Schemes: ``fedavg`` (full download, full upload), ``homo`` (full download, each unit uploaded with
 probability p, drawn by the client), ``hetero`` (client of depth c downloads and uploads the embedding
-and its first c blocks; the exit is shared only by full-depth clients and sent once to initialise the
-personal exit of shallower ones). Fixed pruning masks (True = kept) are re-applied after aggregation.
+and its first c blocks; the exit is shared only by full-depth clients; with personal heads it is sent once
+to initialise the personal exit of shallower ones, without them every round and never taken back).
+Fixed pruning masks (True = kept) are re-applied after aggregation.
+
+Sampling is by *partition ID*, not by Flower node ID (the simulation gives partition i a random node ID): before its
+first round the strategy asks every connected node for its ``partition-id`` (a QUERY message; the ClientApp answers
+from its node config), then each round draws the partitions with a generator seeded by (seed, round) alone, so two
+runs, or two schemes, with the same seed and the same connected partitions train the same partitions every round.
+A hetero client's depth is ``depths[partition]``. Replies are aggregated in partition order (bit-identical sums).
 """
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -38,7 +44,14 @@ from .accounting import record_bytes
 from .depth import Layout
 
 SCHEMES = ("fedavg", "homo", "hetero")
-CLIENT_METRICS = ("train-loss", "train-seconds", "peak-rss-mib")
+CLIENT_METRICS = ("train-loss", "train-seconds", "peak-rss-mib", "personal-params", "personal-rounds")
+
+
+def sample_partitions(partitions: Iterable[int], size: int, seed: int, server_round: int) -> list[int]:
+    """``size`` of ``partitions`` (sorted), drawn by a generator seeded by (seed, round) only."""
+    pool = sorted(set(int(p) for p in partitions))
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(server_round)])
+    return sorted(int(pool[i]) for i in rng.choice(len(pool), size=min(size, len(pool)), replace=False))
 
 
 def fixed_masks(state: dict[str, torch.Tensor], layout: Layout, min_sparsity: float = 0.01) -> dict[str, np.ndarray] | None:
@@ -64,7 +77,8 @@ class FedLPStrategy(FedAvg):
 
     def __init__(self, layout: Layout, scheme: str = "homo", keep_prob: float = 0.5, depths: list[int] | None = None,
                  weighted: bool = True, masks: dict[str, np.ndarray] | None = None, fraction_train: float = 1.0,
-                 min_train_nodes: int = 2, min_available_nodes: int = 2, seed: int = 0):
+                 min_train_nodes: int = 2, min_available_nodes: int = 2, seed: int = 0, personal_heads: bool = True,
+                 query_timeout: float = 600.0):
         if scheme not in SCHEMES:
             raise UserError(f"unknown FedLP scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
         if not 0.0 <= keep_prob <= 1.0:
@@ -76,20 +90,41 @@ class FedLPStrategy(FedAvg):
         self.layout, self.scheme, self.keep_prob, self.weighted = layout, scheme, keep_prob, weighted
         self.depths = list(depths or [])
         self.masks = masks
-        self.rng = random.Random(seed)
+        self.seed, self.personal_heads, self.query_timeout = int(seed), bool(personal_heads), float(query_timeout)
         self.global_arrays: ArrayRecord | None = None
-        self.depth_of: dict[int, int] = {}
-        self.exit_sent: set[int] = set()
+        self.partition_of: dict[int, int] = {}  # node ID -> partition ID (asked once per node)
+        self.exit_sent: set[int] = set()  # partitions whose personal exit was initialised
         self.plan: dict[int, dict] = {}  # node -> what was sent / may be sent back this round
         self.history: list[dict] = []
 
     # --- download ----------------------------------------------------------------------------
-    def node_depth(self, node: int) -> int:
+    def partition_depth(self, partition: int) -> int:
+        """The depth of a partition's client: full for fedavg/homo, ``depths[partition]`` for hetero."""
         if self.scheme != "hetero":
             return self.layout.n_blocks
-        if node not in self.depth_of:
-            self.depth_of[node] = self.depths[len(self.depth_of) % len(self.depths)]
-        return self.depth_of[node]
+        if not 0 <= partition < len(self.depths):
+            raise ValueError(f"partition {partition} has no depth: {len(self.depths)} depths were drawn")
+        return self.depths[partition]
+
+    def learn_partitions(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask the nodes not asked yet for their partition ID (QUERY message, answered from the node config)."""
+        new = [n for n in nodes if n not in self.partition_of]
+        if not new:
+            return
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in new]
+        for rep in grid.send_and_receive(msgs, timeout=self.query_timeout):
+            node = rep.metadata.src_node_id
+            m = next(iter(rep.content.metric_records.values()), None) if not rep.has_error() else None
+            pid = m.get("partition-id") if m is not None else None
+            if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+                log(WARNING, "node %d did not report a partition ID: it will not be sampled", node)
+                continue
+            clash = [n for n, p in self.partition_of.items() if p == pid and n != node]
+            if clash:
+                raise ValueError(f"nodes {clash[0]} and {node} both report partition-id {pid}: give every node its "
+                                 "own partition-id in --node-config")
+            self.partition_of[node] = int(pid)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -101,30 +136,32 @@ class FedLPStrategy(FedAvg):
         n_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         size = max(n_nodes, self.min_train_nodes)
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, size)  # waits until enough nodes are up
-        nodes = sorted(self.rng.sample(sorted(all_nodes), min(size, len(all_nodes))))
+        self.learn_partitions(grid, list(all_nodes))
+        node_of = {self.partition_of[n]: n for n in all_nodes if n in self.partition_of}
+        chosen = sample_partitions(node_of, size, self.seed, server_round)
         full_bytes = record_bytes(arrays)
         messages = []
-        for node in nodes:
-            depth = self.node_depth(node)
+        for pid in chosen:
+            node, depth = node_of[pid], self.partition_depth(pid)
             shared = set(self.layout.shared_units(depth))
-            send = shared | {"exit"}
-            exit_init = self.scheme == "hetero" and depth < self.layout.n_blocks and node not in self.exit_sent
-            if self.scheme == "hetero" and not exit_init:
-                send = shared
+            shallow = self.scheme == "hetero" and depth < self.layout.n_blocks
+            personal = shallow and self.personal_heads
+            exit_init = personal and pid not in self.exit_sent
+            send = shared | {"exit"} if (not shallow or exit_init or not personal) else shared
             keys = [k for k in arrays if self.layout.unit(k) in send]
             rec = arrays if len(keys) == len(arrays) else ArrayRecord({k: arrays[k] for k in keys})
             if exit_init:
-                self.exit_sent.add(node)
+                self.exit_sent.add(pid)
             cfg = ConfigRecord(dict(config))
             cfg.update({"server-round": server_round, "scheme": self.scheme, "keep-prob": float(self.keep_prob),
                         "depth": depth, "exit-init": exit_init, "masks": self.masks is not None,
-                        "personal-exit": self.scheme == "hetero" and depth < self.layout.n_blocks})
+                        "personal-exit": personal, "shallow": shallow, "partition-id": pid})
             allowed = {k for k in arrays if self.layout.unit(k) in shared}
-            self.plan[node] = {"depth": depth, "allowed": allowed, "down_bytes": record_bytes(rec),
+            self.plan[node] = {"partition": pid, "depth": depth, "allowed": allowed, "down_bytes": record_bytes(rec),
                                "fedavg_bytes": 2 * full_bytes}
             messages.append(Message(content=RecordDict({self.arrayrecord_key: rec, self.configrecord_key: cfg}),
                                     dst_node_id=node, message_type=MessageType.TRAIN))
-        log(INFO, "configure_train: round %d, %d clients, scheme %s", server_round, len(nodes), self.scheme)
+        log(INFO, "configure_train: round %d, partitions %s, scheme %s", server_round, chosen, self.scheme)
         return messages
 
     # --- upload -------------------------------------------------------------------------------
@@ -161,17 +198,21 @@ class FedLPStrategy(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        clients = {node: {"node": node, "depth": p["depth"], "down_bytes": p["down_bytes"], "up_bytes": 0,
-                          "fedavg_bytes": p["fedavg_bytes"], "status": "timeout", "reason": "no reply in time",
-                          "units": 0} for node, p in self.plan.items()}
+        clients = {node: {"partition": p["partition"], "depth": p["depth"], "down_bytes": p["down_bytes"],
+                          "up_bytes": 0, "fedavg_bytes": p["fedavg_bytes"], "status": "timeout",
+                          "reason": "no reply in time", "units": 0} for node, p in self.plan.items()}
+        unplanned = lambda n: {"partition": self.partition_of.get(n, -1)}  # noqa: E731
         for msg in errors:
-            c = clients.setdefault(msg.metadata.src_node_id, {"node": msg.metadata.src_node_id})
+            c = clients.setdefault(msg.metadata.src_node_id, unplanned(msg.metadata.src_node_id))
             reason = str(msg.error.reason).strip().splitlines()[-1]
             c.update(status="failed", reason=reason.split("Message: ")[-1].strip("'>")[:200])
         accepted, losses = [], []
-        for msg in valid:
+        def order(m):
+            return self.plan.get(m.metadata.src_node_id, {}).get("partition", -1), m.metadata.src_node_id
+
+        for msg in sorted(valid, key=order):  # partition order: the sums below do not depend on reply order
             node = msg.metadata.src_node_id
-            c = clients.setdefault(node, {"node": node})
+            c = clients.setdefault(node, unplanned(node))
             rec = msg.content.array_records.get(self.arrayrecord_key)
             c["up_bytes"] = record_bytes(rec) if rec is not None else 0
             reason, arrays, w = self.check_reply(node, msg.content)
@@ -204,9 +245,13 @@ class FedLPStrategy(FedAvg):
         if self.masks is not None:
             sparsity = masked_sparsity({k: record[k].numpy() for k in self.masks}, self.masks)
         kept_units = sorted({self.layout.unit(k) for k in kept}, key=self.layout.units().index)
+        planned = sorted(self.plan.values(), key=lambda p: p["partition"])
         row = {"round": server_round, "seconds": time.time() - getattr(self, "_t0", time.time()),
-               "clients": sorted(clients.values(), key=lambda c: c["node"]), "accepted": len(accepted),
+               "partitions": [p["partition"] for p in planned],
+               "clients": sorted(clients.values(), key=lambda c: c["partition"]), "accepted": len(accepted),
                "kept_previous_units": kept_units, "masked_sparsity": sparsity}
+        if self.scheme == "hetero":
+            row["depths"] = [p["depth"] for p in planned]
         self.history.append(row)
         log(INFO, "aggregate_train: round %d, %d accepted, %d failed/timed out, %d rejected; kept previous: %s",
             server_round, len(accepted), sum(c["status"] in ("failed", "timeout") for c in clients.values()),

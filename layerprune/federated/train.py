@@ -5,16 +5,28 @@ import torch
 
 
 def local_train(model, ids: torch.Tensor, steps: int, batch_size: int, seqlen: int, lr: float, seed: int,
-                masks: dict[str, torch.Tensor] | None = None) -> float:
+                masks: dict[str, torch.Tensor] | None = None, only=None) -> float:
     """``steps`` AdamW steps of next-token loss on random windows of ``ids``; mean loss.
 
     ``masks`` (name -> bool, True = zeroed) are re-applied after every step, so pruned weights stay zero.
+    ``only`` (a module): train its parameters alone, every other parameter frozen for these steps (autograd then
+    stops at that module: nothing before it is differentiated).
     """
+    if only is not None:
+        mine = {id(p) for p in only.parameters()}
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return local_train(model, ids, steps, batch_size, seqlen, lr, seed, masks)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
     ids = ids.reshape(-1)
     seqlen = min(seqlen, ids.numel() - 1)
     g = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     for _ in range(steps):

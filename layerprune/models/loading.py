@@ -222,10 +222,8 @@ def load_skeleton(spec: str, dtype: str | torch.dtype = "float32"):
         config = AutoConfig.from_pretrained(folder)
         with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except UserError:
-        raise
-    except Exception as e:  # the real load reports what is wrong with the model
-        log.debug("no skeleton for %s: %s", spec, e)
+    except (OSError, ValueError) as e:  # config.json unreadable or not a known model: the real load (next) turns
+        log.debug("no skeleton for %s: %s", spec, e)  # these two into a one-line UserError of its own
         return None
 
 

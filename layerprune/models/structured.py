@@ -221,9 +221,10 @@ def apply_widths(model, config) -> None:
 
 
 def _config(cls, old, **fields):
-    """A config of class `cls`: `old`'s settings, an explicit head_dim, and `fields`; None when the class refuses it
-    (transformers validates e.g. hidden_size % num_attention_heads, raising a strict-dataclass error)."""
-    from huggingface_hub.errors import StrictDataclassError
+    """A config of class `cls`: `old`'s settings, an explicit head_dim, and `fields`; None when the class's validators
+    refuse the widths (transformers validates e.g. hidden_size % num_attention_heads, raising a strict-dataclass
+    validation error). Any other error is a bug and propagates: it never switches the save format."""
+    from huggingface_hub.errors import StrictDataclassClassValidationError
 
     adapter = get_adapter(old)
     d = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "transformers_version", "architectures",
@@ -231,7 +232,7 @@ def _config(cls, old, **fields):
     d.update(adapter.width_fields(adapter.geometry(old).head_dim))
     try:
         return cls(**{**d, **fields})
-    except (ValueError, TypeError, StrictDataclassError):
+    except StrictDataclassClassValidationError:
         return None
 
 

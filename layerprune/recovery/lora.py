@@ -12,32 +12,8 @@ import time
 import torch
 
 from layerprune.errors import UserError
-from layerprune.models.adapters import get_adapter
+from layerprune.recovery.masks import apply_masks, masks_of, prunable_linears  # noqa: F401 (importable from here)
 from layerprune.progress import tqdm
-
-
-def prunable_linears(model):
-    """{full module name: module} of the linears in the decoder blocks (lm_head and embeddings excluded)."""
-    adapter = get_adapter(model)
-    return {f"{adapter.blocks_path}.{i}.{name}": mod
-            for i, block in enumerate(adapter.blocks(model))
-            for name, mod in adapter.linears(block).items()}
-
-
-@torch.no_grad()
-def masks_of(model):
-    """{full module name: bool tensor (weight != 0)} for every prunable linear, in the module's weight layout."""
-    return {name: mod.weight != 0 for name, mod in prunable_linears(model).items()}
-
-
-@torch.no_grad()
-def apply_masks(model, masks):
-    """Set every weight where the mask is False to exactly 0 (masked_fill, so NaN or inf cannot survive)."""
-    for name, mask in masks.items():
-        w = model.get_submodule(name).weight
-        if w.shape != mask.shape:
-            raise UserError(f"mask for {name} has shape {tuple(mask.shape)} but the weight is {tuple(w.shape)}; recompute the masks")
-        w.masked_fill_(~mask.to(w.device), 0)
 
 
 def _windows(tokenizer, data, seqlen):
@@ -60,59 +36,19 @@ def finetune_lora(model, tokenizer, texts_or_windows, steps, lr=1e-4, rank=8, al
 
     texts_or_windows: list of strings, or token windows (LongTensor (n, L), list of (1, L) tensors, CalibrationSet).
     target_modules: peft target names (e.g. ("q_proj", "v_proj")); None = every prunable linear.
-    Windows are visited in a seeded random order, batch_size per step, cycling when exhausted. AdamW, constant lr.
-    The model is changed in place: peft's merge_and_unload puts the original Linear modules back with merged weights.
+    Windows are visited in a seeded random order, batch_size per step, cycling when exhausted. AdamW, constant lr
+    (the loop is ``recovery.train.train_recovery``). The model is changed in place: peft's merge_and_unload puts the
+    original Linear modules back with merged weights.
     Returns {"losses" (per step), "steps", "seconds", "seconds_per_step", "trainable_params", "masked_weights",
     "max_abs_refilled" (largest |merged weight| at a masked position before re-masking), ...}.
     """
-    from peft import LoraConfig, get_peft_model
+    from layerprune.recovery.train import train_recovery
 
     if steps < 1 or rank < 1 or batch_size < 1 or seqlen < 2:
-        raise UserError(f"LoRA needs steps, rank, batch_size >= 1 and seqlen >= 2 (got {steps}, {rank}, {batch_size}, {seqlen})")
-    masks = masks_of(model)
-    targets = list(target_modules) if target_modules else list(masks)
+        raise UserError(f"LoRA needs steps, rank, batch_size >= 1 and seqlen >= 2 (got {steps}, {rank}, "
+                        f"{batch_size}, {seqlen})")
     windows = _windows(tokenizer, texts_or_windows, seqlen)
-    device = next(model.parameters()).device
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
-
-    torch.manual_seed(seed)  # LoRA A init
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
-    peft_model = get_peft_model(model, cfg)  # freezes every base parameter
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    order, pos = torch.randperm(len(windows), generator=gen), 0
-    losses = []
-    peft_model.train()
     t0 = time.time()
-    bar = tqdm(range(steps), desc="lora", disable=not progress)
-    for _ in bar:
-        idx = []
-        while len(idx) < batch_size:
-            if pos == len(order):
-                order, pos = torch.randperm(len(windows), generator=gen), 0
-            idx.append(order[pos].item())
-            pos += 1
-        x = windows[idx].to(device)
-        loss = peft_model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    train_s = time.time() - t0
-
-    merged = peft_model.merge_and_unload()  # the same model object, W + (alpha / r) B A, dense
-    with torch.no_grad():
-        refilled = max((merged.get_submodule(n).weight[~m].abs().max().item() if (~m).any() else 0.0)
-                       for n, m in masks.items())
-    apply_masks(merged, masks)
-    for n, p in merged.named_parameters():
-        p.requires_grad_(requires_grad.get(n, True))
-    merged.train(was_training)
-    return {"losses": losses, "steps": steps, "seconds": time.time() - t0, "train_seconds": train_s,
-            "seconds_per_step": train_s / steps, "trainable_params": sum(p.numel() for p in params),
-            "masked_weights": sum(int((~m).sum()) for m in masks.values()), "max_abs_refilled": refilled,
-            "rank": rank, "alpha": alpha, "lr": lr, "seqlen": windows.shape[1], "batch_size": batch_size,
-            "windows": len(windows), "seed": seed}
+    info = train_recovery(model, windows, steps, rank=rank, alpha=alpha, target_modules=target_modules, lr=lr,
+                          batch_size=batch_size, seed=seed, progress=progress)
+    return {**info, "seconds": time.time() - t0}

@@ -11,15 +11,27 @@ full run's pre-pass, which the run then skips), and scored in two steps (EvoPres
      ``propagate-kl-4``: Wanda with propagation on 4 calibration windows, KL to the dense model on 4 validation
      windows, rho 0.94 at 1.26x the old proxy's cost; ``propagate-kl``, 8 windows, ranks better, rho 0.96, at 1.6x).
 The lowest proxy value wins; uniform is always a finalist and wins ties, so the choice is never worse than uniform *by
-the proxy*. ``finalists`` >= the number of candidates skips the screen. The proxy works on a copy of the model (the
-model passed in is not changed).
+the proxy*. ``finalists`` >= the number of candidates skips the screen. The model passed in is only read: the proxy
+prunes a copy of it made directly in bfloat16 on ``device`` (where all its forwards run), reads the dense weights
+from the model itself, and keeps the dense model's final hidden states for the KL, never its full-vocabulary
+log-probabilities (``dsa/proxy.py``).
+
+Time budget (recorded in the report's ``budget``): the choice should cost no more than ``budget`` (``AUTO_BUDGET``)
+times the run's estimated prune, ``PRUNE_PASSES`` dense passes over the calibration (the proxy's own dense pass,
+measured first: a Wanda run passes the calibration through every block twice, other methods cost more). Each stage
+measures its cost on uniform, its first candidate, and then scores only what fits in the time left:
+  - screen: the next candidates in ``CANDIDATES`` order (one of each family first) while their measured cost fits,
+    the rest ``skipped`` (recorded);
+  - final: uniform, then at most as many finalists as fit at uniform's measured cost. When none fits, the screen
+    decides between uniform and the screen's best (``decided_by`` "screen"), and uniform wins ties.
+``budget=0`` lifts the limit. On large models the dense pass dominates and nothing is cut; on small or cheap runs
+(a small model with a large vocabulary) fewer candidates are scored, and the report says which.
 
     report = choose(model, calib_ids, valid_ids, 0.7, bos=bos, prune_fn=engine.prune_model)
     report["spec"], report["options"], report["block_stats"]   # what prune() then runs with, pre-pass skipped
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -35,21 +47,24 @@ AUTO_PROXY = "propagate-kl-4"  # the finalists' proxy: bench/results/proxy_study
 SCREEN_PROXY = "oneshot-2"  # every candidate's first score: rho 0.916 at 0.37x the old proxy's cost
 FINALISTS = 2  # at most this many of the screen's best go on to the proxy (with uniform) ...
 MARGIN = 0.10  # ... those within this fraction of the screen's best value (a clear winner goes alone)
+AUTO_BUDGET = 1.0  # the choice may take this many times the run's estimated prune ...
+PRUNE_PASSES = 2  # ... estimated as this many dense passes over the calibration (budget 0: no limit)
 SPREAD_OPTIONS = ("lam", "alpha", "beta_frac")  # change the map from statistic to sparsity, not the statistic
 DSA_FUNCTION = "W:(EXP,TANH)-(GRAM)-(ATAN,SIGMOID)-(SIGMOID)"  # README, DSA: found by evolution at 70% on SmolLM2
 
-# (label, allocation spec, options); uniform first: it wins ties
+# (label, allocation spec, options); uniform first: it wins ties. One candidate of each family first, so that a screen
+# cut short by the time budget still sees every family.
 CANDIDATES = (
     ("uniform", "uniform", {}),
-    ("owl lam 0.04", "owl", {"lam": 0.04}),
-    ("owl lam 0.08", "owl", {"lam": 0.08}),
-    ("dlp alpha 0.05", "dlp", {"stat": "median", "alpha": 0.05}),
-    ("dlp alpha 0.10", "dlp", {"stat": "median", "alpha": 0.10}),
+    ("dsa lam 0.15", f"dsa:{DSA_FUNCTION}", {"lam": 0.15}),
     ("dlp alpha 0.15", "dlp", {"stat": "median", "alpha": 0.15}),
     ("atp beta_frac 0.3", "atp", {"beta_frac": 0.3}),
-    ("atp beta_frac 0.6", "atp", {"beta_frac": 0.6}),
+    ("owl lam 0.08", "owl", {"lam": 0.08}),
     ("dsa lam 0.08", f"dsa:{DSA_FUNCTION}", {"lam": 0.08}),
-    ("dsa lam 0.15", f"dsa:{DSA_FUNCTION}", {"lam": 0.15}),
+    ("dlp alpha 0.10", "dlp", {"stat": "median", "alpha": 0.10}),
+    ("atp beta_frac 0.6", "atp", {"beta_frac": 0.6}),
+    ("owl lam 0.04", "owl", {"lam": 0.04}),
+    ("dlp alpha 0.05", "dlp", {"stat": "median", "alpha": 0.05}),
 )
 
 
@@ -65,15 +80,19 @@ class Auto(BoundedAllocator):
                       flag="--auto-finalists"),
                Option("margin", float, None, f"auto: after the screen's best, the proxy also scores those within this "
                       f"fraction of its screen value (default {MARGIN})", flag="--auto-margin"),
+               Option("budget", float, None, f"auto: its choice may take this many times the run's estimated prune "
+                      f"({PRUNE_PASSES} dense passes); fewer candidates are scored past it (default {AUTO_BUDGET}; 0: "
+                      "no limit)", flag="--auto-budget"),
                *BoundedAllocator.options)
 
-    def __init__(self, proxy: str = AUTO_PROXY, finalists: int = FINALISTS, margin: float = MARGIN, lo: float = 0.0,
-                 hi: float = 0.99):
+    def __init__(self, proxy: str = AUTO_PROXY, finalists: int = FINALISTS, margin: float = MARGIN,
+                 budget: float = AUTO_BUDGET, lo: float = 0.0, hi: float = 0.99):
         super().__init__(lo, hi)
         proxy_settings(proxy)
-        if int(finalists) < 1 or not float(margin) >= 0:
-            raise UserError(f"--auto-finalists must be at least 1 and --auto-margin >= 0, got {finalists}, {margin}")
-        self.proxy, self.finalists, self.margin = proxy, int(finalists), float(margin)
+        if int(finalists) < 1 or not float(margin) >= 0 or not float(budget) >= 0:
+            raise UserError(f"--auto-finalists must be at least 1, --auto-margin and --auto-budget >= 0, got "
+                            f"{finalists}, {margin}, {budget}")
+        self.proxy, self.finalists, self.margin, self.budget = proxy, int(finalists), float(margin), float(budget)
 
     def allocate(self, target, ctx):
         raise UserError("allocation 'auto' is chosen by prune() before pruning (layerprune.search.auto.choose); "
@@ -95,7 +114,7 @@ class Auto(BoundedAllocator):
         if not 0.0 < cfg.sparsity < 1.0:
             raise UserError(f"allocation 'auto' needs a sparsity in (0, 1), got {cfg.sparsity}")
 
-    def choose_for_run(self, model, tokenizer, ids, cfg, *, data_dir, progress: bool, prune_fn) -> dict:
+    def choose_for_run(self, model, tokenizer, ids, cfg, *, data_dir, progress: bool, prune_fn, device=None) -> dict:
         """``choose``'s report for this run, with ``run_options``: the chosen allocation's options (lo/hi kept)."""
         from layerprune.data import resolve_data_dir
         from layerprune.data.bos import bos_id
@@ -104,10 +123,11 @@ class Auto(BoundedAllocator):
         seqlen = check_seqlen(model, None, default=512)  # the search's windows, capped at the model's maximum
         valid = tokenize_corpus(tokenizer, "wikitext2-valid", resolve_data_dir(data_dir), seqlen)
         opts = cfg.allocation_options
-        named = {k: opts[k] for k in ("proxy", "finalists", "margin") if opts.get(k) is not None}  # else defaults
+        named = {k: opts[k] for k in ("proxy", "finalists", "margin", "budget") if opts.get(k) is not None}  # else
+        # the defaults
         report = choose(model, ids, valid, cfg.sparsity, **named, lo=opts.get("lo", 0.0), hi=opts.get("hi", 0.99),
                         seqlen=seqlen, batch_size=cfg.batch_size, bos=bos_id(tokenizer), progress=progress,
-                        prune_fn=prune_fn)
+                        prune_fn=prune_fn, device=device)
         report["run_options"] = {**report["options"], **{k: v for k, v in opts.items() if k in ("lo", "hi")}}
         return report
 
@@ -133,18 +153,25 @@ def block_statistics_from_norms(proxy: Proxy, allocator) -> list[float] | None:
 
 
 def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, finalists: int = FINALISTS,
-           margin: float = MARGIN, lo: float = 0.0, hi: float = 0.99, seqlen: int = 512, batch_size: int = 8, bos: int | None = None,
-           candidates=CANDIDATES, progress: bool = False, prune_fn=None) -> dict:
-    """Screen every candidate allocation, score the finalists with the proxy; the report of what was tried and what
-    was chosen (and why). ``prune_fn``: for a proxy that propagates (``engine.prune_model``)."""
+           margin: float = MARGIN, budget: float = AUTO_BUDGET, lo: float = 0.0, hi: float = 0.99, seqlen: int = 512,
+           batch_size: int = 8, bos: int | None = None, candidates=CANDIDATES, progress: bool = False, prune_fn=None,
+           device=None) -> dict:
+    """Screen the candidate allocations, score the finalists with the proxy, within the time ``budget`` (module doc);
+    the report of what was tried, what each stage scored, and what was chosen (and why). ``prune_fn``: for a proxy
+    that propagates (``engine.prune_model``). ``device``: where the proxy's forwards run (the run's device)."""
     settings = proxy_settings(proxy)
     settings["propagate"] = min(settings["propagate"], int(calib.shape[0]))  # a short calibration: all of it
     screen = proxy_settings(SCREEN_PROXY)
     screen["windows"] = min(screen["windows"], settings["windows"])
+    if not float(budget) >= 0:
+        raise UserError(f"--auto-budget must be >= 0, got {budget}")
     t0 = time.perf_counter()
-    p = Proxy(copy.deepcopy(model), calib, eval_ids, target, seqlen=seqlen, lo=lo, hi=hi, batch_size=batch_size,
-              bos=bos, prune_fn=prune_fn, ranks=finalists < len(candidates), **settings)  # ranks: a cheaper screen
+    p = Proxy(model, calib, eval_ids, target, seqlen=seqlen, lo=lo, hi=hi, batch_size=batch_size, bos=bos,
+              prune_fn=prune_fn, ranks=finalists < len(candidates), device=device, keep_model=True, **settings)
     t_setup = time.perf_counter() - t0
+    dense_pass = p.setup_seconds["dense_pass"]
+    limit = budget * PRUNE_PASSES * dense_pass if budget > 0 else math.inf  # seconds the whole choice may take
+    left = lambda: limit - (time.perf_counter() - t0)  # noqa: E731
     infos = layer_census(model, get_adapter(model))
     num_blocks = len(p.block_layers)
     rows, stat_cache = [], {}
@@ -167,9 +194,14 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
     if not ok:
         raise UserError("allocation 'auto': no candidate gave an allocation on this model; pick one yourself")
 
-    def score(rows_, field, evaluate):
-        done = {}
+    def score(rows_, field, evaluate, budgeted: bool = False) -> list[dict]:
+        """Score ``rows_`` in order; ``budgeted``: after the first, only while one more at the first's measured cost
+        fits in the time left. Returns the rows skipped for time."""
+        done, cost, skipped = {}, None, []
         for r in rows_:
+            if budgeted and cost is not None and cost > left():
+                skipped.append(r)
+                continue
             t1 = time.perf_counter()
             try:
                 if r["counts"] not in done:  # equal pruned counts: the same pruned model
@@ -178,45 +210,77 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
             except InvalidCandidate as e:
                 r["error"] = str(e)
             r["seconds"] += time.perf_counter() - t1
+            cost = cost if cost is not None else time.perf_counter() - t1
             if progress:
                 v = r[field]
                 print(f"auto ({field}): {r['label']:20s} {v if v is None else round(v, 4)}  ({r['seconds']:.1f}s)",
                       flush=True)
+        return skipped
 
     t1 = time.perf_counter()
-    if finalists < len(ok):
-        score(ok, "screen", lambda bs: p.evaluate_as(bs, **screen))
+    screened = finalists < len(ok)
+    skipped_screen, skipped_final, decided_by = [], [], "proxy"
+    uniform = [r for r in ok if r["spec"] == "uniform"]
+    if screened:  # uniform first: its cost is the stage's measure
+        skipped_screen = score(uniform + [r for r in ok if r["spec"] != "uniform"], "screen",
+                               lambda bs: p.evaluate_as(bs, **screen), budgeted=True)
         ranked = sorted((r for r in ok if r["screen"] is not None and math.isfinite(r["screen"])),
                         key=lambda r: r["screen"])
         top = [r for r in ranked if r["spec"] != "uniform"][:finalists]
-        final = [r for r in ok if r["spec"] == "uniform"] + [
-            r for r in top if r is top[0] or r["screen"] <= (1 + margin) * top[0]["screen"]]
+        final = uniform + [r for r in top if r is top[0] or r["screen"] <= (1 + margin) * top[0]["screen"]]
     else:
-        final = ok
+        final = uniform + [r for r in ok if r["spec"] != "uniform"]
     t_screen = time.perf_counter() - t1
-    score(sorted(final, key=rows.index), "value", p.evaluate_allocation)
+    skipped_final = score(final, "value", p.evaluate_allocation, budgeted=screened)
     t_final = time.perf_counter() - t1 - t_screen
     scored = [r for r in rows if r["value"] is not None and math.isfinite(r["value"])]
     if not scored:
         raise UserError("allocation 'auto': no candidate gave a finite proxy value on this model; pick one yourself")
-    best = min(scored, key=lambda r: r["value"])  # the first of equals: uniform (first) wins ties
-    uni = next((r["value"] for r in scored if r["spec"] == "uniform"), None)
+    if skipped_final and len(scored) == 1 and scored[0]["spec"] == "uniform":  # no finalist fitted: the screen
+        decided_by = "screen"  # decides between uniform and its best (uniform first: it wins ties)
+        best = min(final[:2], key=lambda r: r["screen"])
+    else:
+        best = min(scored, key=lambda r: r["value"])  # the first of equals: uniform (first) wins ties
+    uni = next((r for r in scored if r["spec"] == "uniform"), None)
     names = ", ".join(r["label"] for r in scored)
-    if best["spec"] == "uniform":
+    if decided_by == "screen":
+        why = (f"{best['label']} has the lower {SCREEN_PROXY} screen value of uniform and the screen's best "
+               f"({final[1]['label']}): no finalist fitted the time budget after uniform's proxy value")
+    elif best["spec"] == "uniform":
         why = f"uniform has the lowest proxy value of the finalists ({names})"
     else:
         why = (f"lowest proxy value ({best['value']:.4g}) of the finalists ({names}); uniform's is "
-               + (f"{uni:.4g} ({(best['value'] / uni - 1) * 100:+.1f}%)" if uni else "not available"))
-    if final is not ok:
-        why += (f"; finalists: uniform and the lowest of {len(ok)} candidates by the {SCREEN_PROXY} screen, with the "
-                f"next ones within {margin:.0%} of it, {finalists} at most")
-    dense_pass = p.setup_seconds["dense_pass"]
-    del p  # its model is a copy: nothing to restore
+               + (f"{uni['value']:.4g} ({(best['value'] / uni['value'] - 1) * 100:+.1f}%)" if uni else
+                  "not available"))
+    if screened:
+        why += (f"; finalists: uniform and the lowest of the {len(ok) - len(skipped_screen)} screened candidates by "
+                f"the {SCREEN_PROXY} screen, with the next ones within {margin:.0%} of it, {finalists} at most")
+    n_screen = sum(r["screen"] is not None for r in rows)
+    n_final = sum(r["value"] is not None for r in rows)
     return {"chosen": best["label"], "spec": best["spec"], "options": best["options"],
             "block_stats": best["block_stats"], "block_sparsity": best["block_sparsity"], "reason": why,
             "proxy": {"name": proxy, **settings, "split": "wikitext2 validation"},
-            "screen": {"name": SCREEN_PROXY, **screen, "finalists": finalists, "margin": margin}
-            if final is not ok else None,
+            "screen": {"name": SCREEN_PROXY, **screen, "finalists": finalists, "margin": margin} if screened else None,
+            "scored": {"candidates": len(rows), "allocations": len(ok), "screen": n_screen, "final": n_final,
+                       "decided_by": decided_by},
+            "budget": {"factor": budget, "prune_passes": PRUNE_PASSES,
+                       "seconds": None if math.isinf(limit) else limit,
+                       "skipped_screen": [r["label"] for r in skipped_screen],
+                       "skipped_final": [r["label"] for r in skipped_final]},
+            "device": str(p.device),
             "tried": [{k: v for k, v in r.items() if k not in ("block_stats", "counts")} for r in rows],
             "seconds": {"setup": t_setup, "dense_pass": dense_pass, "screen": t_screen, "final": t_final,
                         "total": time.perf_counter() - t0}}
+
+
+def summary(report: dict) -> str:
+    """One line on what ``choose`` did: the choice, why, and exactly how many candidates each stage scored."""
+    sc, b = report["scored"], report["budget"]
+    stages = (f"{sc['screen']} of {sc['allocations']} candidates screened by {report['screen']['name']}, "
+              if report.get("screen") else "")
+    cut = [f"{len(b[k])} {k.split('_')[1]} skipped for time ({', '.join(b[k])})" for k in ("skipped_screen",
+                                                                                            "skipped_final") if b[k]]
+    return (f"chose {report['chosen']} ({report['reason']}); {stages}{sc['final']} scored by the "
+            f"{report['proxy']['name']} proxy" + (f"; {'; '.join(cut)}" if cut else "")
+            + f"; {report['seconds']['total']:.1f}s" + (f" of a {b['seconds']:.1f}s budget" if b["seconds"] else "")
+            + f" on {report['device']}")

@@ -14,15 +14,20 @@ uninterrupted run with the same seed and budgets would (use ``max_candidates``, 
 A candidate is identified by its canonical form (``AllocationFunction.key``) and is evaluated at most once. With a
 ``signature`` (e.g. the candidate's allocation, ``Proxy.signature``), a candidate whose signature equals that of one
 already evaluated in this run is an equivalent candidate: it is skipped before evaluation (not logged, counted in
-``n_equivalent``), so that clones of one allocation do not fill the population. A signature that raises (a constant
-function) does not skip: the candidate is evaluated and logged as failed.
+``n_equivalent``), so that clones of one allocation do not fill the population. A signature that raises
+``InvalidCandidate`` (a constant function) does not skip: the candidate is evaluated and logged as failed; any other
+error of the signature propagates.
 
 Evolution: generation 0 is ``population`` distinct random functions. Each next generation keeps the ``elitism`` best
 and fills up with children: two parents by tournament (``tournament`` random members, lowest fitness wins), uniform
 crossover of the four slots (pre, reduce, transform, post) with probability ``crossover_prob``, then a mutation with
 probability ``mutation_prob`` (replace an op of one slot, or add/remove a pre/transform op within the allowed counts);
-a child already evaluated in this run is mutated again until it is new. A candidate whose fitness raises or is
-non-finite is logged as failed with fitness inf and the search goes on.
+a child already evaluated in this run is mutated again until it is new.
+
+Failures: a candidate whose fitness raises ``InvalidCandidate`` (it gives no allocation, or a non-finite metric) or is
+non-finite is logged as failed, with its error, at fitness inf, and the search goes on; after ``max_failures``
+(``MAX_CONSECUTIVE_FAILURES``) failed candidates in a row the search stops with a ``SearchFailed`` error naming the last
+one. Any other exception is a bug, not a bad candidate: it stops the search at once, the candidate named in its note.
 """
 from __future__ import annotations
 
@@ -39,10 +44,36 @@ from typing import Callable
 from layerprune.progress import tqdm
 
 from layerprune.allocation.dsa.functions import (MAX_PRE, MAX_TRANSFORM, POST_OPS, PRE_OPS, REDUCE_OPS, TRANSFORM_OPS,
-                                                 AllocationFunction, StageCache, allocate, parse, random_function)
+                                                 AllocationFunction, InvalidCandidate, StageCache, allocate, parse,
+                                                 random_function)
 from layerprune.errors import UserError
 
 Fitness = Callable[[AllocationFunction], float]
+MAX_CONSECUTIVE_FAILURES = 20  # failed candidates in a row that stop a search (random DSA functions: 1 in 3 fail)
+
+
+class SearchFailed(UserError):
+    """``max_failures`` candidates in a row failed: the proxy, not the candidates, is likely at fault."""
+
+
+class FailureStreak:
+    """Counts failed candidates in a row (in log order) and stops the search at ``limit``."""
+
+    def __init__(self, limit: int, log_path):
+        if int(limit) < 1:
+            raise UserError(f"max_failures must be at least 1, got {limit}")
+        self.limit, self.log_path, self.n = int(limit), log_path, 0
+
+    def __call__(self, error: str | None) -> None:
+        self.n = self.n + 1 if error else 0
+        if self.n >= self.limit:
+            raise SearchFailed(f"the search stopped: {self.n} candidates in a row failed (the last: {error}); every "
+                               f"candidate is in {self.log_path}")
+
+
+def note_candidate(e: BaseException, what: str, log_path) -> None:
+    """Name the candidate an unexpected error came from (shown under its traceback)."""
+    e.add_note(f"while evaluating {what} of the search logged in {log_path}")
 
 
 @dataclass
@@ -88,7 +119,8 @@ class _Run:
     """What both searches share: the log (and its cache of fitness values), the budgets, the best, the progress line."""
 
     def __init__(self, fitness: Fitness, kind: str, seed: int, log_path, resume: bool, time_budget_s, max_candidates,
-                 progress: bool, callback, signature=None, evaluate_batch=None):
+                 progress: bool, callback, signature=None, evaluate_batch=None,
+                 max_failures: int = MAX_CONSECUTIVE_FAILURES):
         self.fitness, self.kind, self.seed, self.callback = fitness, kind, seed, callback
         # batched mode (evaluate_batch: [function key] -> [(fitness, error or None, seconds)], e.g. on Ray workers):
         # candidates are reserved (``pending``) as they are drawn and evaluated together; the draws see the same
@@ -96,6 +128,7 @@ class _Run:
         self.evaluate_batch, self.pending = evaluate_batch, {}
         self.signature, self.signatures, self.sigs, self.n_equivalent = signature, {}, set(), 0
         self.log_path = Path(log_path)
+        self.streak = FailureStreak(max_failures, self.log_path)
         if time_budget_s is not None and time_budget_s < 0 or max_candidates is not None and max_candidates < 0:
             raise UserError("time_budget_s and max_candidates must be >= 0")
         self.time_budget_s, self.max_candidates = time_budget_s, max_candidates
@@ -121,13 +154,13 @@ class _Run:
         return None
 
     def _signature(self, f: AllocationFunction):
-        """The signature of f (cached by key); None without a signature function or when it raises."""
+        """The signature of f (cached by key); None without a signature function or when f gives no allocation."""
         if self.signature is None:
             return None
         if f.key not in self.signatures:
             try:
                 self.signatures[f.key] = self.signature(f)
-            except Exception:
+            except InvalidCandidate:  # a constant function: evaluated, and logged as failed
                 self.signatures[f.key] = None
         return self.signatures[f.key]
 
@@ -157,7 +190,11 @@ class _Run:
     def flush(self) -> dict[str, float]:
         """Evaluate the reserved candidates as one batch, then log them in the order they were drawn."""
         todo = [k for k in self.pending if k not in self.logged]
-        results = dict(zip(todo, self.evaluate_batch(todo))) if todo else {}
+        try:
+            results = dict(zip(todo, self.evaluate_batch(todo))) if todo else {}
+        except Exception as e:  # not a bad candidate: a bug or a failed worker, re-raised with the batch named
+            note_candidate(e, f"one of the batch {todo}", self.log_path)
+            raise
         out = {}
         for key, (f, generation) in list(self.pending.items()):
             out[key] = self.evaluate(f, generation, results.get(key))
@@ -181,8 +218,11 @@ class _Run:
                     fit = float(self.fitness(f))
                     if not math.isfinite(fit):
                         error = f"non-finite fitness {fit}"
-                except Exception as e:  # a failed candidate must never stop the search
+                except InvalidCandidate as e:  # a bad candidate: logged as failed, the search goes on
                     error = f"{type(e).__name__}: {e}"
+                except Exception as e:  # a bug: re-raised with the candidate named
+                    note_candidate(e, f"candidate {key}", self.log_path)
+                    raise
             if error is not None:
                 fit = math.inf
                 self.n_failed += 1
@@ -207,6 +247,7 @@ class _Run:
             if self.callback is not None:
                 self.callback(rec)
         self._progress(generation)
+        self.streak(None if rec["status"] == "ok" else rec.get("error", "failed"))
         return fit
 
     def _write_best(self, generation: int) -> None:
@@ -283,12 +324,13 @@ def evolutionary_search(fitness: Fitness, *, seed: int = 0, population: int = 20
                         crossover_prob: float = 0.5, mutation_prob: float = 0.5, elitism: int = 2,
                         log_path, resume: bool = False, progress: bool = True,
                         callback: Callable[[dict], None] | None = None, signature=None,
-                        evaluate_batch=None) -> SearchResult:
+                        evaluate_batch=None, max_failures: int = MAX_CONSECUTIVE_FAILURES) -> SearchResult:
     """Evolve allocation functions; lower fitness is better. ``generations`` counts generations after the initial
     random population (generation 0). Stops at the first of: generations done, ``max_candidates`` evaluated, time.
     ``signature``: f -> hashable; candidates equivalent to an evaluated one are skipped (see the module doc).
     ``evaluate_batch``: [function key] -> [(fitness, error or None, seconds)]: a generation's candidates are drawn
-    first and evaluated together (e.g. on Ray workers, ``ray_search``), with the same log as the serial search."""
+    first and evaluated together (e.g. on Ray workers, ``ray_search``), with the same log as the serial search.
+    ``max_failures``: failed candidates in a row that stop the search (``SearchFailed``; module doc)."""
     if population < 2 or not 1 <= tournament <= population or not 0 <= elitism < population or generations < 0:
         raise UserError("evolution needs population >= 2, 1 <= tournament <= population, "
                         f"0 <= elitism < population, generations >= 0 (got {population}, {tournament}, {elitism}, "
@@ -297,7 +339,7 @@ def evolutionary_search(fitness: Fitness, *, seed: int = 0, population: int = 20
         raise UserError("crossover_prob and mutation_prob must lie in [0, 1]")
     rng = random.Random(seed)
     run = _Run(fitness, "evolution", seed, log_path, resume, time_budget_s, max_candidates, progress, callback,
-               signature, evaluate_batch)
+               signature, evaluate_batch, max_failures)
     batched = evaluate_batch is not None
 
     def add(members, f, g):  # serial: evaluate now; batched: reserve, the fitness comes with the flush
@@ -349,14 +391,15 @@ def evolutionary_search(fitness: Fitness, *, seed: int = 0, population: int = 20
 def random_search(fitness: Fitness, *, seed: int = 0, time_budget_s: float | None = None,
                   max_candidates: int | None = None, log_path, resume: bool = False, progress: bool = True,
                   callback: Callable[[dict], None] | None = None, signature=None, evaluate_batch=None,
-                  batch: int = 8) -> SearchResult:
+                  batch: int = 8, max_failures: int = MAX_CONSECUTIVE_FAILURES) -> SearchResult:
     """The baseline: distinct uniform random functions until ``max_candidates`` or the time budget is used up
-    (``signature``, ``evaluate_batch``: as in ``evolutionary_search``; batched, ``batch`` candidates at a time)."""
+    (``signature``, ``evaluate_batch``, ``max_failures``: as in ``evolutionary_search``; batched, ``batch`` candidates
+    at a time)."""
     if time_budget_s is None and max_candidates is None:
         raise UserError("random search needs a budget: set time_budget_s and/or max_candidates")
     rng = random.Random(seed)
     run = _Run(fitness, "random", seed, log_path, resume, time_budget_s, max_candidates, progress, callback,
-               signature, evaluate_batch)
+               signature, evaluate_batch, max_failures)
     while (why := run.stop_reason()) is None:
         f = run.novel(lambda: random_function(rng), rng)
         if f is None:

@@ -16,6 +16,9 @@ a deterministic function of (seed, settings, fitness values); the evaluations of
 
 Fitness is lower-is-better: ``fitness(block_sparsity, windows) -> float``. Log, one JSONL line per evaluation:
     {"i", "generation", "stage", "windows", "levels", "fitness", "status", "seconds", "parent_fitness", "time"}
+(+ "error" when failed). A candidate whose fitness raises ``InvalidCandidate`` or is non-finite is logged as failed
+with its error, at fitness inf; ``max_failures`` failed evaluations in a row stop the search (``SearchFailed``). Any
+other exception is a bug and stops the search at once.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from typing import Callable
 
 import numpy as np
 
+from layerprune.allocation.dsa.functions import InvalidCandidate
+from layerprune.search.dsa import MAX_CONSECUTIVE_FAILURES, FailureStreak, note_candidate
 from layerprune.errors import UserError
 
 DEFAULT_STAGES = ((1, 4), (2, 2), (8, 1))  # (windows, survivors) per selection step; the last keeps 1
@@ -115,7 +120,7 @@ def serial_batch(fitness):
             try:
                 v = float(fitness(bs, windows))
                 err = None if math.isfinite(v) else f"non-finite fitness {v}"
-            except Exception as e:  # a failed candidate never stops the search
+            except InvalidCandidate as e:  # a bad candidate: logged as failed, the search goes on
                 v, err = math.inf, f"{type(e).__name__}: {e}"
             out.append((v if err is None else math.inf, err, time.monotonic() - t0))
         return out
@@ -125,9 +130,11 @@ def serial_batch(fitness):
 def level_search(fitness: Callable[[list[float], int], float] | None, space: LevelSpace, *, seed: int = 0,
                  offspring: int = 16, stages=DEFAULT_STAGES, generations: int = 1000,
                  max_candidates: int | None = None, time_budget_s: float | None = None, max_moves: int = 3,
-                 start=None, log_path, progress: bool = False, evaluate_batch=None) -> LevelResult:
+                 start=None, log_path, progress: bool = False, evaluate_batch=None,
+                 max_failures: int = MAX_CONSECUTIVE_FAILURES) -> LevelResult:
     """EvoPress-style search (module doc). ``max_candidates`` bounds the offspring evaluated (first stage);
-    ``evaluate_batch`` replaces the serial evaluation of a batch (same results, e.g. on Ray workers)."""
+    ``evaluate_batch`` replaces the serial evaluation of a batch (same results, e.g. on Ray workers);
+    ``max_failures``: failed evaluations in a row that stop the search."""
     stages = tuple((int(w), int(k)) for w, k in stages)
     if offspring < 1 or not stages or any(w < 1 or k < 1 for w, k in stages) or stages[-1][1] != 1:
         raise UserError("level search needs offspring >= 1 and stages of (windows >= 1, survivors >= 1) ending with "
@@ -140,6 +147,7 @@ def level_search(fitness: Callable[[list[float], int], float] | None, space: Lev
     if log_path.exists() and log_path.stat().st_size > 0:
         raise UserError(f"search log {log_path} already exists: delete it or choose another")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    streak = FailureStreak(max_failures, log_path)
     evaluate_batch = evaluate_batch or serial_batch(fitness)
     rng = random.Random(seed)
     n = space.sizes.size
@@ -163,9 +171,14 @@ def level_search(fitness: Callable[[list[float], int], float] | None, space: Lev
         counters["i"] += 1
         counters["evaluations"] += 1
         counters["windows"] += windows
+        streak(err)
 
     def batch(cands, windows):
-        return evaluate_batch([(space.sparsity(c), windows) for c in cands])
+        try:
+            return evaluate_batch([(space.sparsity(c), windows) for c in cands])
+        except Exception as e:  # not a bad candidate: a bug or a failed worker, re-raised with the batch named
+            note_candidate(e, f"levels {cands} on {windows} windows", log_path)
+            raise
 
     parent_fit = batch([parent], final_w)[0]
     log(parent, 0, len(stages) - 1, final_w, parent_fit, math.inf)

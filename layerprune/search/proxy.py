@@ -25,8 +25,13 @@ Two options bring the proxy closer to the full protocol (``bench/proxy_study.py`
                    allocation, forwards in the proxy dtype) and re-collects the input norms of every block from the
                    outputs of the already pruned blocks. n = 0: one-shot (above).
   ``metric="kl"``  the mean per-token KL divergence KL(p_dense || p_pruned) of the next-token distributions on the
-                   validation windows (EvoPress) instead of the perplexity; the dense log-probabilities are computed
-                   once (``windows`` x seqlen x vocab values, bfloat16).
+                   validation windows (EvoPress) instead of the perplexity. The head and the final norm are never
+                   pruned, so the proxy keeps only the dense model's final hidden states (``windows`` x seqlen x
+                   hidden) and recomputes the dense log-probabilities from them while scoring, ``LOGIT_CHUNK`` logits
+                   at a time (rounded to bfloat16, the precision they were stored in when the proxies were studied):
+                   no full-vocabulary tensor is ever held.
+``keep_model=True`` (``--allocation auto``): the model passed in is only read (its dense pass, its dense weights); the
+proxy prunes a copy of it made directly in the proxy dtype on ``device``, where every forward of the proxy runs.
 PROXIES names the settings of the proxies the library offers; ``DEFAULT_PROXY`` is the one ``search-allocation`` and
 ``--allocation auto`` use.
 """
@@ -44,7 +49,7 @@ from layerprune.scores import wanda_score
 from layerprune.checkpoint import fingerprint
 from layerprune.config import DTYPES, PruneConfig
 from layerprune.errors import UserError
-from layerprune.evaluation.perplexity import perplexity
+from layerprune.evaluation.perplexity import LOGIT_CHUNK, perplexity
 from layerprune.models.adapters import get_adapter
 from layerprune.offload import MemoryStore
 from layerprune.passes import capture_inputs, dense_input_norms
@@ -81,44 +86,68 @@ def eval_windows(ids: torch.Tensor, seqlen: int, n: int, bos: int | None) -> tor
     return torch.cat([torch.full((n, 1), bos, dtype=w.dtype), w], 1) if bos is not None else w
 
 
-@torch.no_grad()
-def window_logprobs(model, x: torch.Tensor, adapter=None, chunk: int = 512):
-    """Yield (row slice, next-token log-probabilities [rows, vocab] fp32, targets [rows]) of one window ``x`` [T]."""
+def chunk_rows(model, adapter=None) -> int:
+    """Rows of logits computed at once: at most ``LOGIT_CHUNK`` values (the perplexity's own bound)."""
     adapter = adapter or get_adapter(model)
-    hidden = adapter.body(model)(input_ids=x[None], use_cache=False).last_hidden_state[0, :-1]
-    target = x[1:]
-    for i in range(0, target.numel(), chunk):
-        logits = adapter.head_logits(model, hidden[i:i + chunk]).float()
-        yield slice(i, i + chunk), torch.log_softmax(logits, dim=-1), target[i:i + chunk]
+    return max(1, LOGIT_CHUNK // adapter.lm_head(model).weight.shape[0])
 
 
 @torch.no_grad()
-def window_scores(model, windows: torch.Tensor, dense_logp: list | None = None) -> tuple[list[float], list[float]]:
-    """Per window: mean next-token NLL, and mean KL(p_dense || p_model) when ``dense_logp`` (one [T-1, vocab] tensor
-    per window, from ``dense_logprobs``) is given (else an empty list)."""
+def final_hidden(model, x: torch.Tensor, adapter=None) -> torch.Tensor:
+    """The final hidden states (final norm applied) of window ``x`` [T] that predict its tokens 1..T-1:
+    [T-1, hidden]."""
+    adapter = adapter or get_adapter(model)
+    device = next(model.parameters()).device
+    return adapter.body(model)(input_ids=x[None].to(device), use_cache=False).last_hidden_state[0, :-1]
+
+
+@torch.no_grad()
+def dense_hidden(model, windows: torch.Tensor) -> list[torch.Tensor]:
+    """What the KL metric keeps of the dense model: the final hidden states of every window ([T-1, hidden] each)."""
     adapter = get_adapter(model)
+    return [final_hidden(model, x, adapter) for x in windows]
+
+
+@torch.no_grad()
+def window_scores(model, windows: torch.Tensor, dense: list | None = None) -> tuple[list[float], list[float]]:
+    """Per window: mean next-token NLL, and mean KL(p_dense || p_model) when ``dense`` (the dense model's final hidden
+    states, ``dense_hidden``) is given (else an empty list). ``model``'s head is the dense one (the proxy never prunes
+    it): the dense log-probabilities are recomputed from ``dense``, ``chunk_rows`` rows at a time, in fp32 and rounded
+    to bfloat16."""
+    adapter = get_adapter(model)
+    rows = chunk_rows(model, adapter)
     nll, kl = [], []
     for w, x in enumerate(windows):
+        hidden = final_hidden(model, x, adapter)
+        target = x[1:].to(hidden.device)
         tot_nll = tot_kl = 0.0
-        for sl, logp, tgt in window_logprobs(model, x, adapter):
-            tot_nll -= logp.gather(1, tgt[:, None]).sum().item()
-            if dense_logp is not None:
-                ref = dense_logp[w][sl].float()
-                tot_kl += (ref.exp() * (ref - logp)).sum().item()
+        for i in range(0, target.numel(), rows):
+            logp = torch.log_softmax(adapter.head_logits(model, hidden[i:i + rows]).float(), dim=-1)
+            tot_nll -= logp.gather(1, target[i:i + rows, None]).sum().item()
+            if dense is not None:
+                ref = torch.log_softmax(adapter.head_logits(model, dense[w][i:i + rows]).float(), dim=-1)
+                ref = ref.bfloat16().float()
+                logp.neg_().add_(ref)  # ref - logp, in place
+                tot_kl += torch.dot(ref.exp_().view(-1), logp.view(-1)).item()  # sum p_dense * (ref - logp)
+            del logp
         nll.append(tot_nll / (windows.shape[1] - 1))
-        if dense_logp is not None:
+        if dense is not None:
             kl.append(tot_kl / (windows.shape[1] - 1))
     return nll, kl
 
 
-@torch.no_grad()
-def dense_logprobs(model, windows: torch.Tensor) -> list[torch.Tensor]:
-    """The dense model's next-token log-probabilities of every window (bfloat16, [T-1, vocab] each)."""
-    adapter = get_adapter(model)
-    out = []
-    for x in windows:
-        out.append(torch.cat([logp.bfloat16() for _, logp, _ in window_logprobs(model, x, adapter)]))
-    return out
+def working_copy(model, dtype: torch.dtype, device) -> torch.nn.Module:
+    """``copy.deepcopy(model).to(device, dtype)`` without a full-precision copy first: every parameter is copied
+    directly in ``dtype`` on ``device`` (tied weights stay tied); the buffers are copied as they are and then follow
+    ``Module.to`` (e.g. a model that keeps its rotary frequencies in fp32 keeps them). ``model`` is not changed."""
+    import copy
+
+    memo = {}
+    for t in model.parameters():
+        if id(t) not in memo:
+            new = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+            memo[id(t)] = torch.nn.Parameter(new, requires_grad=False)
+    return copy.deepcopy(model, memo).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -152,14 +181,17 @@ class Proxy:
     """fitness(f) = perplexity on ``eval_ids``'s first ``windows`` windows of the model pruned by f's allocation.
 
     ``model`` is taken over: its weights are rewritten for every candidate and it is cast to ``dtype`` for the
-    perplexity passes (``restore()`` puts the dense weights back). ``calib``: [n, seqlen] calibration ids.
-    ``eval_ids``: [1, N] ids of the validation text. ``norms_path``: a .safetensors file caching the dense pass.
+    perplexity passes (``restore()`` puts the dense weights back); with ``keep_model`` it is only read and the proxy
+    prunes a ``working_copy`` in ``dtype`` instead. ``device``: where the proxy's forwards run (default: the model's
+    device). ``calib``: [n, seqlen] calibration ids. ``eval_ids``: [1, N] ids of the validation text. ``norms_path``:
+    a .safetensors file caching the dense pass.
     """
 
     def __init__(self, model, calib: torch.Tensor, eval_ids: torch.Tensor, target: float, *, seqlen: int = 512,
                  windows: int = 8, lam: float = 0.08, lo: float = 0.0, hi: float = 0.99, batch_size: int = 8,
                  eval_batch_size: int = 4, dtype: str = "bfloat16", norms_path=None, bos: int | None = None,
-                 propagate: int = 0, metric: str = "ppl", prune_fn=None, ranks: bool = True):
+                 propagate: int = 0, metric: str = "ppl", prune_fn=None, ranks: bool = True, device=None,
+                 keep_model: bool = False):
         if metric not in METRICS:
             raise UserError(f"proxy metric {metric!r} is unknown: use {', '.join(METRICS)}")
         if not 0 <= propagate <= calib.shape[0]:
@@ -182,17 +214,27 @@ class Proxy:
         self.prop_calib = calib[:propagate].clone() if propagate else None
         self.prune_fn = prune_fn
         self.adapter = get_adapter(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.stats_passes = 0  # dense calibration passes run by this proxy (0 when the norms came from the cache)
         t0 = time.perf_counter()
         self.norms = self._norms(calib, batch_size, norms_path)
         t1 = time.perf_counter()
-        # the dense weights (fp32 copy), the per-row ranks of their Wanda scores, the parameter count per block
+        dense = model
+        if keep_model:  # the model stays as it is; the proxy prunes its own copy, made in the proxy dtype
+            self.model = working_copy(model, DTYPES[dtype], self.device)
+        # the dense weights (fp32; read from a kept model, else copied), the per-row ranks of their Wanda scores, the
+        # parameter count per block
         self.layers = []  # (block, name, module, dense fp32 [out, in], sq_norm fp32 [in], rank [out, in])
         self.block_layers: list[list[int]] = []
-        for b, block in enumerate(self.adapter.blocks(model)):
+        work_blocks = self.adapter.blocks(self.model)
+        for b, block in enumerate(self.adapter.blocks(dense)):
             self.block_layers.append([])
-            for name, mod in self.adapter.linears(block).items():
-                w = self.adapter.get_weight(mod).detach().float().clone()
+            work = self.adapter.linears(work_blocks[b])
+            for name, dense_mod in self.adapter.linears(block).items():
+                mod = work[name]
+                w = self.adapter.get_weight(dense_mod).detach().float()  # a kept model's fp32 weight itself
+                if not keep_model:
+                    w = w.clone()  # the model's own weight, which the proxy rewrites
                 sq_norm = self.norms[f"{b}.{name}"]
                 rank = None  # ranks=False (a few candidates, e.g. --allocation auto): masks by row_mask per candidate
                 if ranks:
@@ -205,12 +247,15 @@ class Proxy:
                 self.layers.append((b, name, mod, w, sq_norm, rank))
         self.weights = [sum(self.layers[j][3].numel() for j in js) for js in self.block_layers]
         self.cache = StageCache([self._block_scores(js) for js in self.block_layers])
-        model.to(DTYPES[dtype])
+        if not keep_model:
+            self.model.to(DTYPES[dtype])
+            if device is not None:
+                self.model.to(self.device)
         t2 = time.perf_counter()
-        self.dense_logp = None  # KL: the dense model's log-probabilities on the validation windows
+        self.dense = None  # KL: the dense model's final hidden states on the validation windows
         if metric == "kl":
-            self.dense_logp = dense_logprobs(model, eval_windows(self.eval_ids, seqlen, windows, bos))
-        self.setup_seconds = {"dense_pass": t1 - t0, "ranks": t2 - t1, "dense_logprobs": time.perf_counter() - t2}
+            self.dense = dense_hidden(self.model, eval_windows(self.eval_ids, seqlen, windows, bos))
+        self.setup_seconds = {"dense_pass": t1 - t0, "ranks": t2 - t1, "dense_hidden": time.perf_counter() - t2}
         self.timings = {"allocate": 0.0, "apply": 0.0, "ppl": 0.0}
         self.n_evaluated = 0  # perplexity evaluations
         self.scored: dict[tuple, float] = {}  # pruned counts -> perplexity: equal ones are scored once
@@ -225,7 +270,7 @@ class Proxy:
                     return norms
             except (KeyError, OSError, ValueError):
                 pass
-        norms = dense_norms(self.model, calib, batch_size)
+        norms = dense_norms(self.model, calib, batch_size, self.device)
         self.stats_passes += 1
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +316,8 @@ class Proxy:
                 raise InvalidCandidate(f"block sparsity {s} is not in [0, 1]")
         self.restore()
         dtype = next(n for n, d in DTYPES.items() if d == next(self.model.parameters()).dtype)
-        self.prune_fn(self.model, self.prop_calib, blocks_config(self.model, block_sparsity, dtype), progress=False)
+        self.prune_fn(self.model, self.prop_calib, blocks_config(self.model, block_sparsity, dtype), progress=False,
+                      device=self.device)
 
     def score(self) -> float:
         """The metric of the model as it is now: perplexity or mean KL to the dense model on the windows."""
@@ -279,7 +325,7 @@ class Proxy:
             return perplexity(self.model, self.eval_ids, self.seqlen, self.windows, self.eval_batch_size,
                               progress=False, bos=self.bos).ppl
         windows = eval_windows(self.eval_ids, self.seqlen, self.windows, self.bos)
-        _, kl = window_scores(self.model, windows, self.dense_logp[:self.windows])
+        _, kl = window_scores(self.model, windows, self.dense[:self.windows])
         return sum(kl) / len(kl)
 
     def restore(self) -> None:
@@ -307,7 +353,7 @@ class Proxy:
         log-probabilities."""
         if metric not in METRICS or not 1 <= windows <= (self.windows if metric == "kl" else self.max_windows) \
                 or not 0 <= propagate <= (0 if self.prop_calib is None else len(self.prop_calib)) \
-                or (metric == "kl" and self.dense_logp is None):
+                or (metric == "kl" and self.dense is None):
             raise UserError(f"this proxy cannot score with windows={windows}, propagate={propagate}, metric={metric}")
         old = self.windows, self.propagate, self.metric, self.prop_calib
         self.windows, self.propagate, self.metric = windows, propagate, metric

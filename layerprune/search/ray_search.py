@@ -53,12 +53,14 @@ class _Worker:
         return True
 
     def run(self, kind: str, arg):
+        from layerprune.allocation.dsa.functions import InvalidCandidate
+
         t0 = time.monotonic()
         try:
             v = float(self.proxy.fitness(arg) if kind == "dsa" else self.proxy.evaluate_on(*arg))
             err = None if math.isfinite(v) else f"non-finite fitness {v}"
-        except Exception as e:  # a failed candidate never stops the search
-            v, err = math.inf, f"{type(e).__name__}: {e}"
+        except InvalidCandidate as e:  # a bad candidate: logged as failed, the search goes on; any other error
+            v, err = math.inf, f"{type(e).__name__}: {e}"  # reaches the search through ray.get and stops it
         return (v if err is None else math.inf), err, time.monotonic() - t0
 
 

@@ -23,6 +23,7 @@ from layerprune.solvers.wanda import Wanda
 from layerprune.solvers.sparsegpt import SparseGPT
 from layerprune.solvers.slimgpt import SlimGPT
 from layerprune.solvers.depth import Depth
+from layerprune.solvers.alps import ALPS
 from layerprune.solvers.common import relative_error
 from layerprune.solvers.nm import check_nm, nm_for_ratio, parse_nm
 from layerprune.stats import LayerStats
@@ -76,4 +77,4 @@ SOLVERS = _Solvers(block_level=False)
 BLOCK_SOLVERS = _Solvers(block_level=True)
 
 __all__ = ["SOLVERS", "BLOCK_SOLVERS", "SOLVER_REGISTRY", "Solver", "get_solver", "relative_error", "parse_nm",
-           "check_nm", "nm_for_ratio", "Magnitude", "Wanda", "SparseGPT", "SlimGPT", "Depth"]
+           "check_nm", "nm_for_ratio", "Magnitude", "Wanda", "SparseGPT", "SlimGPT", "Depth", "ALPS"]

@@ -47,6 +47,24 @@ ERROR_EXACT = 2 ** 31  # rows x cols^2 up to which it is exact (4x that in flops
 # 128-row estimate was off by a median 9% and up to 6.4x (q/o rows' errors are heavy-tailed), so its linears stay exact
 
 
+MASSIVE = 1000  # in the damping scale an input's diag H counts at most this many times the median live input's
+
+
+def damping_scale(diag: torch.Tensor, dead: torch.Tensor | None = None) -> torch.Tensor:
+    """The scale that SparseGPT-style damping multiplies (``percdamp * scale`` is added to diag H): the mean of diag H,
+    each entry capped at MASSIVE x the median over the live (not ``dead``) inputs.
+
+    The plain mean (the reference code's) is dominated by a few massive-activation inputs (diag 1e3-1e6 x the
+    median, common in down projections): the damping then exceeds every other input's own diag, the solve turns into
+    magnitude pruning without compensation, and its error can exceed Wanda's. Capped, those inputs weigh like any
+    large one; on a Hessian without such inputs (no diag above the cap) the scale is the plain mean, unchanged."""
+    live = diag if dead is None else diag[~dead]
+    if live.numel() == 0:
+        return diag.mean()
+    cap = MASSIVE * live.median()
+    return diag.clamp(max=cap).mean() if cap > 0 else diag.mean()
+
+
 def kth_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th lowest value (1-based) of each row of a 2-D ``score`` [rows], as ``torch.kthvalue(score, k, dim=1)``.
     On the CPU by numpy's introselect, which returns the same element ~15x faster than ``kthvalue`` here."""

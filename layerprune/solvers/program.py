@@ -7,8 +7,11 @@
     extra = program.finish(model)                 # after the last block; merged into the run record
 
 ``collect(names, needs) -> {name: LayerStats}`` runs the block as it is now over the calibration inputs with hooks
-on the named linears; ``targets`` is the block's ``allocation.plan.BlockTargets``. ``changes_shapes``: the program
-removes rows/columns (N:M and --skip then do not apply; under disk offload a pruned block is stored at its new widths,
+on the named linears (``collect.context``: the engine's activation buffer, the block's call arguments, batch size,
+compute dtype, timers, block index, run folder and ``linears(block)``, for a program that runs the block itself);
+a program with ``resume_state() -> {name: tensor}`` / ``restore_state(tensors, like, device, folder)`` has those
+tensors checkpointed with each block; ``targets`` is the block's ``allocation.plan.BlockTargets``.
+``changes_shapes``: the program removes rows/columns (N:M and --skip then do not apply; under disk offload a pruned block is stored at its new widths,
 and a resume reads them back with ``load_block`` from the stored shapes).
 
 A program that decides over the whole model at once (``whole_model = True``, e.g. depth pruning: which blocks go
@@ -100,7 +103,12 @@ class LinearProgram:
 
 
 def block_program(solver, model, adapter, cfg):
-    """The solver's own block program, or its per-linear ``prune`` wrapped in a ``LinearProgram``."""
+    """The solver's own block program, or its per-linear ``prune`` wrapped in a ``LinearProgram``; with
+    ``cfg.reconstruct`` (not "none") wrapped again by the reconstruction (``layerprune.reconstruct``)."""
+    from layerprune.reconstruct import wrap
+
     if hasattr(solver, "program"):
-        return solver.program(model, adapter, cfg)
-    return LinearProgram(solver, adapter, cfg)
+        program = solver.program(model, adapter, cfg)
+    else:
+        program = LinearProgram(solver, adapter, cfg)
+    return wrap(program, cfg)

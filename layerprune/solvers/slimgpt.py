@@ -497,8 +497,8 @@ class SlimGPTProgram:
         self.solver.check_model(model, self.adapter, self.options)
 
     def run(self, block, collect, targets) -> list[dict]:
-        """Prune one block in place to ``targets.ratio``. Returns one record row per linear (shape after, achieved =
-        removed fraction)."""
+        """Prune one block in place to ``targets.ratio``. Returns one record row per linear (shape after and before,
+        achieved = removed fraction of the parameters before)."""
         adapter, ratio = self.adapter, targets.ratio
         o = self.solver.check_options(self.options)
         structured.check_structured(adapter)
@@ -542,7 +542,7 @@ class SlimGPTProgram:
         rows = []
         for name, m in adapter.linears(block).items():
             shape = tuple(adapter.get_weight(m).shape)
-            rows.append({"name": name, "shape": list(shape), "target": ratio,
+            rows.append({"name": name, "shape": list(shape), "shape_before": list(before[name]), "target": ratio,
                          "achieved": 1.0 - shape[0] * shape[1] / (before[name][0] * before[name][1]),
                          "rel_error": errors.get(name), **info.get(name, {})})
         return rows

@@ -1,6 +1,7 @@
 """SparseGPT (Frantar & Alistarh, ICML 2023): OBS pruning with sequential compensation, one column at a time.
 
-With H = (2/n) X^T X (+ percdamp * mean(diag H) * I) and U the upper Cholesky factor of H^-1 (H^-1 = U^T U):
+With H = (2/n) X^T X (+ percdamp * mean(diag H) * I, massive inputs capped in the mean: ``common.damping_scale``)
+and U the upper Cholesky factor of H^-1 (H^-1 = U^T U):
 - columns are swept left to right in blocks of `blocksize`;
 - unstructured: at the start of a block the mask takes the lowest w^2 / U_jj^2 over the whole (rows x block) slice;
   the block prunes round(s * rows * end) - round(s * rows * start) weights, so the matrix total is round(s * numel);
@@ -34,7 +35,8 @@ import torch
 from layerprune.errors import UserError
 from layerprune.quant import check_quant, make_column_quantizer
 from layerprune.registry import Option, positive_int, register_solver
-from layerprune.solvers.common import all_finite, check_options, check_sparsity, check_weight, lowest_k_t, prune_count
+from layerprune.solvers.common import (all_finite, check_options, check_sparsity, check_weight, damping_scale,
+                                       lowest_k_t, prune_count)
 from layerprune.solvers.nm import check_nm, nm_mask
 from layerprune.stats import LayerStats
 
@@ -61,8 +63,8 @@ def upper_inverse(R: torch.Tensor, leaf: int = 512) -> torch.Tensor:
 
 
 def reversed_cholesky(H: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None) -> torch.Tensor:
-    """Upper R with R R^T = H + p * mean(diag H) * I (H with diag 1 at ``dead``); p starts at percdamp and grows x10
-    while that fails. ``H`` is not changed.
+    """Upper R with R R^T = H + p * m * I (H with diag 1 at ``dead``, m = ``damping_scale``: mean(diag H) with massive
+    inputs capped); p starts at percdamp and grows x10 while that fails. ``H`` is not changed.
 
     With J the order reversal, chol(J A J) = M M^T gives A = R R^T for the upper R = J M J; then A^-1 = U^T U with
     U = R^-1 the upper Cholesky factor of A^-1 that the sweep uses (never formed whole: see the module docstring).
@@ -70,7 +72,7 @@ def reversed_cholesky(H: torch.Tensor, percdamp: float, dead: torch.Tensor | Non
     diag = H.diagonal().float()
     if dead is not None:
         diag = diag.masked_fill(dead, 1.0)
-    mean_diag = diag.mean()
+    mean_diag = damping_scale(diag, dead)
     p = percdamp
     for attempt in range(RETRIES + 1):
         R = H.to(torch.float32, copy=True)
