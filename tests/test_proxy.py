@@ -163,7 +163,7 @@ def test_proxy_without_ranks_prunes_the_same_weights():
 def test_kl_from_dense_hidden_states_equals_full_vocabulary_log_probabilities(monkeypatch):
     """The KL recomputed chunk by chunk from the dense final hidden states equals the one over the full-vocabulary
     dense log-probabilities (bfloat16, as they were stored), whatever the chunk size."""
-    from layerprune.allocation.dsa import proxy as proxy_mod
+    from layerprune.search import proxy as proxy_mod
     from layerprune.models.adapters import get_adapter
 
     dense = tiny_model("llama", layers=4)
@@ -245,7 +245,7 @@ def test_auto_screen_decides_when_no_finalist_fits(monkeypatch):
     score take 1e9 s; the screen's cost stays real."""
     import time
 
-    from layerprune.allocation import auto
+    from layerprune.search import auto
 
     class Clock:
         extra = 0.0

@@ -13,7 +13,6 @@ import torch
 
 from layerprune.errors import UserError
 from layerprune.recovery.masks import apply_masks, masks_of, prunable_linears  # noqa: F401 (importable from here)
-from layerprune.progress import tqdm
 
 
 def _windows(tokenizer, data, seqlen):

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from layerprune.progress import tqdm
 
 from layerprune.errors import UserError
 from layerprune.recovery.masks import apply_masks, masks_of
