@@ -23,8 +23,8 @@ import torch
 
 from layerprune import evaluate_ppl, load_model, prune
 from layerprune.allocation.dsa import PRESETS
-from layerprune.allocation.dsa.proxy import Proxy
-from layerprune.allocation.dsa.search import plot_curves
+from layerprune.search.proxy import Proxy
+from layerprune.search.dsa import plot_curves
 from layerprune.data import resolve_data_dir
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import tokenize_corpus

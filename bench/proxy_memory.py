@@ -14,7 +14,7 @@ import torch
 import transformers as T
 
 torch.set_num_threads(1)
-from layerprune.allocation.dsa.proxy import Proxy
+from layerprune.search.proxy import Proxy
 cfg = T.Gemma3TextConfig(hidden_size=640, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                          head_dim=256, intermediate_size=2048, vocab_size=262144, tie_word_embeddings=True,
                          query_pre_attn_scalar=256, sliding_window=512,

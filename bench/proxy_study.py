@@ -193,7 +193,7 @@ WINDOWS = 16
 
 
 def proxies(args) -> None:
-    from layerprune.allocation.dsa.proxy import Proxy, dense_hidden, eval_windows, window_scores
+    from layerprune.search.proxy import Proxy, dense_hidden, eval_windows, window_scores
     from layerprune.engine import prune_model
     from layerprune.data import resolve_data_dir
     from layerprune.data.bos import bos_id

@@ -33,7 +33,6 @@ def base_model(record: dict) -> str | None:
     """The base model as the user named it: a built-in name becomes its hub id; a hub id or a path stays. A chained
     run's base is the model its first step pruned."""
     from .models.loading import BUILTIN_HUB_IDS
-    from .record import chain
 
     spec = chain(record)[0].get("model")
     if not spec:
@@ -126,9 +125,6 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     front += ["library_name: transformers", "pipeline_tag: text-generation", "tags:"]
     front += [f"- {_yaml_str(t)}" for t in dict.fromkeys(tags)]
     front.append("---")
-
-    from .record import chain
-
     steps = chain(record)
     methods = " then ".join(str(r.get("method")) for r in steps)
     title = f"{Path(base).name if base and _is_local(base) else (base or 'A model')} pruned with {methods}"
@@ -154,7 +150,7 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
         rows.append(("parameters", f"{params['before']:,} -> {params['after']:,} "
                                    f"({params['after'] / params['before']:.3f}x)"))
         if record.get("layers"):
-            from .record import block_sparsity
+            from .record_rows import block_sparsity
 
             rows.append(("achieved sparsity", f"{block_sparsity(record)['overall']:.4f} of the block linears' "
                                               "parameters removed"))
@@ -190,6 +186,11 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     zs = record.get("zeroshot") or {}
     if ev.get("before") or ev.get("after") or zs.get("tasks"):
         body += ["## Evaluation", ""] + _ppl_table(ev) + _zeroshot_table(zs)
+    if record.get("evals"):
+        body += ["Evaluated later (`layerprune eval`):", "", "| dataset | protocol | window tokens | windows | ppl |",
+                 "|---|---|---|---|---|"]
+        body += [f"| {ds} | {e.get('protocol')} | {r.get('seqlen')} | {r.get('windows')} | {_fmt(r.get('ppl'), 2)} |"
+                 for e in record["evals"] for ds, r in e.get("results", {}).items()] + [""]
     if (record.get("finetune") or {}).get("eval"):
         how = "LoRA" if record["finetune"].get("method", "lora") == "lora" else "full"
         how += " distillation" if record["finetune"].get("loss") == "kd" else ""
@@ -260,3 +261,13 @@ def write_card(out: Path, record: dict) -> bool:
     tmp.write_text(render(record, recipe=recipe), encoding="utf-8")
     tmp.replace(p)
     return True
+
+
+def chain(record: dict) -> list[dict]:
+    """The steps of a chained run, first first: its ancestors (``parent`` records) then itself."""
+    steps = []
+    r = record
+    while isinstance(r, dict):
+        steps.append(r)
+        r = r.get("parent")
+    return steps[::-1]

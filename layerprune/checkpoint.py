@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import CHECKPOINT_MODES  # noqa: F401 (the modes, also importable from here)
 from .errors import UserError
 
 
@@ -27,7 +28,6 @@ def fingerprint(model, calib: torch.Tensor, settings: str, weights: bool = False
     return h.hexdigest()[:24]
 
 
-CHECKPOINT_MODES = ("full", "weights", "none")
 
 
 def checkpoint_mode(mode: str | None, device) -> str:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .allocation import get_allocator
 from .allocation.base import LayerInfo

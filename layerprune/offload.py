@@ -491,3 +491,18 @@ def load_model_lazy(source: str | Path, dtype: str | torch.dtype = "float32", wo
         tok = AutoTokenizer.from_pretrained(folder)
     model.layerprune_source_dtype = checkpoint_dtype(folder) if Path(str(source)).expanduser().is_dir() else None
     return model, tok, DiskStore(model, where, dtype, work_dir)
+
+
+def run_disk_need(model, nsamples: int, seqlen: int, act_dtype, offload: str) -> int:
+    """Peak bytes a prune run writes under --out.
+
+    Under --out: the checkpoint (every pruned block, plus the latest and the next block inputs while the latter is
+    written) and the saved run (the model once more). With --offload disk the pruned blocks are the saved run's shards
+    (no second copy), plus the disk-offloaded activation buffers (two)."""
+    size = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731 (meta tensors too)
+    model_bytes = size(model.parameters())
+    block_bytes = sum(size(b.parameters()) for b in get_adapter(model).blocks(model))
+    acts = nsamples * seqlen * model.config.hidden_size * torch.empty((), dtype=act_dtype).element_size()
+    if offload == "disk":  # pruned blocks are written once, as the run's own shards (DiskStore.bind)
+        return model_bytes + 4 * acts
+    return block_bytes + 2 * acts + model_bytes

@@ -135,15 +135,24 @@ def prepare_file(path, force: bool = False, inputs=(), flag: str = "--out") -> P
                             f"own files: choose another {flag}")
         if not force:
             raise UserError(f"{flag} {p} already exists: choose another path or pass --force to replace it")
-    if not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    return p
+    return p  # its folder is made by the writer (``write_json``), so a run that fails before writing leaves none
+
+
+def user_mode(folder: Path, pattern: str = "*.safetensors") -> None:
+    """Give the files of ``folder`` matching ``pattern`` the mode the user's umask asks for (safetensors writes its
+    files 0600 through a private temporary file, whatever the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in Path(folder).glob(pattern):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)
 
 
 def write_json(path: Path | None, data: dict) -> None:
     """Write a JSON result (marked as ours) atomically; ``path`` must have passed ``prepare_file``."""
     if path is None:
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(json.dumps({"written_by": MARK, **data}, indent=1, default=str))
     os.replace(tmp, path)
@@ -168,22 +177,3 @@ def check_free_space(folder: Path, need: int, what: str) -> None:
         gib = 2 ** 30
         raise UserError(f"not enough disk space in {probe}: {what} needs about {need / gib:.2f} GiB and "
                         f"{free / gib:.2f} GiB are free; free some space or choose another --out")
-
-
-def run_disk_need(model, nsamples: int, seqlen: int, act_dtype, offload: str) -> int:
-    """Peak bytes a prune run writes under --out.
-
-    Under --out: the checkpoint (every pruned block, plus the latest and the next block inputs while the latter is
-    written) and the saved run (the model once more). With --offload disk the pruned blocks are the saved run's shards
-    (no second copy), plus the disk-offloaded activation buffers (two)."""
-    import torch
-
-    from .models.adapters import get_adapter
-
-    size = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731 (meta tensors too)
-    model_bytes = size(model.parameters())
-    block_bytes = sum(size(b.parameters()) for b in get_adapter(model).blocks(model))
-    acts = nsamples * seqlen * model.config.hidden_size * torch.empty((), dtype=act_dtype).element_size()
-    if offload == "disk":  # pruned blocks are written once, as the run's own shards (DiskStore.bind)
-        return model_bytes + 4 * acts
-    return block_bytes + 2 * acts + model_bytes

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .hooks import HookSet
 from .models.adapters import Adapter

@@ -10,7 +10,7 @@ from .errors import UserError
 def block_sparsity(record: dict) -> tuple[list[int], list[float], list[float]]:
     """Per block (index, target, achieved) as the record defines them (``record.block_sparsity``: each row weighted by
     its parameters before pruning, so the rows and columns a structured run cut away count as removed)."""
-    from .record import block_sparsity as of_record
+    from .record_rows import block_sparsity as of_record
 
     bs = of_record(record)
     return bs["blocks"], bs["target"], bs["achieved"]

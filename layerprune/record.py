@@ -10,7 +10,8 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
-from .outputs import CHECKPOINT_NAME, RECORD_NAME
+from .record_rows import block_sparsity, layer_size  # noqa: F401 (importable from here)
+from .outputs import CHECKPOINT_NAME, RECORD_NAME, user_mode
 
 
 def versions() -> dict:
@@ -83,6 +84,7 @@ def save_run(model, tokenizer, out: Path, record: dict, store=None, dtype=None) 
             model.save_pretrained(out)
     finally:
         model.config.use_cache = use_cache
+    user_mode(out)  # the weights as readable as the user's other files
     name = str(target).removeprefix("torch.")
     cfg_path = Path(out) / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -123,16 +125,6 @@ def parent_summary(record: dict, run_dir: Path) -> dict:
     return out
 
 
-def chain(record: dict) -> list[dict]:
-    """The steps of a chained run, first first: its ancestors (``parent`` records) then itself."""
-    steps = []
-    r = record
-    while isinstance(r, dict):
-        steps.append(r)
-        r = r.get("parent")
-    return steps[::-1]
-
-
 def write_record(out: Path, record: dict) -> None:
     """Write the run record; in a saved run directory (one with a config.json) the model card follows it."""
     tmp = out / f".{RECORD_NAME}.tmp"
@@ -155,40 +147,3 @@ def read_record(run_dir: Path) -> dict:
         return json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise UserError(f"{p} is corrupt ({e}): rerun the run that wrote it") from None
-
-
-
-def layer_size(row: dict, structured: bool = False) -> int:
-    """A record row's parameter count before pruning: ``shape_before`` when the solver recorded it (rows of
-    structured runs), else ``shape``. A row's ``achieved`` is the fraction of these parameters removed (zeroed, or cut
-    away with their rows / columns). Rows of a ``structured`` run written before ``shape_before`` was recorded hold
-    the kept shape; they give the size back from kept = before * (1 - achieved)."""
-    if "shape_before" in row:
-        return row["shape_before"][0] * row["shape_before"][1]
-    n = row["shape"][0] * row["shape"][1]
-    if not structured:
-        return n
-    if row["achieved"] >= 1.0:
-        raise UserError(f"block {row.get('block')} {row.get('name')}: the record has no shape before pruning for a "
-                        "fully removed linear; rerun the prune with this version of layerprune")
-    return round(n / (1.0 - row["achieved"]))
-
-
-def block_sparsity(record: dict) -> dict:
-    """Per block (``blocks``): ``target`` and ``achieved`` sparsity, each the mean of the block's rows weighted by
-    their parameters before pruning (``layer_size``), and the parameters ``before`` and ``removed``; ``overall``:
-    achieved over all rows. The one definition that plots and cards read."""
-    structured = bool(record.get("structure"))
-    by_block: dict[int, list] = {}
-    for row in record["layers"]:
-        n = layer_size(row, structured)
-        t = by_block.setdefault(row["block"], [0.0, 0.0, 0])
-        t[0] += row["target"] * n
-        t[1] += row["achieved"] * n
-        t[2] += n
-    blocks = sorted(by_block)
-    before = [by_block[b][2] for b in blocks]
-    removed = [by_block[b][1] for b in blocks]
-    return {"blocks": blocks, "target": [by_block[b][0] / by_block[b][2] for b in blocks],
-            "achieved": [r / n for r, n in zip(removed, before)], "before": before, "removed": removed,
-            "overall": sum(removed) / sum(before) if before else None}

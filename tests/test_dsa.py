@@ -9,10 +9,10 @@ import torch
 
 from layerprune.allocation.base import AllocationContext, LayerInfo
 from layerprune.allocation.dsa import (DSA, PRESETS, AllocationFunction, InvalidCandidate, StageCache, allocate,
-                                       allocation_fitness, dsa_mapping, evaluate, evaluate_blocks, evolutionary_search,
-                                       parse, plot_curves, random_function, random_search, summarize)
+                                       dsa_mapping, evaluate, evaluate_blocks, parse, random_function)
+from layerprune.search.dsa import allocation_fitness, evolutionary_search, plot_curves, random_search, summarize
 from layerprune.allocation.dsa.functions import POST_OPS, PRE_OPS, REDUCE_OPS, SCALAR_OPS, scalar_stage
-from layerprune.allocation.dsa.search import best_path, crossover, mutate
+from layerprune.search.dsa import best_path, crossover, mutate
 from layerprune.errors import UserError
 
 
@@ -421,7 +421,7 @@ def test_a_fitness_bug_stops_the_search_with_the_candidate_named(tmp_path):
 
 
 def test_consecutive_failures_stop_the_search(tmp_path):
-    from layerprune.allocation.dsa.search import MAX_CONSECUTIVE_FAILURES, SearchFailed
+    from layerprune.search.dsa import MAX_CONSECUTIVE_FAILURES, SearchFailed
 
     def always(f):
         raise InvalidCandidate("no allocation")

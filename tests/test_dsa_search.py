@@ -7,7 +7,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 from layerprune import prune
 from layerprune.allocation.dsa import DSA, InvalidCandidate, evaluate_blocks, parse
-from layerprune.allocation.dsa.proxy import Proxy, dense_norms
+from layerprune.search.proxy import Proxy, dense_norms
 from layerprune.cli import main
 from layerprune.engine import allocation_statistics
 from layerprune.evaluation.perplexity import perplexity

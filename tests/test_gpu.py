@@ -78,7 +78,7 @@ def test_bf16_compute_on_cuda_close_to_fp32_cpu(method):
 def test_auto_proxy_runs_on_the_device():
     """``--allocation auto`` honours the device: its proxy's copy lives there and every forward runs there; the
     proxy values match the CPU's (bf16 on both) and the model passed in is only read."""
-    from layerprune.allocation.auto import choose
+    from layerprune.search.auto import choose
     from layerprune.engine import prune_model
 
     ev = torch.randint(3, 256, (1, 400), generator=torch.Generator().manual_seed(1))

@@ -91,6 +91,33 @@ def test_no_import_circle():
     assert circles(graph(REPO / "layerprune")) == []
 
 
+def units(g: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph between the package's top-level units (a subpackage or a top-level module): layerprune.models,
+    layerprune.config, ..."""
+    unit = lambda m: ".".join(m.split(".")[:2])  # noqa: E731
+    out: dict[str, set[str]] = {}
+    for m, deps in g.items():
+        out.setdefault(unit(m), set()).update(unit(d) for d in deps if unit(d) != unit(m))
+    return out
+
+
+def test_no_import_circle_between_top_level_units():
+    """allocation, config, evaluation, models, offload, outputs, passes, quant, solvers, search, ...: each unit's
+    imports (function-level ones too) point one way; the searches (search/) run the engine, allocation/ keeps the
+    rules."""
+    assert circles(units(graph(REPO / "layerprune"))) == []
+
+
+def test_allocation_keeps_only_rules():
+    """allocation/ evaluates and searches nothing: it imports neither evaluation, the engine, the searches nor a model
+    loader (its dense statistics pass runs through passes/)."""
+    g = graph(REPO / "layerprune")
+    bad = sorted((m, d) for m, deps in g.items() if m.startswith("layerprune.allocation") for d in deps
+                 if d.startswith(("layerprune.evaluation", "layerprune.search", "layerprune.engine",
+                                  "layerprune.models.loading", "layerprune.checkpoint")))
+    assert bad == []
+
+
 def test_the_checks_catch_a_circle_and_an_upward_import(tmp_path):
     """The detectors themselves: a package with apps <-> run (one import inside a function) and models -> engine."""
     pkg = tmp_path / "pkg"
@@ -104,6 +131,7 @@ def test_the_checks_catch_a_circle_and_an_upward_import(tmp_path):
     assert g["pkg.fed.run"] == {"pkg.fed.apps", "pkg.engine"}
     assert upward(g) == [("pkg.models.adapters", "pkg.engine")]
     assert circles(g) == [["pkg.engine", "pkg.models.adapters"], ["pkg.fed.apps", "pkg.fed.run"]]
+    assert circles(units(g)) == [["pkg.engine", "pkg.models"]]  # fed's circle is inside one unit
 
 
 def architecture_words() -> tuple[set[str], set[str]]:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from layerprune.allocation.dsa.proxy import Proxy
-from layerprune.allocation.dsa.search import evolutionary_search, random_search
-from layerprune.allocation.levels import LevelSpace, level_search
+from layerprune.search.proxy import Proxy
+from layerprune.search.dsa import evolutionary_search, random_search
+from layerprune.search.levels import LevelSpace, level_search
 from layerprune.errors import UserError
 
 
@@ -86,7 +86,7 @@ def _same(a, b):
 
 def test_ray_searches_log_the_same_candidates_and_fitness_as_serial(tmp_path):
     pytest.importorskip("ray")
-    from layerprune.allocation.ray_search import ProxyFactory, RayEvaluator
+    from layerprune.search.ray_search import ProxyFactory, RayEvaluator
 
     torch.set_num_threads(1)  # the Ray workers run with one thread: the same arithmetic
     model, calib, ev = tiny_model("llama", layers=4), _calib(), _calib(1, 1, 400)
@@ -158,7 +158,7 @@ def test_a_start_allocation_goes_on_the_grid_with_the_budget():
 
 def test_level_search_failures_are_logged_bugs_stop_it_and_streaks_stop_it(tmp_path):
     from layerprune.allocation.dsa.functions import InvalidCandidate
-    from layerprune.allocation.dsa.search import SearchFailed
+    from layerprune.search.dsa import SearchFailed
 
     sp = LevelSpace([10] * 6, 0.7, step=0.02)
     good = _quadratic(np.linspace(0.6, 0.8, 6))
@@ -196,7 +196,7 @@ def test_level_search_failures_are_logged_bugs_stop_it_and_streaks_stop_it(tmp_p
 def test_ray_worker_logs_bad_candidates_and_raises_bugs():
     """The Ray actor's evaluation (run in-process here): InvalidCandidate -> (inf, error); anything else raises."""
     from layerprune.allocation.dsa.functions import InvalidCandidate
-    from layerprune.allocation.ray_search import _Worker
+    from layerprune.search.ray_search import _Worker
 
     class Fake:
         def evaluate_on(self, bs, windows):

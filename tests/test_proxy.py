@@ -6,8 +6,8 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 from layerprune import prune
-from layerprune.allocation.dsa.proxy import (PROXIES, Proxy, dense_hidden, eval_windows, proxy_settings,
-                                             window_scores)
+from layerprune.search.proxy import (PROXIES, Proxy, dense_hidden, eval_windows, proxy_settings,
+                                     window_scores)
 from layerprune.engine import prune_model
 from layerprune.errors import UserError
 from layerprune.evaluation.perplexity import perplexity
@@ -72,7 +72,7 @@ def test_proxy_settings_are_checked():
 def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path, family):
     from conftest import tiny_tokenizer
 
-    from layerprune.allocation.auto import CANDIDATES
+    from layerprune.search.auto import CANDIDATES
 
     tok = tiny_tokenizer()
     data = tmp_path / "data"
@@ -98,7 +98,7 @@ def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path, family):
 
 
 def test_auto_screens_every_candidate_then_scores_uniform_and_the_best_with_the_proxy():
-    from layerprune.allocation.auto import CANDIDATES, SCREEN_PROXY, choose
+    from layerprune.search.auto import CANDIDATES, SCREEN_PROXY, choose
 
     kw = dict(seqlen=32, prune_fn=prune_model, budget=0)  # no time budget: every stage runs in full
     rep = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=10.0, **kw)
@@ -163,7 +163,7 @@ def test_proxy_without_ranks_prunes_the_same_weights():
 def test_kl_from_dense_hidden_states_equals_full_vocabulary_log_probabilities(monkeypatch):
     """The KL recomputed chunk by chunk from the dense final hidden states equals the one over the full-vocabulary
     dense log-probabilities (bfloat16, as they were stored), whatever the chunk size."""
-    from layerprune.allocation.dsa import proxy as proxy_mod
+    from layerprune.search import proxy as proxy_mod
     from layerprune.models.adapters import get_adapter
 
     dense = tiny_model("llama", layers=4)
@@ -189,7 +189,7 @@ def test_kl_from_dense_hidden_states_equals_full_vocabulary_log_probabilities(mo
 
 
 def test_auto_proxy_reads_the_model_and_prunes_a_bf16_copy_on_its_device():
-    from layerprune.allocation.auto import choose
+    from layerprune.search.auto import choose
 
     model = tiny_model("llama", layers=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -216,7 +216,7 @@ def test_auto_proxy_reads_the_model_and_prunes_a_bf16_copy_on_its_device():
 
 
 def test_auto_time_budget_scores_fewer_candidates_and_says_how_many():
-    from layerprune.allocation.auto import CANDIDATES, choose, summary
+    from layerprune.search.auto import CANDIDATES, choose, summary
 
     kw = dict(seqlen=32, prune_fn=prune_model)
     full = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=0.0, budget=0, **kw)
@@ -245,7 +245,7 @@ def test_auto_screen_decides_when_no_finalist_fits(monkeypatch):
     score take 1e9 s; the screen's cost stays real."""
     import time
 
-    from layerprune.allocation import auto
+    from layerprune.search import auto
 
     class Clock:
         extra = 0.0
@@ -282,7 +282,7 @@ def test_working_copy_computes_what_a_cast_deep_copy_computes(family):
     (rotary frequencies stay as ``Module.to`` leaves them), same logits, bit for bit."""
     import copy
 
-    from layerprune.allocation.dsa.proxy import working_copy
+    from layerprune.search.proxy import working_copy
 
     model = tiny_model(family, layers=2, real=family != "gpt2")
     x = calib()[:2]

@@ -12,7 +12,8 @@ in [lo, hi] (default [0, 0.99]), rebalancing what clipping removes. See base.py.
 Every allocator class is registered with ``@register_allocator`` (layerprune.registry) and declares its ``options``;
 the import order below is the registration order (the order of ``--help``): uniform, owl, dlp, dsa
 ("dsa:<function or preset>"), ipr-log, ipr-log-dec, ipr-lin, ipr-lin-dec, atp, er, erk, global, lamp, user
-("user:0.4,0.5,..." / "user:file.json" or sparsities=...), auto (chosen by ``prune()`` with a proxy, auto.py). A class with ``spec_arg`` takes the text after ':' as that
+("user:0.4,0.5,..." / "user:file.json" or sparsities=...); then auto, registered by ``layerprune.search.auto`` (a
+choice by a proxy, made by ``prune()`` before the run). A class with ``spec_arg`` takes the text after ':' as that
 keyword.
 """
 from __future__ import annotations
@@ -27,7 +28,6 @@ from layerprune.allocation.ipr import IPR, IPRLin, IPRLinDec, IPRLogDec, ipr_sch
 from layerprune.allocation.atp import ATP
 from layerprune.allocation.classic import ER, ERK, LAMP, Global
 from layerprune.allocation.user import User
-from layerprune.allocation.auto import Auto
 from layerprune.errors import UserError
 from layerprune.registry import ALLOCATOR_REGISTRY
 
@@ -62,4 +62,4 @@ def get_allocator(spec: str, **hparams) -> Allocator:
 __all__ = ["ALLOCATORS", "Allocation", "AllocationContext", "Allocator", "LayerInfo", "get_allocator", "split_spec",
            "rebalance", "minmax_recentre", "solve_clipped", "block_median", "block_mean", "outlier_ratio",
            "nm_per_block", "ipr_schedule", "Uniform", "OWL", "DLP", "DSA", "IPR", "IPRLogDec", "IPRLin", "IPRLinDec",
-           "ATP", "ER", "ERK", "Global", "LAMP", "User", "Auto"]
+           "ATP", "ER", "ERK", "Global", "LAMP", "User"]

@@ -21,8 +21,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from layerprune.allocation.scores import NEEDS as SCORE_NEEDS
-from layerprune.allocation.scores import block_scores
+from layerprune.scores import NEEDS as SCORE_NEEDS
+from layerprune.scores import block_scores
 from layerprune.errors import UserError
 from layerprune.registry import Option
 from layerprune.stats import LayerStats

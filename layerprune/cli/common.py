@@ -3,8 +3,8 @@ that the method registries declare (``_method_flags`` / ``_method_options``)."""
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 
+from layerprune.config import CALIBRATION_DEFAULTS
 from layerprune.config import DTYPES as _CONFIG_DTYPES
 from layerprune.errors import UserError
 from layerprune.registry import Registry, positive_int, resolve
@@ -14,8 +14,16 @@ DTYPES = list(_CONFIG_DTYPES)  # the one dtype-by-name map, layerprune.config
 _positive = positive_int
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option shows its default; examples in the epilog keep their line breaks."""
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each option shows its default once: appended as "(default: X)" unless its help already says it, or there is
+    none to show (None, False); examples in the epilog keep their line breaks."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "%(default)" in h or "default" in h.lower() or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or not action.option_strings or action.nargs == 0:
+            return h
+        return h + " (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,6 +33,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):  # one line, exit 2
         raise UserError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, and a mistyped flag gets "did you mean" with the closest flags of its sub-command."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+            parser = sub.choices.get(getattr(namespace, sub.dest, None), self) if sub is not None else self
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{did_you_mean(extras, parser)}")
+        return namespace
 
     def parse_known_args(self, args=None, namespace=None):
         """As argparse, and ``namespace.explicit_dests`` lists the options given on the command line (so a recipe
@@ -47,6 +64,19 @@ class _Parser(argparse.ArgumentParser):
                 given.add(a.dest)
         namespace.explicit_dests = getattr(namespace, "explicit_dests", set()) | given
         return namespace, extras
+
+
+def did_you_mean(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """"; did you mean --sparsity?" for the flags among ``extras`` close to one of ``parser``'s."""
+    import difflib
+
+    known = [s for s in parser._option_string_actions if s.startswith("--")]
+    hints = []
+    for x in extras:
+        if x.startswith("--"):
+            close = difflib.get_close_matches(x.split("=", 1)[0], known, n=2, cutoff=0.7)
+            hints += [c for c in close if c not in hints]
+    return f"; did you mean {' or '.join(hints)}?" if hints else ""
 
 
 def _examples(*lines: str) -> str:
@@ -77,17 +107,33 @@ def _model_spec(args) -> str:
 
 
 def _device(name: str | None):
-    import torch
+    from layerprune.api import resolve_device
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for but no CUDA device is present: use --device cpu")
-    return dev
+    return resolve_device(name)
+
+
+def seqlen_type(v: str) -> int:
+    """An argparse type: a window length, at least 2 tokens."""
+    n = positive_int(v)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{v} is too small: use at least 2")
+    return n
+
+
+def calibration_args(p: argparse.ArgumentParser, *, nsamples: int | None = None, seqlen: int | None = None,
+                     what: str = "calibration", seed_flag: str = "--seed") -> None:
+    """--calib, --nsamples, --seqlen and --seed (or ``seed_flag``), declared once for every command that draws
+    windows from a text pool: the library's defaults (PruneConfig: c4, 128, 2048 capped, 0) unless a command names
+    shorter ones, the same checks everywhere."""
+    g = p.add_argument_group(f"{what} windows")
+    g.add_argument("--calib", default=CALIBRATION_DEFAULTS["calib"],
+                   help=f"{what} text: c4 (pool: docs 1000-1999), wikitext2-valid, ptb-valid or a .txt/.jsonl file")
+    g.add_argument("--nsamples", type=positive_int, default=nsamples or CALIBRATION_DEFAULTS["nsamples"],
+                   help=f"{what} windows drawn from the pool")
+    g.add_argument("--seqlen", type=seqlen_type, default=seqlen,
+                   help="tokens per window" + (" (default: 2048, capped at the model's maximum)" if seqlen is None
+                                                else ""))
+    g.add_argument(seed_flag, type=int, default=CALIBRATION_DEFAULTS["seed"], help=f"{what} sampling seed")
 
 
 def _load(args, to_device: bool = True):
@@ -98,22 +144,6 @@ def _load(args, to_device: bool = True):
     device = _device(args.device)  # checked before the load
     model, tok = load_model(args.model, args.dtype, use_cache=not args.no_cache)
     return (model.to(device) if to_device else model), tok
-
-
-@contextmanager
-def on_device(model, device):
-    """The whole model on ``device`` for the duration (an evaluation), then back where it was."""
-    import torch
-
-    home = next(model.parameters()).device
-    if home == torch.device(device):
-        yield model
-        return
-    model.to(device)
-    try:
-        yield model
-    finally:
-        model.to(home)
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
@@ -133,15 +163,9 @@ def _fmt(v) -> str:
 
 
 def _eval_all(model, tok, datasets, seqlen, data_dir, max_windows, batch_size, device=None) -> dict:
-    """Perplexity on each dataset, on ``device`` (default: where the model is)."""
-    from layerprune.evaluation.perplexity import evaluate_ppl
+    from layerprune.api import evaluate_datasets
 
-    if not datasets:
-        return {}
-    with on_device(model, device or next(model.parameters()).device):
-        return {ds: evaluate_ppl(model, tok, ds, seqlen, data_dir, max_windows, batch_size).to_dict()
-                for ds in datasets}
-
+    return evaluate_datasets(model, tok, datasets, seqlen, data_dir, max_windows, batch_size, device)
 
 
 def _method_list(registry: Registry, last: str = ", or ") -> str:
@@ -163,7 +187,23 @@ def _method_flags(p: argparse.ArgumentParser, registry: Registry) -> None:
             groups[title].add_argument(flag, dest=o.dest, action="store_true", help=o.help)
         else:
             groups[title].add_argument(flag, dest=o.dest, type=o.type, default=o.default, choices=o.choices,
-                                       help=o.help)
+                                       help=o.help + _keyword_default(o, [registry.get(n) for n in owners]))
+
+
+def _keyword_default(o, classes) -> str:
+    """" (default: X)" for an option whose flag default is None ("the method's own"), X read from the method's
+    constructor; "" when the help already says it, or the owners disagree or declare none."""
+    import inspect
+    import re
+
+    if o.default is not None or "default" in o.help.lower() or re.search(r"\([\d.]+\)$", o.help):  # "... (0.01)"
+        return ""
+    found = set()
+    for cls in classes:
+        param = inspect.signature(cls).parameters.get(o.name)
+        found.add(None if param is None or param.default is inspect.Parameter.empty else param.default)
+    value = found.pop() if len(found) == 1 else None
+    return "" if value is None else f" (default: {value})"
 
 
 def _flag_value(o, args):

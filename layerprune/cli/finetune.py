@@ -1,7 +1,7 @@
 """``layerprune finetune``: recovery of a pruned run (LM loss or distillation from a teacher), mask fixed, saved."""
 from __future__ import annotations
 
-from layerprune.cli.common import _positive, _examples, _device, _table, DATA_DIR_HELP, DTYPES
+from layerprune.cli.common import DATA_DIR_HELP, DTYPES, _device, _examples, _positive, _table, calibration_args
 from layerprune.errors import UserError
 
 
@@ -29,10 +29,6 @@ def add_parser(sub) -> None:
     s.add_argument("--lora-alpha", type=_positive, default=None, help="LoRA alpha, update scaled by alpha / r "
                                                                       "(default 16)")
     s.add_argument("--batch-size", type=_positive, default=1, help="windows per step")
-    s.add_argument("--calib", default="c4", help="training text: c4 (pool: docs 1000-1999), wikitext2-valid, ...")
-    s.add_argument("--nsamples", type=_positive, default=128, help="training windows drawn from the pool")
-    s.add_argument("--seqlen", type=int, default=512, help="training and evaluation window length")
-    s.add_argument("--seed", type=int, default=0, help="sampling and LoRA initialisation seed")
     s.add_argument("--eval", default="wikitext2", help="comma list of datasets for PPL before/after ('' for none)")
     s.add_argument("--max-windows", type=_positive, default=None, help="evaluate only the first N windows")
     s.add_argument("--checkpoint-every", type=int, default=50,
@@ -43,6 +39,7 @@ def add_parser(sub) -> None:
     s.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     s.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype while training")
     s.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda")
+    calibration_args(s, seqlen=512, what="training")  # --seed also seeds the LoRA initialisation
     s.set_defaults(func=run)
 
 

@@ -1,9 +1,8 @@
-"""``recipe.yaml``: the settings of a prune run that decide its result, written into every run directory and read back
-by ``layerprune prune --recipe FILE --out DIR``.
+"""``recipe.yaml``, read: ``layerprune prune --recipe FILE --out DIR`` fills the prune flags from the recipe that every
+run directory holds (written by ``layerprune.recipe`` from the run's config).
 
-The recipe is built from the prune parser itself: ``LAYOUT`` places the core flags (by argparse dest) in readable
-sections, and the chosen method's and allocation's declared options (layerprune.registry) fill ``solver_options`` and
-``allocation_options`` by option name, so a new solver's options appear in recipes without a change here. Values are
+``LAYOUT`` places the core flags (by argparse dest) in the recipe's sections; the chosen method's and allocation's
+declared options (layerprune.registry) fill ``solver_options`` and ``allocation_options`` by option name. Values are
 checked against the flag's own type and choices. Flags given on the command line win over the recipe; ``--out``,
 ``--force``, ``--resume``, ``--checkpoint``, ``--data-dir``, ``--device`` and ``--no-cache`` are never part of a recipe
 (where and how a run is written or computed, not what it computes).
@@ -19,10 +18,9 @@ import argparse
 from pathlib import Path
 
 from layerprune.errors import UserError
+from layerprune.recipe import FORMAT
 from layerprune.registry import Registry
 
-RECIPE_NAME = "recipe.yaml"
-FORMAT = 1  # the value of the recipe's first key, ``layerprune_recipe``
 # section (None: top level) -> {recipe key: argparse dest of the prune parser}
 LAYOUT: dict[str | None, dict[str, str]] = {
     None: {"model": "model", "dtype": "dtype", "method": "method", "sparsity": "sparsity", "nm": "nm",
@@ -36,10 +34,8 @@ LAYOUT: dict[str | None, dict[str, str]] = {
 }
 OPTION_SECTIONS = {"solver_options": "method", "allocation_options": "allocation",  # section -> the key choosing it
                    "reconstruct_options": "reconstruct"}
-NOT_RECORDED = {"out", "force", "resume", "checkpoint", "recipe", "data_dir", "device", "no_cache", "help"}
-HEADER = ("# layerprune recipe: the settings that decide this run's result.\n"
-          "# Rerun it: layerprune prune --recipe recipe.yaml --out DIR  (flags given on the command line override\n"
-          "# these values; --out, --data-dir and --device are never taken from a recipe)\n")
+NOT_RECORDED = {"out", "force", "resume", "checkpoint", "recipe", "data_dir", "device", "no_cache",
+                "help"}
 
 
 def _method_name(spec) -> str:
@@ -58,35 +54,6 @@ def _where(section, key) -> str:
     return f"{section}.{key}" if section else key
 
 
-# --- writing ------------------------------------------------------------------------------------------------------
-def build(args, registries: dict[str, Registry], resolved: dict, parent: dict | None = None) -> dict:
-    """The recipe of a run, in layout order. ``resolved``: dest -> the value the run really used where the flag's
-    own value was a default decided later (seqlen capped by the model, sparsity of N:M, the save dtype).
-    ``parent``: the recipe of the run this one pruned further (its ``--model`` was a run directory), kept whole under
-    ``parent`` so one recipe replays every step (``parent_of``)."""
-    from layerprune.cli.common import _flag_value
-
-    out: dict = {"layerprune_recipe": FORMAT}
-    for section, keys in LAYOUT.items():
-        values = {k: resolved.get(d, getattr(args, d)) for k, d in keys.items()}
-        if section is None:
-            out.update(values)
-            for sec, chooser in OPTION_SECTIONS.items():
-                cls = registries[sec].get(_method_name(values[chooser]))
-                out[sec] = {o.name: _flag_value(o, args) for o in cls.options}
-        else:
-            out[section] = values
-    if parent is not None:
-        out["parent"] = parent
-    return out
-
-
-def run_recipe(run_dir) -> dict | None:
-    """The recipe a run directory holds (its ``recipe.yaml``), or None (a run made through the Python API)."""
-    p = Path(run_dir).expanduser() / RECIPE_NAME
-    return load(p) if p.is_file() else None
-
-
 def parent_of(path) -> dict | None:
     """The ``parent`` recipe of a chained recipe (checked to be a recipe itself), or None."""
     parent = load(path).get("parent")
@@ -96,12 +63,6 @@ def parent_of(path) -> dict | None:
         raise UserError(f"--recipe {path}: parent must be the recipe of the step before (a mapping starting with "
                         f"'layerprune_recipe: {FORMAT}'), got {str(parent)[:80]!r}")
     return parent
-
-
-def dump(recipe: dict) -> str:
-    import yaml
-
-    return HEADER + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class CalibrationSet:
     seed: int
     pool_size: int
     bos: bool = False  # every window starts with the tokenizer's BOS
+    source: str | None = None  # the pool's name (c4, wikitext2-valid, ptb-valid or a file), when known
 
     @property
     def nsamples(self) -> int:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..data.bos import bos_id
 from ..data.corpora import C4_EVAL_WINDOWS, load_text
@@ -117,8 +117,10 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
     model.eval()
     t0 = time.time()
     nll: list[float] = []
-    for start in tqdm(range(0, n, batch_size), desc=f"ppl {dataset}".strip(), disable=not progress, leave=False):
-        nll.extend(window_nll(model, windows[start:start + batch_size].to(device), adapter).tolist())
+    with tqdm(total=n, desc=f"ppl {dataset}".strip(), unit="window", disable=not progress, leave=False) as bar:
+        for start in range(0, n, batch_size):  # the bar counts windows, whatever the batch size
+            nll.extend(window_nll(model, windows[start:start + batch_size].to(device), adapter).tolist())
+            bar.update(min(batch_size, n - start))
     model.train(was_training)
     ppl = math.exp(sum(nll) / len(nll))
     return PPLResult(dataset, seqlen, n, n * seqlen, ppl, time.time() - t0, nll, bos is not None)

@@ -279,6 +279,7 @@ def export(spec: str, qtype: str = "f16", out=None, force: bool = False, model=N
     tmp = out.parent / f".{out.name}.layerprune-tmp"
     if tmp.exists() and not written_by_us(tmp):  # a leftover of an interrupted export of ours is replaced
         raise UserError(f"{tmp} exists and layerprune did not write it: move it away and rerun")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(tmp, arch)
     w.add_string(GGUF_MARK_KEY, MARK)  # second key, right after general.architecture: outputs.py reads it
     w.add_type("model")

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..data.bos import bos_id
 from ..errors import UserError

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DTYPES
+from ..dtypes import DTYPES
 from ..errors import UserError
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from layerprune.progress import tqdm
 
 from layerprune.errors import UserError
-from layerprune.recovery.lora import apply_masks, masks_of
+from layerprune.recovery.masks import apply_masks, masks_of
 
 STATE = "state.json"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from layerprune.allocation.scores import wanda_score
+from layerprune.scores import wanda_score
 from layerprune.registry import register_solver
 from layerprune.solvers.common import check_options, check_sparsity, check_weight, row_mask
 from layerprune.solvers.nm import check_nm, nm_mask

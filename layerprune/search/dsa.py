@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
+from layerprune.progress import tqdm
 
 from layerprune.allocation.dsa.functions import (MAX_PRE, MAX_TRANSFORM, POST_OPS, PRE_OPS, REDUCE_OPS, TRANSFORM_OPS,
                                                  AllocationFunction, InvalidCandidate, StageCache, allocate, parse,

@@ -7,7 +7,7 @@ full run's pre-pass, which the run then skips), and scored in two steps (EvoPres
   1. screen: every candidate by ``SCREEN_PROXY`` (one-shot Wanda with the dense norms, perplexity on 2 validation
      windows in bfloat16: bench/results/proxy_study, rho 0.92 over 20 allocations at 0.37x the cost of the old proxy);
   2. the screen's best, the next ones up to ``finalists`` in all if their screen value is within ``margin`` of the best
-     (only near-ties need the better proxy), and uniform, by the proxy (``dsa/proxy.py``, ``PROXIES[name]``; default
+     (only near-ties need the better proxy), and uniform, by the proxy (``search/proxy.py``, ``PROXIES[name]``; default
      ``propagate-kl-4``: Wanda with propagation on 4 calibration windows, KL to the dense model on 4 validation
      windows, rho 0.94 at 1.26x the old proxy's cost; ``propagate-kl``, 8 windows, ranks better, rho 0.96, at 1.6x).
 The lowest proxy value wins; uniform is always a finalist and wins ties, so the choice is never worse than uniform *by
@@ -36,7 +36,7 @@ import math
 import time
 
 from layerprune.allocation.base import AllocationContext, BoundedAllocator
-from layerprune.allocation.dsa.proxy import PROXIES, InvalidCandidate, Proxy, proxy_settings
+from layerprune.search.proxy import PROXIES, InvalidCandidate, Proxy, proxy_settings
 from layerprune.allocation.plan import layer_census
 from layerprune.errors import UserError
 from layerprune.models.adapters import get_adapter
@@ -95,8 +95,41 @@ class Auto(BoundedAllocator):
         self.proxy, self.finalists, self.margin, self.budget = proxy, int(finalists), float(margin), float(budget)
 
     def allocate(self, target, ctx):
-        raise UserError("allocation 'auto' is chosen by prune() before pruning (layerprune.allocation.auto.choose); "
+        raise UserError("allocation 'auto' is chosen by prune() before pruning (layerprune.search.auto.choose); "
                         "pass it to prune(), not to the plan")
+
+    # An allocator with ``choose_for_run`` is asked by ``prune()`` for the allocation the run then uses.
+    def check_run(self, cfg, has_tokenizer: bool) -> None:
+        """What a run with auto needs, checked before any work."""
+        if not has_tokenizer:
+            raise UserError("allocation 'auto' scores candidates on WikiText-2 validation text: pass the tokenizer")
+        if cfg.nm is not None:
+            raise UserError("allocation 'auto' chooses per-block sparsities; it does not combine with N:M: pick an "
+                            "allocation yourself for --nm")
+        if cfg.skip:
+            raise UserError("allocation 'auto' prunes every linear in its proxy; it does not combine with --skip")
+        if cfg.offload == "disk":
+            raise UserError("allocation 'auto' scores candidates on a copy of the model in memory; it does not "
+                            "combine with --offload disk")
+        if not 0.0 < cfg.sparsity < 1.0:
+            raise UserError(f"allocation 'auto' needs a sparsity in (0, 1), got {cfg.sparsity}")
+
+    def choose_for_run(self, model, tokenizer, ids, cfg, *, data_dir, progress: bool, prune_fn, device=None) -> dict:
+        """``choose``'s report for this run, with ``run_options``: the chosen allocation's options (lo/hi kept)."""
+        from layerprune.data import resolve_data_dir
+        from layerprune.data.bos import bos_id
+        from layerprune.evaluation.perplexity import check_seqlen, tokenize_corpus
+
+        seqlen = check_seqlen(model, None, default=512)  # the search's windows, capped at the model's maximum
+        valid = tokenize_corpus(tokenizer, "wikitext2-valid", resolve_data_dir(data_dir), seqlen)
+        opts = cfg.allocation_options
+        named = {k: opts[k] for k in ("proxy", "finalists", "margin", "budget") if opts.get(k) is not None}  # else
+        # the defaults
+        report = choose(model, ids, valid, cfg.sparsity, **named, lo=opts.get("lo", 0.0), hi=opts.get("hi", 0.99),
+                        seqlen=seqlen, batch_size=cfg.batch_size, bos=bos_id(tokenizer), progress=progress,
+                        prune_fn=prune_fn, device=device)
+        report["run_options"] = {**report["options"], **{k: v for k, v in opts.items() if k in ("lo", "hi")}}
+        return report
 
 
 def _build(spec: str, opts: dict, lo: float, hi: float):

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from layerprune.allocation.dsa.functions import InvalidCandidate
-from layerprune.allocation.dsa.search import MAX_CONSECUTIVE_FAILURES, FailureStreak, note_candidate
+from layerprune.search.dsa import MAX_CONSECUTIVE_FAILURES, FailureStreak, note_candidate
 from layerprune.errors import UserError
 
 DEFAULT_STAGES = ((1, 4), (2, 2), (8, 1))  # (windows, survivors) per selection step; the last keeps 1

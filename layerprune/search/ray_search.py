@@ -31,7 +31,7 @@ class ProxyFactory:
     def __call__(self):
         import copy
 
-        from layerprune.allocation.dsa.proxy import Proxy
+        from layerprune.search.proxy import Proxy
 
         if isinstance(self.model, str):
             from layerprune.models.loading import load_model

@@ -5,7 +5,7 @@ Once per (model, calibration):
      *unpruned* blocks, same batching) collects sq_norm_j = sum_t x_tj^2 for every block linear
      (cached on disk with ``norms_path``, keyed by ``checkpoint.fingerprint`` of the model, calibration ids and batch);
   2. per linear: a float32 copy of the dense weight W and the rank of every Wanda score S_ij = |W_ij| * ||X_j||_2
-     (``allocation.scores``) inside its row (stable sort, the order of the Wanda solver), kept as int16/int32;
+     (``scores``) inside its row (stable sort, the order of the Wanda solver), kept as int16/int32;
   3. the validation windows, tokenized once.
 Per candidate f:
   phi(block) for every block -> DSA mapping -> per-block sparsities with parameter-weighted mean = S exactly. phi's
@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layerprune.allocation.dsa.functions import AllocationFunction, InvalidCandidate, StageCache, allocate, resolve
-from layerprune.allocation.scores import wanda_score
+from layerprune.scores import wanda_score
 from layerprune.checkpoint import fingerprint
 from layerprune.config import DTYPES, PruneConfig
 from layerprune.errors import UserError
