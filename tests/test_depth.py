@@ -394,7 +394,7 @@ def test_plot_and_card_of_a_depth_run(tmp_path):
     rec = prune(model, calibration=CALIB, method="depth", solver_options={"drop": 2, "criterion": "sleb"},
                 progress=False)
     save_run(model, tiny_tokenizer(), tmp_path / "run", rec)
-    target, achieved = block_sparsity(rec)
+    _, target, achieved = block_sparsity(rec)
     assert achieved == [float(i in rec["depth"]["removed"]) for i in range(LAYERS)]
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000

@@ -289,7 +289,7 @@ class DepthProgram:
         out = {}
         if str(model.config.model_type).startswith(PREFIX):  # per-block widths: stock config when they now agree
             out["structure"] = structured.finalize(model)
-        rows = [{"block": i, "name": name, "shape": shape, "target": float(i in removed),
+        rows = [{"block": i, "name": name, "shape": shape, "shape_before": shape, "target": float(i in removed),
                  "achieved": float(i in removed), "rel_error": None} for i, name, shape in linears]
         fraction = sum(sizes[i] for i in removed) / sum(sizes)
         out.update({
