@@ -64,6 +64,7 @@ class BlockReconstruction:
 def check(name: str, options: dict) -> dict:
     """The full options of reconstruction ``name`` (defaults filled in); bad values are one-line UserErrors."""
     cls = RECONSTRUCTORS.get(name)
+    options = dict(options or {})
     known = {o.name for o in cls.options}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -102,8 +102,8 @@ def test_checkpoint_keeps_only_the_latest_activations(tmp_path, monkeypatch):
     seen = []
     real_save = Checkpoint.save
 
-    def spy(self, i, block, acts, state):
-        real_save(self, i, block, acts, state)
+    def spy(self, i, block, acts, state, extra=None):
+        real_save(self, i, block, acts, state, extra=extra)
         seen.append((sorted(p.name for p in self.folder.glob("acts_*")),
                      sum(p.stat().st_size for p in self.folder.iterdir())))
 
