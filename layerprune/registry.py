@@ -28,15 +28,25 @@ from typing import Any, Callable
 from layerprune.errors import UserError
 
 
-def positive_int(v: str) -> int:
-    """An argparse type: an integer >= 1."""
+def _int_at_least(v: str, low: int, words: str) -> int:
+    """``v`` as an integer >= ``low``, or an argparse error saying it must be ``words``."""
     try:
         n = int(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    if n < low:
+        raise argparse.ArgumentTypeError(f"{v} must be {words}")
     return n
+
+
+def positive_int(v: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return _int_at_least(v, 1, "at least 1")
+
+
+def nonneg_int(v: str) -> int:
+    """An argparse type: an integer >= 0."""
+    return _int_at_least(v, 0, "0 or more")
 
 
 @dataclass(frozen=True)

@@ -31,21 +31,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from layerprune.errors import UserError
-from layerprune.registry import Option, positive_int, register_solver
+from layerprune.registry import Option, nonneg_int, positive_int, register_solver
 
 CRITERIA = ("shortgpt", "sleb")
-
-
-def _nonneg_int(v: str) -> int:
-    import argparse
-
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
-    return n
 
 
 def block_sizes(model, adapter) -> list[int]:
@@ -175,8 +163,8 @@ class Depth:
                       "fraction of block parameters)"),
                Option("criterion", str, "shortgpt", "depth: which blocks go: shortgpt (Block Influence, one pass) "
                       "or sleb (greedy calibration perplexity, re-scored after each removal)", choices=CRITERIA),
-               Option("keep_first", _nonneg_int, 0, "depth: never remove the first K blocks"),
-               Option("keep_last", _nonneg_int, 0, "depth: never remove the last K blocks"))
+               Option("keep_first", nonneg_int, 0, "depth: never remove the first K blocks"),
+               Option("keep_last", nonneg_int, 0, "depth: never remove the last K blocks"))
 
     def program(self, model, adapter, cfg) -> "DepthProgram":
         return DepthProgram(adapter, cfg)
