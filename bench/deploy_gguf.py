@@ -13,7 +13,7 @@ then
   layerprune scores exactly those windows with ``window_nll``; the paper protocol's windows (``layerprune eval``:
   ``[512 i, 512 i + 512)``) are reported beside them, so the protocol difference is measured, not assumed.
 - Speed in llama.cpp (``llama-bench``): prefill ``pp512`` and decode ``tg128`` tokens/s at ``--threads``.
-Writes ``bench/results/deploy_gguf.json`` and ``.md``.
+Writes ``bench/results/NAME.json`` and ``.md`` (``--name``, default deploy_gguf).
 """
 from __future__ import annotations
 
@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--keep", default="", help="comma-separated models whose PPL part is kept from "
                     "bench/results/deploy_gguf.json (their GGUFs unchanged); the others are exported and measured")
     ap.add_argument("--align", type=int, default=32, help="export --align: FFN widths padded to a multiple of it")
+    ap.add_argument("--name", default="deploy_gguf", help="result files bench/results/NAME.{json,md} (also what "
+                    "--keep and --speed-only read), e.g. deploy_gguf_depth for depth runs")
     args = ap.parse_args()
     binary, work = Path(args.bin), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ def main() -> None:
     partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
     keep = set(models) if args.speed_only else set(filter(None, args.keep.split(",")))
     if keep:
-        before = json.loads((RESULTS / "deploy_gguf.json").read_text())["models"]
+        before = json.loads((RESULTS / f"{args.name}.json").read_text())["models"]
         out["models"] = {n: before[n] for n in models if n in keep}
     for name, spec in models.items():
         if name in keep:
@@ -153,7 +155,7 @@ def main() -> None:
                 s[test]["vs_dense"] = s[test]["tokens_per_s"] / d[test]["tokens_per_s"]
     out["models"] = {n: out["models"][n] for n in models}  # the order of --run, kept rows included
     out["speed"] = speed
-    write_json(RESULTS / "deploy_gguf.json", out)
+    write_json(RESULTS / f"{args.name}.json", out)
     lines = [f"# Pruned SmolLM2 in llama.cpp ({args.threads} threads, WikiText-2 {WINDOWS} x {SEQLEN})", "",
              code_line(), "", f"`{cmdline()}`", "",
              "| model | type | GGUF MiB | llama.cpp PPL | layerprune PPL, same windows | diff | layerprune eval PPL |",
@@ -173,7 +175,7 @@ def main() -> None:
                          f"{s['pp512']['vs_dense']:.2f}x | "
                          f"{s['tg128']['tokens_per_s']:.1f} ± {s['tg128']['stdev']:.1f} | "
                          f"{s['tg128']['vs_dense']:.2f}x |")
-    write_atomic(RESULTS / "deploy_gguf.md", "\n".join(lines) + "\n")
+    write_atomic(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
