@@ -4,7 +4,8 @@
 
 1. The pruned run: SlimGPT, ipr-log allocation, 50% of block parameters, calibration 32 x 512 C4 pool seed 0
    (bench/common.py), saved as a run directory under $LP_BENCH_CACHE (row "prune-slim"; "prune-depth": the depth
-   method at 25% of block parameters, when the code has it).
+   method at 25% of block parameters; "prune-depth50": depth at 50%; "prune-chain": the depth-25% run pruned further
+   by SlimGPT ipr-log to 50% of the dense model's block parameters).
 2. Each recovery row is `layerprune finetune RUN --steps N --lr LR --nsamples N --seqlen 512 --max-windows 40`
    (recovery.finetune_run) with LoRA rank 8 / alpha 16 on every block linear, batch 1 x 512 tokens per step, the
    same N windows of the C4 pool (seed 0, each seen once) in the same order; "lm-*": the LM loss (today's recovery),
@@ -27,7 +28,16 @@ from .common import CACHE, MODEL, PROTOCOL, RESULTS, calibration, cmdline, code_
 OUT = RESULTS / "kd_recovery"
 PRUNED = {"slim": ("SlimGPT ipr-log 50%", dict(method="slimgpt", sparsity=0.5, allocation="ipr-log")),
           "depth": ("depth 25% (shortgpt)", dict(method="depth", sparsity=0.25,
-                                                 solver_options={"criterion": "shortgpt"}))}
+                                                 solver_options={"criterion": "shortgpt"})),
+          "depth50": ("depth 50% (shortgpt)", dict(method="depth", sparsity=0.5,
+                                                   solver_options={"criterion": "shortgpt"})),
+          # depth 25% first (the "depth" run), then SlimGPT widths on what is left, to 50% of the dense block params
+          "chain": ("depth 25% + SlimGPT ipr-log, 50% of block params", dict(method="slimgpt", allocation="ipr-log"))}
+TOTAL = 0.5  # the chain's target: this fraction of the dense model's block parameters removed
+
+
+def block_params(model) -> list[int]:
+    return [sum(p.numel() for p in b.parameters()) for b in model.model.layers]
 
 
 def run_dir(kind):
@@ -36,7 +46,15 @@ def run_dir(kind):
 
 def do_prune(kind):
     label, kw = PRUNED[kind]
-    model, tok = load_model(MODEL)
+    extra = {}
+    if kind == "chain":  # prune the saved depth run further (as `layerprune prune --model DEPTH_RUN` does)
+        dense = block_params(load_model(MODEL)[0])
+        model, tok = load_model(str(run_dir("depth")))
+        left = block_params(model)
+        kw = {**kw, "sparsity": 1 - (1 - TOTAL) * sum(dense) / sum(left)}
+        extra = {"parent": str(run_dir("depth")), "blocks": [len(dense), len(left)], "step_sparsity": kw["sparsity"]}
+    else:
+        model, tok = load_model(MODEL)
     t0 = time.time()
     rec = prune(model, tok, calibration=calibration(tok), progress=False, **kw)
     secs = time.time() - t0
@@ -44,7 +62,8 @@ def do_prune(kind):
     out = run_dir(kind)
     out.mkdir(parents=True, exist_ok=True)
     save_run(model, tok, out, rec)
-    return {"label": label, "prune_seconds": secs, "params": sum(p.numel() for p in model.parameters()),
+    return {"label": label, "prune_seconds": secs, "params": sum(p.numel() for p in model.parameters()), **extra,
+            "block_params": sum(block_params(model)),
             "ppl": wikitext_ppl(model, tok), "run": str(out), "code": code_version()}
 
 
@@ -69,7 +88,8 @@ def do_recover(kind, loss, args):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="dense,prune-slim,lm-slim,kd-slim",
-                    help="comma list of: dense, prune-slim, lm-slim, kd-slim, prune-depth, lm-depth, kd-depth")
+                    help="comma list of: dense, prune-K, lm-K, kd-K for K in slim, depth, depth50, chain (chain: "
+                    "prune-depth first)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
