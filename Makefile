@@ -1,4 +1,4 @@
-# Two entry points on a fresh machine: `make demo` (main job) and `make test` (the test suite and the docs build).
+# Two entry points on a fresh machine: `make demo` (main job) and `make test` (lint, the test suite and the docs build).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/layerprune demo
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15
 	d=$$(mktemp -d) && $(BIN)/mkdocs build --strict --quiet --site-dir $$d; rc=$$?; rm -rf $$d; exit $$rc
 
@@ -30,7 +31,7 @@ SITE ?= site
 docs: setup
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(SITE)
 
-# ruff (config in pyproject.toml). Not yet part of `test`: the existing over-long lines are fixed first.
+# ruff (config in pyproject.toml), alone; `test` runs it first too.
 lint: setup
 	$(BIN)/ruff check .
 

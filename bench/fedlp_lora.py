@@ -119,7 +119,8 @@ def table_md(results: list[dict], cfg: FedConfig, wall: float, code: str | None 
                 save = 1 - s["total_bytes"] / ref["summary"]["total_bytes"]
                 want = (1 - c["keep_prob"]) / 2  # (1+p)N of 2N: the adapters are the whole message
                 ok_q = all(x <= 0.02 for x in d.values())
-                verdict.append(f"- {label(c)}: final PPL {rel} vs FedAvg-LoRA ({'within' if ok_q else 'NOT within'} 2%); "
+                verdict.append(f"- {label(c)}: final PPL {rel} vs FedAvg-LoRA "
+                               f"({'within' if ok_q else 'NOT within'} 2%); "
                                f"total communication {100 * save:.1f}% less, predicted (1-p)/2 = {100 * want:.0f}% "
                                f"(the difference is the Bernoulli upload draws of {count_uploads(r)} client replies).")
         by_depth: dict[int, list[float]] = {}
@@ -177,7 +178,8 @@ def table_md(results: list[dict], cfg: FedConfig, wall: float, code: str | None 
     head = (f"# FedLP over LoRA adapters: {cfg.model}, all blocks, {cfg.clients} clients ({cfg.partition} alpha "
             f"{cfg.alpha}), {round(cfg.fraction * cfg.clients)} sampled a round, {cfg.rounds} rounds\n\n"
             f"LoRA rank {lo['rank']} alpha {lo['alpha']:g} on every block linear ({lo['adapter_params']:,} adapter "
-            f"parameters; the base is frozen and never sent). Local: {cfg.local_steps} AdamW steps x {cfg.batch_size} x "
+            f"parameters; the base is frozen and never sent). Local: {cfg.local_steps} AdamW steps "
+            f"x {cfg.batch_size} x "
             f"{cfg.seqlen} tokens, lr {cfg.lr}. Evaluation after every round: {cfg.eval_windows} x {cfg.eval_seqlen} "
             f"windows of {' and '.join(sets)}. One client at a time, 1 thread, Flower simulation; {wall / 60:.1f} min "
             f"in all on a 2-core CPU shared with other jobs. Bytes are the serialized ArrayRecords (download + upload) "
@@ -234,7 +236,8 @@ def recovery(args) -> None:
     after = wikitext_ppl(saved, tok, windows=2 if args.quick else 40)
     s = res["summary"]
     out = {"command": " ".join(["python -m bench.fedlp_lora"] + sys.argv[1:]), "source_run": str(run),
-           "source": {"method": src.get("method"), "sparsity": src.get("sparsity"), "calibration": src.get("calibration")},
+           "source": {"method": src.get("method"), "sparsity": src.get("sparsity"),
+                      "calibration": src.get("calibration")},
            "ppl_before_40x512": before, "ppl_before_from": before_from, "ppl_after_40x512": after,
            "measured_sparsity_before": sp_before, "measured_sparsity_after": sp_after,
            "zero_pattern_identical_on_disk": same, "saved_dir": str(save), "run": res,

@@ -10,6 +10,6 @@ from .evaluation.perplexity import evaluate_ppl, perplexity  # noqa: E402
 from .models.info import measure_sparsity, model_info  # noqa: E402
 from .models.loading import load_model  # noqa: E402
 
-__all__ = ["PruneConfig", "RunConfig", "calibration_set", "evaluate_ppl", "load_model", "measure_sparsity", "model_info",
-           "perplexity", "prune", "run_prune"]
+__all__ = ["PruneConfig", "RunConfig", "calibration_set", "evaluate_ppl", "load_model", "measure_sparsity",
+           "model_info", "perplexity", "prune", "run_prune"]
 __version__ = "0.1.0"

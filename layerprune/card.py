@@ -204,7 +204,8 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
     else:
         body += ["Python API:", "", "```python", _python_call(record), "```"]
     if recipe:
-        body += ["", f"`{recipe}` beside this card holds its settings: `layerprune prune --recipe {recipe} --out NEW_DIR` "
+        body += ["", f"`{recipe}` beside this card holds its settings: "
+                 f"`layerprune prune --recipe {recipe} --out NEW_DIR` "
                  "reruns it" + (" with every earlier step (they are replayed into NEW_DIR.parent first)."
                                 if len(steps) > 1 and all(r.get("recipe", True) for r in steps[:-1]) else ".")]
     v = record.get("versions") or {}
@@ -221,7 +222,8 @@ def render(record: dict, remote_code: bool | None = None, recipe: str | None = N
                  ("Its decoder blocks all have the same widths, but the family's stock config refuses them "
                   f"({structure['stock_config_refused']})" if structure.get("stock_config_refused") else
                   "Its decoder blocks have different widths, which no stock config describes")
-                 + ": the directory ships `configuration_layerprune.py` and `modeling_layerprune.py` (they import only torch and "
+                 + ": the directory ships `configuration_layerprune.py` and `modeling_layerprune.py` "
+                 "(they import only torch and "
                  "transformers; read them before trusting them), and `trust_remote_code=True` loads them. "
                  "`layerprune.load_model(\"THIS_DIR\")` loads it without remote code."]
         if structure.get("stock_config_refused"):

@@ -337,7 +337,6 @@ class DiskStore:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         blocks = self.adapter.blocks(model)
-        n = len(blocks) + 1
         shard = self.shard_name
         # shards already written in place by offload() (same folder, same dtype) are kept as they are
         in_place = {i for i in self.modified if self.persists and out_dir.resolve() == self.run_dir.resolve()
@@ -356,7 +355,8 @@ class DiskStore:
 
         def write(k_shard: int, tensors: dict[str, torch.Tensor]) -> None:
             nonlocal total
-            tensors = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().contiguous().cpu()
+            tensors = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+                       .detach().contiguous().cpu()
                        for k, t in tensors.items()}
             save_file(tensors, out_dir / shard(k_shard), metadata={"format": "pt"})
             for k, t in tensors.items():

@@ -142,7 +142,8 @@ def read_record(run_dir: Path) -> dict:
         from .models.loading import check_complete
 
         check_complete(Path(run_dir))
-        raise UserError(f"{run_dir} is not a layerprune run directory (no {RECORD_NAME}): pass the --out of a prune run")
+        raise UserError(f"{run_dir} is not a layerprune run directory (no {RECORD_NAME}): "
+                        "pass the --out of a prune run")
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:

@@ -11,7 +11,7 @@ from layerprune.allocation.base import AllocationContext, LayerInfo
 from layerprune.allocation.dsa import (DSA, PRESETS, AllocationFunction, InvalidCandidate, StageCache, allocate,
                                        dsa_mapping, evaluate, evaluate_blocks, parse, random_function)
 from layerprune.search.dsa import allocation_fitness, evolutionary_search, plot_curves, random_search, summarize
-from layerprune.allocation.dsa.functions import POST_OPS, PRE_OPS, REDUCE_OPS, SCALAR_OPS, scalar_stage
+from layerprune.allocation.dsa.functions import PRE_OPS, REDUCE_OPS, SCALAR_OPS, scalar_stage
 from layerprune.search.dsa import best_path, crossover, mutate
 from layerprune.errors import UserError
 

@@ -27,7 +27,8 @@ def task_identity(flower_task_identity):
 def tiny_llama(layers=3, seed=0, prune=0.0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).float().eval()
     if prune:
         with torch.no_grad():
@@ -148,7 +149,8 @@ def test_strategy_on_adapters_downloads_adapters_only_and_rejects_bad_replies():
     ad = {k: v.numpy() for k, v in L.initial_adapters(model, 2, 4.0).items()}
     layout = L.lora_layout(model)
     s = FedLPStrategy(layout, "hetero", depths=[1, 3], min_train_nodes=2, min_available_nodes=2)
-    msgs = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in ad.items()}), ConfigRecord(), FakeGrid([1, 2])))
+    msgs = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in ad.items()}), ConfigRecord(),
+                                  FakeGrid([1, 2])))
     sent = {m.metadata.dst_node_id: m for m in msgs}
     assert {layout.unit(k) for k in sent[1].content["arrays"].keys()} == {"block.0"}
     assert set(sent[2].content["arrays"].keys()) == set(ad)

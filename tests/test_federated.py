@@ -121,7 +121,8 @@ def test_bad_replies_are_rejected_with_reason(caplog):
     assert "rejected reply from node 1" in caplog.text and "unknown key" in caplog.text
     # one good reply next to a bad one: the result is exactly the good one
     instr = start_round(s, g, [1, 2, 3], rnd=2)
-    out, _ = s.aggregate_train(2, [reply(instr[1], good), reply(instr[2], {**good, "lm_head.weight": g["model.norm.weight"]})])
+    out, _ = s.aggregate_train(2, [reply(instr[1], good),
+                                   reply(instr[2], {**good, "lm_head.weight": g["model.norm.weight"]})])
     for k, v in as_np(out).items():
         np.testing.assert_array_equal(v, good[k])
 
@@ -160,14 +161,16 @@ def test_depth_draws_follow_the_law():
 def tiny_llama(layers=3, seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=True)
     return LlamaForCausalLM(cfg)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "opt", "gpt2"])
 def test_truncation_keeps_the_first_blocks(family):
     """--num-blocks: the adapter keeps the first n blocks in place and the config follows (gemma3: its layer_types);
-    a fresh model of the truncated config (a hetero client's prefix) holds exactly those tensors and computes the same."""
+    a fresh model of the truncated config (a hetero client's prefix) holds exactly those tensors and computes the
+    same."""
     from conftest import tiny_model
 
     from layerprune.federated.depth import prefix_model
@@ -271,7 +274,8 @@ def test_partitions_are_reproducible():
     shards = iid_shards(docs, 4, seed=3)
     assert sorted(sum(shards, [])) == sorted(docs) and [len(x) for x in shards] == [6, 6, 6, 5]
     assert shards == iid_shards(docs, 4, seed=3) and shards != iid_shards(docs, 4, seed=4)
-    domains = {"c4": [f"c{i}" for i in range(30)], "wiki": [f"w{i}" for i in range(30)], "ptb": [f"p{i}" for i in range(5)]}
+    domains = {"c4": [f"c{i}" for i in range(30)], "wiki": [f"w{i}" for i in range(30)],
+               "ptb": [f"p{i}" for i in range(5)]}
     a, ca = dirichlet_shards(domains, 5, alpha=0.3, docs_per_client=12, seed=7)
     b, cb = dirichlet_shards(domains, 5, alpha=0.3, docs_per_client=12, seed=7)
     assert a == b and ca == cb and a != dirichlet_shards(domains, 5, alpha=0.3, docs_per_client=12, seed=8)[0]

@@ -48,7 +48,8 @@ def test_level_search_moves_towards_the_optimum_and_is_deterministic(tmp_path):
     assert r.history[0] > r.best_fitness and r.history == sorted(r.history, reverse=True)  # elitist: never worse
     assert r.best_fitness < 0.1 * r.history[0]
     assert r.n_candidates == 240 and r.stopped == "max_candidates"
-    logs = [[(x["levels"], x["fitness"]) for x in map(json.loads, (tmp_path / f"l{k}.jsonl").read_text().split("\n")[:-1])]
+    logs = [[(x["levels"], x["fitness"])
+             for x in map(json.loads, (tmp_path / f"l{k}.jsonl").read_text().split("\n")[:-1])]
             for k in range(2)]
     assert logs[0] == logs[1]
     with pytest.raises(UserError, match="survivor"):

@@ -136,7 +136,8 @@ def test_auto_is_refused_where_it_cannot_run():
 
 
 def _tiny_wikitext(data):
-    """A WikiText-2 validation file (byte-level tiny tokenizer: 8 windows need a few KB), as a data directory holds it."""
+    """A WikiText-2 validation file (byte-level tiny tokenizer: 8 windows need a few KB), as a data directory
+    holds it."""
     import random
 
     rng = random.Random(0)

@@ -453,7 +453,8 @@ def test_sparsegpt_blocked_factor_matches_one_call(monkeypatch):
     assert torch.isfinite(R).all()
 
 
-@pytest.mark.parametrize("kw", [{}, {"nm": (2, 4)}, {"wbits": 4, "groupsize": 16}], ids=["unstructured", "2:4", "w4g16"])
+@pytest.mark.parametrize("kw", [{}, {"nm": (2, 4)}, {"wbits": 4, "groupsize": 16}],
+                         ids=["unstructured", "2:4", "w4g16"])
 def test_sparsegpt_group_sweep_equals_one_weight_at_a_time(kw):
     """prune_group (the linears of one input, e.g. q/k/v, in one sweep) gives each weight exactly what prune gives it
     alone: each mask over its own rows and its own sparsity (0 too), dead inputs, a bf16 weight among fp32 ones."""

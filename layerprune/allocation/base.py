@@ -162,7 +162,8 @@ def solve_clipped(a, b, weights, target: float, lo: float, hi: float) -> np.ndar
 def rebalance(values, target: float, weights=None, lo: float = 0.0, hi: float = 0.99) -> list[float]:
     """Recentre + clip + rebalance: x_i = clip(v_i + c, lo, hi) with c chosen so the weighted mean of x is target.
 
-    When nothing is clipped c = target - weighted_mean(v), i.e. a plain recentring that keeps every difference v_i - v_j.
+    When nothing is clipped c = target - weighted_mean(v), i.e. a plain recentring that keeps every difference
+    v_i - v_j.
     """
     v = np.asarray(values, dtype=np.float64)
     return solve_clipped(v, np.ones_like(v), weights, target, lo, hi).tolist()

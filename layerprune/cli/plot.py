@@ -9,7 +9,8 @@ from layerprune.outputs import prepare_file
 
 
 def add_parser(sub) -> None:
-    s = sub.add_parser("plot", help="per-block target vs achieved sparsity of one or more runs (PNG); depth runs: criterion per block",
+    s = sub.add_parser("plot", help="per-block target vs achieved sparsity of one or more runs (PNG); "
+                                    "depth runs: criterion per block",
                        epilog=_examples("layerprune plot runs/wanda70 runs/dlp70 --out runs/compare.png"))
     s.add_argument("run_dirs", nargs="+", help="run directories (each has layerprune.json)")
     s.add_argument("--out", default=None, help="PNG path (default RUN_DIR/block_sparsity.png)")

@@ -58,7 +58,8 @@ def check_seqlen(model, seqlen: int | None, default: int = 2048) -> int:
     if seqlen < 2:
         raise UserError(f"--seqlen {seqlen} is too small: use at least 2")
     if limit and seqlen > limit:
-        raise UserError(f"--seqlen {seqlen} is above this model's maximum of {limit} positions: use --seqlen {limit} or less")
+        raise UserError(f"--seqlen {seqlen} is above this model's maximum of {limit} positions: "
+                        f"use --seqlen {limit} or less")
     return seqlen
 
 

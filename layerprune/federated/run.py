@@ -44,7 +44,8 @@ class FedConfig:
     batch_size: int = 2
     seqlen: int = 128
     lr: float = 1e-4
-    lora_rank: int = 0              # > 0: FedLP over LoRA adapters of this rank (base frozen, never sent); 0: full weights
+    lora_rank: int = 0              # > 0: FedLP over LoRA adapters of this rank (base frozen, never sent);
+    #                                 0: full weights
     lora_alpha: float | None = None  # LoRA alpha (scale alpha / rank); default 2 x rank
     weighted: bool = True           # False: the paper's unweighted per-layer mean
     depth_flag: int | None = None   # hetero: level with P = 0.6 (1-based); None = uniform
@@ -67,7 +68,8 @@ class FedConfig:
     seed: int = 0
     threads: int = 1                # torch threads per client
     client_cpus: float = 1.0        # Ray resources per client (simulation)
-    sim_cpus: int | None = None     # CPUs the simulation may use (clients at a time = sim_cpus / client_cpus); None: all
+    sim_cpus: int | None = None     # CPUs the simulation may use (clients at a time = sim_cpus / client_cpus);
+    #                                 None: all
     save_dir: str | None = None     # LoRA: write the merged global model (mask kept) here as a run directory
     force: bool = False             # replace a layerprune run at save_dir
     out_dir: str | None = None
@@ -93,7 +95,8 @@ class FedConfig:
         if self.fraction <= 0 or self.fraction > 1:
             raise UserError(f"--fraction {self.fraction} must be in (0, 1]")
         if self.depth_flag is not None and not 1 <= int(self.depth_flag) <= self.n_levels:
-            raise UserError(f"--depth-flag {self.depth_flag} is not a depth level: use u or a level in 1..{self.n_levels}")
+            raise UserError(f"--depth-flag {self.depth_flag} is not a depth level: "
+                            f"use u or a level in 1..{self.n_levels}")
         if self.personal_heads and self.scheme != "hetero":
             raise UserError(f"--personal-heads is for --scheme hetero (shallow clients' exits), not {self.scheme}")
         if self.head_steps is not None and int(self.head_steps) < 0:
@@ -272,7 +275,8 @@ def prepare(cfg: FedConfig, model=None, tokenizer=None, domains=None, eval_texts
     levels = depth_levels(layout.n_blocks, cfg.n_levels)
     depths = draw_depths(cfg.clients, levels, cfg.depth_flag, cfg.seed) if cfg.scheme == "hetero" else None
     strategy = FedLPStrategy(layout, cfg.scheme, cfg.keep_prob if cfg.scheme == "homo" else 1.0, depths, cfg.weighted,
-                             masks, fraction_train=cfg.fraction, min_train_nodes=max(1, round(cfg.fraction * cfg.clients)),
+                             masks, fraction_train=cfg.fraction,
+                             min_train_nodes=max(1, round(cfg.fraction * cfg.clients)),
                              min_available_nodes=cfg.clients, seed=cfg.seed, personal_heads=cfg.personal_heads)
     ev = eval_ids(cfg, tokenizer, eval_texts)
     sizes: dict[str, int] = {}
@@ -303,8 +307,9 @@ def prepare(cfg: FedConfig, model=None, tokenizer=None, domains=None, eval_texts
             comm = ""
             if h:
                 moved = sum(c.get("down_bytes", 0) + c.get("up_bytes", 0) for c in h["clients"])
+                fedavg = sum(c.get("fedavg_bytes", 0) for c in h["clients"])
                 comm = (f" | {h['accepted']}/{len(h['clients'])} clients ok | moved {moved / 2**20:.2f} MiB "
-                        f"(fedavg {sum(c.get('fedavg_bytes', 0) for c in h['clients']) / 2**20:.2f}) | {h['seconds']:.1f}s")
+                        f"(fedavg {fedavg / 2**20:.2f}) | {h['seconds']:.1f}s")
             prep.bar.write(f"[fed {cfg.scheme}] round {rnd}/{cfg.rounds} "
                            + " ".join(f"{k} ppl {v:.2f}" for k, v in ppl.items()) + comm, file=sys.stderr)
             if rnd >= cfg.rounds:

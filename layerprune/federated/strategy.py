@@ -54,7 +54,8 @@ def sample_partitions(partitions: Iterable[int], size: int, seed: int, server_ro
     return sorted(int(pool[i]) for i in rng.choice(len(pool), size=min(size, len(pool)), replace=False))
 
 
-def fixed_masks(state: dict[str, torch.Tensor], layout: Layout, min_sparsity: float = 0.01) -> dict[str, np.ndarray] | None:
+def fixed_masks(state: dict[str, torch.Tensor], layout: Layout,
+                min_sparsity: float = 0.01) -> dict[str, np.ndarray] | None:
     """Masks (True = kept) of the 2-D block weights, from their zeros at round 0.
 
     None when those weights are less than ``min_sparsity`` zero (a dense model: nothing to keep fixed).

@@ -17,7 +17,8 @@ from layerprune.recovery.masks import apply_masks, masks_of, prunable_linears  #
 
 def _windows(tokenizer, data, seqlen):
     """Token windows (n, seqlen): a LongTensor / list of tensors is used as given (cut to seqlen); texts are joined
-    with "\\n\\n", tokenized once, and cut into non-overlapping windows (tail dropped). A CalibrationSet gives its .ids."""
+    with "\\n\\n", tokenized once, and cut into non-overlapping windows (tail dropped). A CalibrationSet gives
+    its .ids."""
     data = getattr(data, "ids", data)
     if isinstance(data, torch.Tensor) or (data and isinstance(data[0], torch.Tensor)):
         ids = data if isinstance(data, torch.Tensor) else torch.cat([d.reshape(-1, d.shape[-1]) for d in data])
@@ -25,7 +26,8 @@ def _windows(tokenizer, data, seqlen):
     ids = tokenizer("\n\n".join(data), return_tensors="pt")["input_ids"][0]
     n = ids.numel() // seqlen
     if n == 0:
-        raise UserError(f"the finetuning text has {ids.numel()} tokens, fewer than seqlen {seqlen}; give more text or a smaller seqlen")
+        raise UserError(f"the finetuning text has {ids.numel()} tokens, fewer than seqlen {seqlen}; "
+                        "give more text or a smaller seqlen")
     return ids[: n * seqlen].view(n, seqlen)
 
 

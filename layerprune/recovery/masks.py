@@ -27,5 +27,6 @@ def apply_masks(model, masks):
     for name, mask in masks.items():
         w = model.get_submodule(name).weight
         if w.shape != mask.shape:
-            raise UserError(f"mask for {name} has shape {tuple(mask.shape)} but the weight is {tuple(w.shape)}; recompute the masks")
+            raise UserError(f"mask for {name} has shape {tuple(mask.shape)} but the weight is {tuple(w.shape)}; "
+                            "recompute the masks")
         w.masked_fill_(~mask.to(w.device), 0)

@@ -11,8 +11,8 @@ on the named linears (``collect.context``: the engine's activation buffer, the b
 compute dtype, timers, block index, run folder and ``linears(block)``, for a program that runs the block itself);
 a program with ``resume_state() -> {name: tensor}`` / ``restore_state(tensors, like, device, folder)`` has those
 tensors checkpointed with each block; ``targets`` is the block's ``allocation.plan.BlockTargets``.
-``changes_shapes``: the program removes rows/columns (N:M and --skip then do not apply; under disk offload a pruned block is stored at its new widths,
-and a resume reads them back with ``load_block`` from the stored shapes).
+``changes_shapes``: the program removes rows/columns (N:M and --skip then do not apply; under disk offload a pruned
+block is stored at its new widths, and a resume reads them back with ``load_block`` from the stored shapes).
 
 A program that decides over the whole model at once (``whole_model = True``, e.g. depth pruning: which blocks go
 depends on all of them) has ``run_model(model, calib, device=, dtype=, batch_size=, progress=) -> {"layers": rows,

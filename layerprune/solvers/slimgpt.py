@@ -300,8 +300,9 @@ def prune_channels(weight: Tensor, hessian: Tensor, n_remove: int, *, dynamic_gr
     """Remove `n_remove` FFN channels (input columns of down_proj [out, intermediate]) group by group.
 
     Per group: err_col = Σ_rows W² / [H⁻¹]_jj, drop the cnt lowest alive columns with the joint OBS update, mask H
-    (its inverse follows by the downdates of _LazyInverse, never re-inverted). cnt follows dgs_schedule. score="magnitude": the n_remove columns with the smallest L2 norm,
-    no compensation. Returns (weight with removed columns exactly zero, sorted removed channel indices).
+    (its inverse follows by the downdates of _LazyInverse, never re-inverted). cnt follows dgs_schedule.
+    score="magnitude": the n_remove columns with the smallest L2 norm, no compensation. Returns (weight with removed
+    columns exactly zero, sorted removed channel indices).
     """
     if score not in ("obs", "magnitude"):
         raise UserError(f"slimgpt: unknown channel score {score!r}; use obs or magnitude")

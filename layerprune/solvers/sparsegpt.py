@@ -186,7 +186,8 @@ class SparseGPT:
             quantizer = make_column_quantizer(W, wbits, groupsize, sym)
         sub = max(align, SUB // align * align)  # columns per rank-1 stretch; whole N:M and quantization groups
 
-        # The sweep works on the transpose: column j of W is the contiguous row Wt[j] (Zt[j]: its total change, Z = E U).
+        # The sweep works on the transpose: column j of W is the contiguous row Wt[j]
+        # (Zt[j]: its total change, Z = E U).
         # Inside a sub-block of `sub` columns each column's error is a rank-1 update of the sub-block's later columns;
         # the rest of the block gets the sub-block's errors as one product; a block gets all earlier blocks' as one.
         Zt = torch.empty_like(Wt)
@@ -240,7 +241,8 @@ class SparseGPT:
 
 
 def _nm_group(cols_t: torch.Tensor, d: torch.Tensor, dead: torch.Tensor, nm) -> torch.Tensor:
-    """The N:M mask [rows, m] of one group of m columns (given transposed, [m, rows]): per row the n lowest w^2/U_jj^2."""
+    """The N:M mask [rows, m] of one group of m columns (given transposed, [m, rows]): per row the n lowest
+    w^2/U_jj^2."""
     score = cols_t.t().square() / d.square()
     score[:, dead] = 0
     return nm_mask(score, nm[0], nm[1])
@@ -263,7 +265,8 @@ def _sweep_pruned(W1, Err1, U1, maskt1, pruned, d1, dead1, s1: int, s2: int, nm)
             torch.mul(w[i - s1], scale[i - g], out=e[i - s1])
             if i + 1 < s2:
                 W1[i + 1:s2].addmm_(u_col[i - s1][i + 1:s2], e_row[i - s1], alpha=-1)  # rank 1 (faster than addr_)
-    W1[s1:s2].mul_(1 - pruned[s1:s2]).add_(0.0)  # x * 0 keeps the sign of x; -0.0 + 0.0 = +0.0 (masked_fill_: 30x slower)
+    # x * 0 keeps the sign of x; -0.0 + 0.0 = +0.0 (masked_fill_: 30x slower)
+    W1[s1:s2].mul_(1 - pruned[s1:s2]).add_(0.0)
 
 
 def _reversed_cholesky_(A: torch.Tensor, nb: int) -> bool:
