@@ -7,10 +7,11 @@ is a world of one whose methods do nothing and communicate nothing.
 Data-parallel calibration: every rank draws the same calibration windows (same seed) and keeps a disjoint contiguous
 shard of them (``shard``: rank r gets windows [r*n/N, (r+1)*n/N), the first n mod N ranks one more), runs the block
 forwards on its shard only, and the statistics collectors' partial sums (sum of x_j^2, the upper triangle of X^T X,
-the token count) are summed over the ranks in fp32 *in rank order* (``sum_ordered``: all-gather, then
-p_0 + p_1 + ... + p_{N-1} on every rank), so every rank holds bit-identical statistics whatever the timing and the
-backend's reduction algorithm. They equal one process's statistics up to floating-point rounding: one process adds
-the windows' contributions in one running sum, N ranks add N partial sums. The error-report input sample (used by
+the token count) are summed over the ranks *in rank order* (``sum_ordered``: all-gather, then p_0 + p_1 + ... +
+p_{N-1} on every rank), so every rank holds bit-identical statistics whatever the timing and the backend's reduction
+algorithm. The collectors compute each window's contribution in fp32 and add them in fp64 (``hooks.InputCollector``),
+so the sums do not depend on how the windows are grouped: N ranks hold one process's statistics bit for bit (at the
+same threads per process: a GEMM's rounding depends on its thread count). The error-report input sample (used by
 solvers without a Hessian) is rank 0's, i.e. one process's when rank 0's shard holds at least one batch.
 
 Sharded solves (``solve_sharded``): the jobs of a stage (input groups, or single linears) are assigned to ranks by
@@ -210,8 +211,8 @@ class World:
         if not self.active:
             return
         c.ntokens = int(self.sum_ordered(torch.tensor([c.ntokens], dtype=torch.float64, device=self._wire())).item())
-        if c.sq_norm is not None:
-            c.sq_norm = self.sum_ordered(c.sq_norm)
+        if c.sq_sum is not None:
+            c.sq_sum = self.sum_ordered(c.sq_sum)
         if c.xtx is not None:
             c.xtx = self.sum_ordered(c.xtx)
         elif c.sample_rows:
@@ -219,7 +220,7 @@ class World:
             if self.rank == 0 and c.sample is not None:
                 self.bytes["broadcast"] += c.sample.numel() * c.sample.element_size()
             if c.sample is not None:
-                c.sample = c.sample.to(c.sq_norm.device if c.sq_norm is not None else self.device)
+                c.sample = c.sample.to(c.sq_sum.device if c.sq_sum is not None else self.device)
 
     def assign(self, costs: list[float]) -> list[int]:
         """The rank of each job: longest first, to the least loaded rank (ties: lowest rank, then job order)."""

@@ -16,31 +16,42 @@ HESSIAN_BANDS = 4  # X^T X is accumulated in this many row bands of its upper tr
 
 
 class InputCollector:
-    """Accumulates ``sq_norm`` (sum of x_j^2), ``X^T X`` and a small fixed sample of input rows."""
+    """Accumulates ``sq_norm`` (sum of x_j^2), ``X^T X`` and a small fixed sample of input rows.
+
+    Each window's contribution is computed in fp32 and added in fp64: the sums then do not depend on how the windows
+    are grouped (batches, or shards on N processes, ``distributed``), so N processes give one process's statistics
+    bit for bit. They are returned in fp32."""
 
     def __init__(self, want: set[str], sample_rows: int = 256):
         self.want = want
         self.sample_rows = sample_rows
         self.ntokens = 0
-        self.sq_norm: torch.Tensor | None = None
+        self.sq_sum: torch.Tensor | None = None  # fp64 running sums
         self.xtx: torch.Tensor | None = None
         self.sample: torch.Tensor | None = None
 
+    @property
+    def sq_norm(self) -> torch.Tensor | None:
+        return None if self.sq_sum is None else self.sq_sum.float()
+
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().float()
+        windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x[None]  # [windows, tokens, in]
+        x = x.reshape(-1, x.shape[-1])
         if self.sample is None and self.sample_rows:
             step = max(1, x.shape[0] // self.sample_rows)
             self.sample = x[::step][: self.sample_rows].clone()
         if "sq_norm" in self.want:
-            s = x.pow(2).sum(0)
-            self.sq_norm = s if self.sq_norm is None else self.sq_norm.add_(s)
+            s = windows.pow(2).sum(1).double().sum(0)
+            self.sq_sum = s if self.sq_sum is None else self.sq_sum.add_(s)
         if "hessian" in self.want:
             n = x.shape[1]
             if self.xtx is None:
-                self.xtx = x.new_zeros(n, n)
+                self.xtx = x.new_zeros(n, n, dtype=torch.float64)
             band = -(-n // HESSIAN_BANDS)
-            for b0 in range(0, n, band):  # X^T X is symmetric: only row bands b0:b1 from column b0 on (5/8 of it)
-                self.xtx[b0:b0 + band, b0:].addmm_(x[:, b0:b0 + band].t(), x[:, b0:])
+            for w in windows:
+                for b0 in range(0, n, band):  # X^T X is symmetric: only row bands b0:b1 from column b0 on (5/8 of it)
+                    self.xtx[b0:b0 + band, b0:] += w[:, b0:b0 + band].t() @ w[:, b0:]
         self.ntokens += x.shape[0]
 
     def stats(self) -> LayerStats:
@@ -53,11 +64,11 @@ class InputCollector:
                 d = h[i:i + t, i:i + t]
                 d.copy_(d.triu() + d.triu(1).t())
                 h[i:i + t, :i] = h[:i, i:i + t].t()
-            h.mul_(2.0 / max(self.ntokens, 1))
+            h = h.mul_(2.0 / max(self.ntokens, 1)).float()
         return LayerStats(self.ntokens, self.sq_norm, h, self.sample)
 
     def free(self) -> None:
-        self.sq_norm = self.xtx = self.sample = None
+        self.sq_sum = self.xtx = self.sample = None
 
 
 class HookSet:

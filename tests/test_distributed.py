@@ -200,3 +200,30 @@ def test_refusals_come_once_before_any_work(ws, tmp_path):
     assert res[0][1].strip().startswith("layerprune: error: allocation 'auto' prunes whole copies of the model")
     assert len(res[0][1].strip().splitlines()) == 1 and res[1][1].strip() == ""
     assert not (tmp_path / "auto").exists()
+
+
+def test_statistics_do_not_depend_on_how_windows_are_grouped():
+    """Per-window fp32 products summed in fp64: one batch of 6 windows, batches of 2 and 4, and two 'ranks' of 3
+    added in rank order give the same fp32 statistics bit for bit (what makes N processes equal one)."""
+    from layerprune.hooks import InputCollector
+
+    x = torch.randn(6, 32, 24) * torch.logspace(-2, 2, 24)  # spread scales: fp32 sums in another order would differ
+    want = {"sq_norm", "hessian"}
+
+    def stats(*groups):
+        c = InputCollector(want, sample_rows=0)
+        for g in groups:
+            c.add_batch(g)
+        return c
+
+    ref = stats(x).stats()
+    for groups in ([x[:2], x[2:4], x[4:]], [x[:4], x[4:]], [x[i:i + 1] for i in range(6)]):
+        s = stats(*groups).stats()
+        assert torch.equal(s.hessian, ref.hessian) and torch.equal(s.sq_norm, ref.sq_norm)
+    a, b = stats(x[:3]), stats(x[3:])  # two shards, summed as World.sum_ordered does (p0 + p1)
+    a.sq_sum, a.xtx, a.ntokens = a.sq_sum + b.sq_sum, a.xtx + b.xtx, a.ntokens + b.ntokens
+    s = a.stats()
+    assert torch.equal(s.hessian, ref.hessian) and torch.equal(s.sq_norm, ref.sq_norm)
+    assert s.hessian.dtype == torch.float32 and torch.equal(s.hessian, s.hessian.t())
+    fp32 = (x.reshape(-1, 24).t() @ x.reshape(-1, 24)) * (2 / 192)  # the same Hessian to fp32 rounding
+    torch.testing.assert_close(s.hessian, fp32, rtol=1e-5, atol=1e-5)
