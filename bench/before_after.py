@@ -7,8 +7,8 @@ repository at that commit (``git worktree add``; kept in ``--work`` for reruns),
 calibration 32 x 512 C4 pool seed 0, WikiText-2 test PPL over 40 x 512 (the dense evaluation skipped), 2 threads.
 The weights are compared as the sha256 of every tensor of the saved run (name, shape, dtype and bytes, in name
 order); the PPL as the float the run recorded. A run directory that already holds a run of the requested commit is
-reused. Writes ``bench/results/before_after.json``: per configuration both runs' commit (from their records), PPL,
-prune seconds and weight hash, and whether they are identical.
+reused. Writes ``bench/results/before_after.json``: per configuration and pair of commits both runs' commit (from
+their records), PPL, prune seconds and weight hash, and whether they are identical; rows of other pairs are kept.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .common import CALIB, RESULTS, ROOT, provenance, write_json
+from .common import CALIB, RESULTS, ROOT, carried_row, provenance, read_json, write_json
 
 CONFIGS = {  # the four runs of the #14/#28 comparison
     "wanda50": ("Wanda 50%", ["--method", "wanda", "--sparsity", "0.5"]),
@@ -95,9 +95,12 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     src = {side: worktree(getattr(args, side), work) for side in ("before", "after")}
+    out = Path(args.out_json)
+    kept = [carried_row(r) for r in read_json(out, {"rows": []})["rows"]]  # other pairs' rows keep their own code
     rows = []
     for cfg in cfgs:
-        row = {"config": cfg, "label": CONFIGS[cfg][0], "args": " ".join(CONFIGS[cfg][1])}
+        row = {"config": cfg, "label": CONFIGS[cfg][0], "args": " ".join(CONFIGS[cfg][1]), "pair": [args.before,
+                                                                                                    args.after]}
         for side in ("before", "after"):
             row[side] = run(getattr(args, side), src[side], cfg, work / f"{side}-{cfg}", args.data_dir)
         row["ppl_identical"] = row["before"]["ppl"] == row["after"]["ppl"]
@@ -105,9 +108,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("label", "ppl_identical", "weights_identical")}),
               row["before"]["ppl"], row["after"]["ppl"], flush=True)
-    write_json(Path(args.out_json), {"protocol": f"SmolLM2-135M fp32, calibration {CALIB['nsamples']} x "
-                                     f"{CALIB['seqlen']} C4 pool seed {CALIB['seed']}, WikiText-2 test 40 x 512",
-                                     "before": args.before, "after": args.after, "rows": rows})
+    key = lambda r: (r["config"], r["before"]["commit"]["commit"], r["after"]["commit"]["commit"])  # noqa: E731
+    kept = [r for r in kept if key(r) not in {key(n) for n in rows}]
+    write_json(out, {"protocol": f"SmolLM2-135M fp32, calibration {CALIB['nsamples']} x {CALIB['seqlen']} C4 pool "
+                     f"seed {CALIB['seed']}, WikiText-2 test 40 x 512", "rows": kept + rows})
 
 
 if __name__ == "__main__":
