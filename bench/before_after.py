@@ -102,7 +102,8 @@ def main() -> None:
         row = {"config": cfg, "label": CONFIGS[cfg][0], "args": " ".join(CONFIGS[cfg][1]), "pair": [args.before,
                                                                                                     args.after]}
         for side in ("before", "after"):
-            row[side] = run(getattr(args, side), src[side], cfg, work / f"{side}-{cfg}", args.data_dir)
+            row[side] = run(getattr(args, side), src[side], cfg, work / f"run-{src[side].name[4:]}-{cfg}",
+                            args.data_dir)
         row["ppl_identical"] = row["before"]["ppl"] == row["after"]["ppl"]
         row["weights_identical"] = row["before"]["weights_sha256"] == row["after"]["weights_sha256"]
         rows.append(row)
