@@ -31,6 +31,8 @@ RUNS = [  # label, prune() keywords
     ("sparsegpt 2:4 + reconstruct", dict(method="sparsegpt", nm="2:4", reconstruct="block")),
     ("sparsegpt 70% + reconstruct", dict(method="sparsegpt", sparsity=0.7, reconstruct="block")),
     ("alps 70% + reconstruct", dict(method="alps", sparsity=0.7, reconstruct="block")),
+    ("alps 70% + auto", dict(method="alps", sparsity=0.7, allocation="auto")),
+    ("alps 70% + reconstruct + auto", dict(method="alps", sparsity=0.7, reconstruct="block", allocation="auto")),
 ]
 OUT = RESULTS / "alps.json"
 
