@@ -104,6 +104,9 @@ def main() -> None:
         for side in ("before", "after"):
             row[side] = run(getattr(args, side), src[side], cfg, work / f"run-{src[side].name[4:]}-{cfg}",
                             args.data_dir)
+        for side in ("before", "after"):  # each run's own code, as a column of the table
+            c = row[side]["commit"] or {}
+            row[f"{side}_commit"] = (c.get("commit") or "unknown")[:12] + (" (dirty)" if c.get("dirty") else "")
         row["ppl_identical"] = row["before"]["ppl"] == row["after"]["ppl"]
         row["weights_identical"] = row["before"]["weights_sha256"] == row["after"]["weights_sha256"]
         rows.append(row)
