@@ -9,7 +9,8 @@
 2. Each recovery row is `layerprune finetune RUN --steps N --lr LR --nsamples N --seqlen 512 --max-windows 40`
    (recovery.finetune_run) with LoRA rank 8 / alpha 16 on every block linear, batch 1 x 512 tokens per step, the
    same N windows of the C4 pool (seed 0, each seen once) in the same order; "lm-*": the LM loss (today's recovery),
-   "kd-*": `--teacher smollm2-135m` (KL divergence to the dense model's logits, T = 1, alpha = 1). WikiText-2 test
+   "kd-*": `--teacher smollm2-135m` (KL divergence to the dense model's logits, T = 1, alpha = 1); "kdmix-*": the same
+   with `--kd-alpha 0.5` (half KD, half LM loss; Hinton et al.'s mix of soft and hard targets). WikiText-2 test
    PPL over 40 x 512 before and after, tokens seen, training and total wall time.
 The script is resumable: rows already in the JSON are kept unless named again in --rows. Each row records the commit.
 """
@@ -68,15 +69,18 @@ def do_prune(kind):
 
 
 def do_recover(kind, loss, args):
-    teacher = MODEL if loss == "kd" else None
+    teacher = MODEL if loss in ("kd", "kdmix") else None
+    kd_alpha = args.mix_alpha if loss == "kdmix" else 1.0
     out = CACHE / f"kd-bench-{kind}-{loss}"
     rec = finetune_run(run_dir(kind), args.steps, out=out, force=True, lr=args.lr, rank=8, alpha=16,
-                       nsamples=args.steps, seqlen=512, max_windows=40, teacher=teacher, checkpoint_every=0,
-                       progress=False)
+                       nsamples=args.steps, seqlen=512, max_windows=40, teacher=teacher, kd_alpha=kd_alpha,
+                       checkpoint_every=0, progress=False)
     f = rec["finetune"]
     cli = (f"layerprune finetune RUN --steps {args.steps} --lr {args.lr} --nsamples {args.steps} --seqlen 512 "
-           f"--max-windows 40" + (f" --teacher {MODEL}" if teacher else "") + " --out NEW")
-    return {"label": f"{PRUNED[kind][0]} + {'KD' if teacher else 'LM-loss'} LoRA", "equivalent_cli": cli,
+           f"--max-windows 40" + (f" --teacher {MODEL}" if teacher else "")
+           + (f" --kd-alpha {kd_alpha}" if loss == "kdmix" else "") + " --out NEW")
+    name = {"lm": "LM-loss", "kd": "KD", "kdmix": f"KD x {kd_alpha} + LM x {1 - kd_alpha:g}"}[loss]
+    return {"label": f"{PRUNED[kind][0]} + {name} LoRA", "equivalent_cli": cli,
             "ppl_before": f["eval"]["before"]["wikitext2"]["ppl"], "ppl_after": f["eval"]["after"]["wikitext2"]["ppl"],
             "tokens_seen": f["tokens_seen"], "train_seconds": f["train_seconds"], "total_seconds": f["total_seconds"],
             "seconds_per_step": f["seconds_per_step"], "params": sum(p.numel() for p in load_model(str(out))[0]
@@ -88,10 +92,11 @@ def do_recover(kind, loss, args):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="dense,prune-slim,lm-slim,kd-slim",
-                    help="comma list of: dense, prune-K, lm-K, kd-K for K in slim, depth, depth50, chain (chain: "
-                    "prune-depth first)")
+                    help="comma list of: dense, prune-K, lm-K, kd-K, kdmix-K for K in slim, depth, depth50, chain "
+                    "(chain: prune-depth first; kdmix: KD and LM loss mixed, --mix-alpha)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--mix-alpha", type=float, default=0.5, help="kd_alpha of the kdmix-K rows (KD weight; LM: 1 - it)")
     args = ap.parse_args()
     res = read_json(OUT.with_suffix(".json"), {"rows": {}})
     res["meta"] = {"protocol": PROTOCOL, "command": cmdline(), "steps": args.steps, "lr": args.lr}
