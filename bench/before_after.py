@@ -68,7 +68,8 @@ def run(commit: str, src: Path, cfg: str, out: Path, data_dir: str) -> dict:
                "--calib", CALIB["source"], "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]),
                "--seed", str(CALIB["seed"]), "--eval", "wikitext2", "--eval-seqlen", "512", "--max-windows", "40",
                "--no-dense-eval", "--data-dir", data_dir, "--out", str(out), "--force"]
-        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        threads = os.environ.get("OMP_NUM_THREADS", "2")
+        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         p = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True)
         if p.returncode:
             raise SystemExit(f"{commit} {cfg} failed:\n{p.stderr[-3000:]}")

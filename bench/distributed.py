@@ -25,7 +25,10 @@ def run_one(method: str, procs: int, threads: int, out: Path) -> dict:
     args = ["prune", "--model", MODEL, "--method", method, "--sparsity", "0.5", "--calib", CALIB["source"],
             "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]), "--seed", str(CALIB["seed"]),
             "--eval", "", "--device", "cpu", "--force", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    # MKL_NUM_THREADS too: torch takes its thread count from it when it is set (a "1 thread" run under an inherited
+    # MKL_NUM_THREADS=2 ran 2 threads, and 2 ranks 4 threads on 2 cores)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT),
+           "TOKENIZERS_PARALLELISM": "false"}
     launch = [sys.executable, "-m", "layerprune"] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "-m", "layerprune"]
     t0 = time.perf_counter()
