@@ -26,7 +26,6 @@ from layerprune.recovery import finetune_run
 from .common import CACHE, MODEL, PROTOCOL, RESULTS, calibration, cmdline, code_line, code_version, read_json, \
     wikitext_ppl, write_json
 
-OUT = RESULTS / "kd_recovery"
 PRUNED = {"slim": ("SlimGPT ipr-log 50%", dict(method="slimgpt", sparsity=0.5, allocation="ipr-log")),
           "depth": ("depth 25% (shortgpt)", dict(method="depth", sparsity=0.25,
                                                  solver_options={"criterion": "shortgpt"})),
@@ -96,9 +95,12 @@ def main() -> None:
                     "(chain: prune-depth first; kdmix: KD and LM loss mixed, --mix-alpha)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--name", default="kd_recovery", help="result files bench/results/NAME.{json,md} (e.g. "
+                    "kd_recovery_200 for a longer training; rows already there are kept)")
     ap.add_argument("--mix-alpha", type=float, default=0.5, help="kd_alpha of the kdmix-K rows (KD weight; LM: 1 - it)")
     args = ap.parse_args()
-    res = read_json(OUT.with_suffix(".json"), {"rows": {}})
+    out_path = RESULTS / f"{args.name}.json"
+    res = read_json(out_path, {"rows": {}})
     res["meta"] = {"protocol": PROTOCOL, "command": cmdline(), "steps": args.steps, "lr": args.lr}
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
         t0 = time.time()
@@ -113,12 +115,12 @@ def main() -> None:
             out = do_recover(kind, loss, args)
         out["row_seconds"] = time.time() - t0
         res["rows"][row] = out
-        write_json(OUT.with_suffix(".json"), res)
+        write_json(out_path, res)
         print(row, {k: v for k, v in out.items() if not isinstance(v, dict)}, flush=True)
-    write_md(res)
+    write_md(res, out_path.with_suffix(".md"))
 
 
-def write_md(res):
+def write_md(res, path):
     rows = res["rows"]
     lines = [f"Command: `{res['meta']['command']}` — {res['meta']['protocol']}. Recovery: LoRA rank 8 / alpha 16 on "
              "every block linear, AdamW constant lr, batch 1 x 512 tokens of the C4 pool per step, the same windows "
@@ -135,7 +137,7 @@ def write_md(res):
             lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f} M | {r['ppl']:.2f} | - | "
                          f"{r.get('prune_seconds', 0):.0f} | {r['row_seconds']:.0f} | {commit} |")
     lines += ["", code_line() + " (the last write; each row's JSON entry has its own commit)", ""]
-    OUT.with_suffix(".md").write_text("\n".join(lines))
+    path.write_text("\n".join(lines))
     print("\n".join(lines))
 
 
