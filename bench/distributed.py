@@ -21,10 +21,11 @@ from bench.common import CALIB, MODEL, PROTOCOL, RESULTS, ROOT, cmdline, code_li
 CONFIGS = (("1x1", 1, 1), ("1x2", 1, 2), ("2x1", 2, 1))  # processes x threads each
 
 
-def run_one(method: str, procs: int, threads: int, out: Path) -> dict:
+def run_one(method: str, procs: int, threads: int, out: Path, checkpoint: str | None = None) -> dict:
     args = ["prune", "--model", MODEL, "--method", method, "--sparsity", "0.5", "--calib", CALIB["source"],
             "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]), "--seed", str(CALIB["seed"]),
             "--eval", "", "--device", "cpu", "--force", "--out", str(out)]
+    args += ["--checkpoint", checkpoint] if checkpoint else []
     # MKL_NUM_THREADS too: torch takes its thread count from it when it is set (a "1 thread" run under an inherited
     # MKL_NUM_THREADS=2 ran 2 threads, and 2 ranks 4 threads on 2 cores)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT),
@@ -106,13 +107,14 @@ def project(method: str, n: int, gpu: dict = GPU, m: dict = SEVEN_B) -> dict:
             "broadcast_bytes": weights + sample, "model_s_1": one * m["blocks"], "model_s_n": many * m["blocks"]}
 
 
-def report(rows: dict) -> None:
+def report(rows: dict, name: str = "distributed", checkpoint: str | None = None) -> None:
     """Write the JSON and the markdown table of the methods done so far."""
     data = {"protocol": PROTOCOL, "command": cmdline(), "machine_cpus": os.cpu_count(),
+            "checkpoint": checkpoint or "default (full on CPU; N processes keep full)",
             "projection_assumptions": {"model": SEVEN_B, "gpu": GPU,
                                        "note": "simulation from the engine's cost model and assumed device rates"},
             "results": rows}
-    write_json(RESULTS / "distributed.json", data)
+    write_json(RESULTS / f"{name}.json", data)
     lines = ["# Distributed pruning: 2 gloo processes vs 1 process (CPU)", "", code_line(), "", PROTOCOL, "",
              "| method | run | prune s | vs 1x1 | vs 1x2 | PPL | PPL diff | sparsity | masks equal | bytes/block "
              "all-gathered | bytes/block broadcast |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -132,7 +134,7 @@ def report(rows: dict) -> None:
         p = r["projection_8gpu_7b"]
         lines.append(f"| {method} | {p['block_s_1']:.3f} | {p['block_s_n']:.3f} | {p['speedup']:.2f}x | "
                      f"{p['solve_s']:.3f} -> {p['solve_s_n']:.3f} | {p['comm_s']:.4f} |")
-    write_atomic(RESULTS / "distributed.md", "\n".join(lines) + "\n")
+    write_atomic(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -140,6 +142,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="wanda,sparsegpt")
     ap.add_argument("--work", default="/tmp/layerprune-dist-bench")
+    ap.add_argument("--checkpoint", default=None, help="--checkpoint of every run (default: the prune default)")
+    ap.add_argument("--name", default="distributed", help="result files bench/results/NAME.{json,md}")
     a = ap.parse_args()
     code_version()  # the commit that runs, taken before anything else
     import torch
@@ -150,7 +154,7 @@ def main() -> None:
     for method in a.methods.split(","):
         runs = {}
         for name, procs, threads in CONFIGS:
-            runs[name] = run_one(method, procs, threads, work / f"{method}-{name}")
+            runs[name] = run_one(method, procs, threads, work / f"{method}-{name}", a.checkpoint)
             print(f"{method} {name}: prune {runs[name]['prune_s']:.1f}s", flush=True)
         base = runs["1x1"]
         for name in ("1x1", "2x1"):  # the PPL the issue compares (1x2 is compared by its masks)
@@ -165,7 +169,7 @@ def main() -> None:
         runs["2x1"]["bytes_per_block"] = {k: sum(b[k] for b in blocks) / len(blocks)
                                          for k in ("reduced", "broadcast", "gathered")}
         rows[method] = {"runs": runs, "projection_8gpu_7b": project(method, 8)}
-        report(rows)  # after each method: a cut-short run keeps what it measured
+        report(rows, a.name, a.checkpoint)  # after each method: a cut-short run keeps what it measured
 
 
 
