@@ -1,7 +1,8 @@
 """What ``--allocation auto`` costs against the run it serves: peak RSS and seconds of ``layerprune prune`` with
 ``--allocation auto`` and with ``--allocation uniform``, each in its own process (peak RSS from ``/usr/bin/time -v``),
-and auto's choice. Rows are keyed by model and allocation; a rerun replaces its own rows and keeps the others (each
-with its own ``code``).
+and auto's choice (``timings.auto_choice``: everything it spends, the validation text's tokenization included; a row's
+``pruning_seconds`` is the run's ``timings.total`` without it). Rows are keyed by model and allocation; a rerun
+replaces its own rows and keeps the others (each with its own ``code``).
 
     OMP_NUM_THREADS=2 python -m bench.auto_budget --model DIR --nsamples 32 --out-json bench/results/auto_budget.json
 """
@@ -39,7 +40,8 @@ def run_prune(model: str, allocation: str, method: str, sparsity: float, nsample
     row = {"model": model, "allocation": allocation, "method": method, "sparsity": sparsity,
            "calibration": f"{nsamples} x {seqlen}", "device": device or "default",
            "peak_rss_gb": round(rss_kb * 1024 / 1e9, 3), "wall_seconds": round(wall, 1),
-           "pruning_seconds": round(t["total"], 1), "auto_choice_seconds": t.get("auto_choice"),
+           "pruning_seconds": round(t["total"] - (t.get("auto_choice") or 0.0), 1),  # the prune alone
+           "total_seconds": round(t["total"], 1), "auto_choice_seconds": t.get("auto_choice"),
            "layerprune_commit": rec["versions"].get("layerprune_commit")}
     auto = rec.get("allocation_auto")
     if auto:

@@ -78,7 +78,8 @@ def test_auto_chooses_the_lowest_proxy_and_prunes_with_it(tmp_path, family):
     data = tmp_path / "data"
     _tiny_wikitext(data)
     model = tiny_model(family, layers=4)
-    rec = prune(model, tok, sparsity=0.7, allocation="auto", calibration=calib(), data_dir=data, progress=False)
+    rec = prune(model, tok, sparsity=0.7, allocation="auto", allocation_options={"budget": 0}, calibration=calib(),
+                data_dir=data, progress=False)  # no time budget: a tiny model's dense pass budgets next to nothing
     a = rec["allocation_auto"]
     tried = [r for r in a["tried"] if r["value"] is not None]
     assert len(a["tried"]) == len(CANDIDATES) and tried
@@ -228,14 +229,18 @@ def test_auto_time_budget_scores_fewer_candidates_and_says_how_many():
     line = summary(full)
     assert f"{sc['screen']} of {sc['allocations']} candidates screened by oneshot-2, 2 scored by the " \
            "propagate-kl-4 proxy" in line and "skipped" not in line
-    # a budget spent by the dense pass: each stage scores uniform (its measure) and nothing more; the record says so
+    # a budget spent by the dense pass: the screen scores uniform (its measure) and nothing more, the final stage is
+    # not entered (uniform and a finalist do not fit); the record and the summary say so
     tight = choose(tiny_model("llama", layers=4), calib(), EV, 0.7, finalists=2, margin=0.0, budget=1e-6, **kw)
     b, sc = tight["budget"], tight["scored"]
-    assert 0 < b["seconds"] < 1e-3 and sc["screen"] == 1 and sc["final"] == 1
+    assert 0 < b["seconds"] < 1e-3 and sc["screen"] == 1 and sc["final"] == 0 and sc["decided_by"] == "screen"
     assert len(b["skipped_screen"]) == sc["allocations"] - 1 and "uniform" not in b["skipped_screen"]
+    assert b["final_stage"] is False and b["skipped_final"] == ["uniform"] and b["final_estimate_seconds"] > 0
     assert tight["chosen"] == "uniform" and [r["label"] for r in tight["tried"] if r["screen"] is not None] == [
         "uniform"]
-    assert f"1 of {sc['allocations']} candidates screened" in summary(tight) and "skipped for time" in summary(tight)
+    line = summary(tight)
+    assert f"1 of {sc['allocations']} candidates screened by oneshot-2, 0 scored by the propagate-kl-4 proxy" in line
+    assert "the final stage skipped for time (uniform)" in line and f"{sc['allocations'] - 1} screen skipped" in line
     with pytest.raises(UserError, match="budget"):
         choose(tiny_model("llama", layers=4), calib(), EV, 0.7, budget=-1, **kw)
 
@@ -294,3 +299,123 @@ def test_working_copy_computes_what_a_cast_deep_copy_computes(family):
     with torch.no_grad():
         assert torch.equal(new(input_ids=x).logits, old(input_ids=x).logits)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+class VirtualClock:
+    """A clock that only the patched stages move: auto's budget arithmetic on fixed costs."""
+    t = 0.0
+
+    @classmethod
+    def perf_counter(cls):
+        return cls.t
+
+
+def virtual_costs(monkeypatch, dense: float, screen: tuple, final: tuple):
+    """auto's and the proxy's clock made virtual: the dense pass takes ``dense`` seconds, a screen score
+    ``screen`` = (masks, perplexity) seconds, a final score ``final`` = (propagating prune, KL) seconds; all else
+    takes none."""
+    from layerprune.search import auto, proxy as proxy_mod
+
+    VirtualClock.t = 0.0
+    monkeypatch.setattr(auto, "time", VirtualClock)
+    monkeypatch.setattr(proxy_mod, "time", VirtualClock)
+    real_norms, real_apply, real_score = proxy_mod.dense_norms, Proxy.apply, Proxy.score
+
+    def norms(*a, **k):
+        VirtualClock.t += dense
+        return real_norms(*a, **k)
+
+    def apply(self, bs):
+        VirtualClock.t += final[0] if self.propagate else screen[0]
+        return real_apply(self, bs)
+
+    def score(self):
+        VirtualClock.t += final[1] if self.metric == "kl" else screen[1]
+        return real_score(self)
+
+    monkeypatch.setattr(proxy_mod, "dense_norms", norms)
+    monkeypatch.setattr(Proxy, "apply", apply)
+    monkeypatch.setattr(Proxy, "score", score)
+
+
+def test_auto_budget_charges_everything_and_plans_both_stages(monkeypatch):
+    """Budget arithmetic on a virtual clock: the budget is PRUNE_PASSES dense passes; the tokenization (``spent``),
+    the dense pass and every score count against it; the screen scores while one more fits in (1 - BUDGET_MARGIN) of
+    it; the final stage is entered only when uniform and one finalist fit at the estimated final cost, and then
+    scores as many as fit at uniform's measured cost. The report and the summary count exactly what each stage
+    scored."""
+    from layerprune.search import auto
+
+    kw = dict(seqlen=32, prune_fn=prune_model, finalists=2, margin=10.0)
+    # cheap run: a 10 s dense pass, 1.2 s spent before, screen 1.5 s a candidate -> setup ends at 11.2 s of a 16 s
+    # plan (a 20 s budget): uniform (12.7 s) and 2 more (14.2, 15.7 s); the final (prune at 2 x 10 s x 4/4 windows)
+    # never fits
+    assert auto.BUDGET_MARGIN == 0.2 and auto.PRUNE_PASSES == 2 and auto.KL_COST == 2.0  # the numbers below
+    with monkeypatch.context() as m:
+        virtual_costs(m, 10.0, (0.5, 1.0), (30.0, 2.0))
+        rep = auto.choose(tiny_model("llama", layers=4), calib(), EV, 0.7, spent=1.2, **kw)
+    b, sc = rep["budget"], rep["scored"]
+    assert b["seconds"] == pytest.approx(20.0) and b["planned_seconds"] == pytest.approx(16.0)
+    assert sc["screen"] == min(3, sc["allocations"]) and sc["final"] == 0 and sc["decided_by"] == "screen"
+    assert len(b["skipped_screen"]) == sc["allocations"] - sc["screen"]
+    assert b["final_stage"] is False and b["final_estimate_seconds"] == pytest.approx(0.5 + 20.0 + 1.0 / 2 * 4 * 2)
+    screened = [r for r in rep["tried"] if r["screen"] is not None]
+    best = min(screened[1:], key=lambda r: r["screen"])
+    assert b["skipped_final"][:2] == ["uniform", best["label"]] and len(b["skipped_final"]) == 1 + min(
+        2, len(screened) - 1)  # uniform and the screen's 2 best (margin 10: both)
+    assert rep["chosen"] == (best["label"] if best["screen"] < screened[0]["screen"] else "uniform")
+    assert rep["seconds"]["validation_text"] == 1.2 and rep["seconds"]["total"] == pytest.approx(1.2 + 10 + 3 * 1.5)
+    line = auto.summary(rep)
+    assert f"{sc['screen']} of {sc['allocations']} candidates screened by oneshot-2, 0 scored by the " \
+           f"propagate-kl-4 proxy" in line and "the final stage skipped for time" in line
+    # a dear dense pass (100 s: a 160 s plan) and 64 calibration windows: the screen scores everything (1 s each);
+    # the final proxy's estimate (0.5 + 2 x 100 x 4/64 + 0.5 / 2 x 4 x 2 = 15 s) fits twice in the 50 s left; uniform
+    # measures 20 s, then one finalist fits (at 20 s) and the next does not
+    with monkeypatch.context() as m:
+        virtual_costs(m, 100.0, (0.5, 0.5), (18.0, 2.0))
+        rep = auto.choose(tiny_model("llama", layers=4), calib(n=64), EV, 0.7, **kw)
+    b, sc = rep["budget"], rep["scored"]
+    assert sc["screen"] == sc["allocations"] == 10 and not b["skipped_screen"]
+    assert b["final_stage"] is True and b["final_estimate_seconds"] == pytest.approx(15.0)
+    assert sc["final"] == 2 and sc["decided_by"] == "proxy" and len(b["skipped_final"]) == 1
+    assert rep["seconds"]["total"] == pytest.approx(100 + 10 + 2 * 20) and 150 <= b["planned_seconds"]
+    assert "2 scored by the propagate-kl-4 proxy; 1 final skipped for time" in auto.summary(rep)
+
+
+def test_auto_holds_no_full_vocabulary_logits_and_releases_its_proxy(monkeypatch):
+    """Every logit the choice computes (the screen's perplexity, the proxy's KL, the dense model's side) comes from
+    the head in chunks of at most ``LOGIT_CHUNK`` values: never a [windows x seqlen x vocab] tensor. After ``choose``
+    the proxy holds nothing and its bf16 copy of the model is gone before the run prunes."""
+    import weakref
+
+    from conftest import VOCAB
+
+    from layerprune.evaluation import perplexity as ppl_mod
+    from layerprune.search import auto, proxy as proxy_mod
+
+    rows = 5
+    monkeypatch.setattr(ppl_mod, "LOGIT_CHUNK", VOCAB * rows)
+    monkeypatch.setattr(proxy_mod, "LOGIT_CHUNK", VOCAB * rows)
+    heads = []
+
+    def hook(mod, args, out):
+        if isinstance(mod, torch.nn.Linear) and mod.out_features == VOCAB:  # the head (no other linear is this wide)
+            heads.append(out.numel() // VOCAB)
+
+    proxies = []
+    real_init = Proxy.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        proxies.append((self, weakref.ref(self.model)))
+
+    monkeypatch.setattr(Proxy, "__init__", init)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        rep = auto.choose(tiny_model("llama", layers=4), calib(), EV, 0.7, seqlen=32, prune_fn=prune_model, budget=0)
+    finally:
+        handle.remove()
+    assert rep["scored"]["final"] >= 2 and len(heads) > 10 and max(heads) == rows  # the KL and the screen ran
+    (p, copy_ref), = proxies
+    assert p.model is None and p.layers is None and p.dense is None and p.cache is None
+    assert copy_ref() is None  # the bf16 working copy is freed

@@ -18,14 +18,22 @@ log-probabilities (``dsa/proxy.py``).
 
 Time budget (recorded in the report's ``budget``): the choice should cost no more than ``budget`` (``AUTO_BUDGET``)
 times the run's estimated prune, ``PRUNE_PASSES`` dense passes over the calibration (the proxy's own dense pass,
-measured first: a Wanda run passes the calibration through every block twice, other methods cost more). Each stage
-measures its cost on uniform, its first candidate, and then scores only what fits in the time left:
+measured first: a Wanda run passes the calibration through every block twice, other methods cost more). Everything
+the choice spends counts against it, from the tokenization of the validation text (``spent``) through the dense
+pass, the proxy's setup and every score, and it plans to end by ``1 - BUDGET_MARGIN`` of it (measured costs vary on a
+shared machine). Each stage measures its cost on uniform, its first candidate, and then scores only what fits:
   - screen: the next candidates in ``CANDIDATES`` order (one of each family first) while their measured cost fits,
     the rest ``skipped`` (recorded);
-  - final: uniform, then at most as many finalists as fit at uniform's measured cost. When none fits, the screen
-    decides between uniform and the screen's best (``decided_by`` "screen"), and uniform wins ties.
+  - final: entered only when uniform and one finalist fit at the final proxy's estimated cost (``final_cost``: the
+    propagating prune on its windows at the dense pass's rate plus the KL at the screen's measured rate, from the
+    screen's uniform); then uniform, then as many finalists as fit at uniform's measured cost. When the stage is not
+    entered, or no finalist fits after uniform, the screen decides between uniform and its best (``decided_by``
+    "screen"; uniform wins ties).
 ``budget=0`` lifts the limit. On large models the dense pass dominates and nothing is cut; on small or cheap runs
-(a small model with a large vocabulary) fewer candidates are scored, and the report says which.
+(a small model with a large vocabulary) fewer candidates are scored, and the report says exactly how many each stage
+scored (``scored``) and which it skipped (``budget``). Memory: the proxy masks with the Wanda solver's ``row_mask``
+(no per-weight ranks), and everything it allocated is released (``Proxy.release``, freed heap handed back to the
+OS) before ``choose`` returns, so the run prunes on top of the memory it would have had without ``auto``.
 
     report = choose(model, calib_ids, valid_ids, 0.7, bos=bos, prune_fn=engine.prune_model)
     report["spec"], report["options"], report["block_stats"]   # what prune() then runs with, pre-pass skipped
@@ -40,6 +48,7 @@ from layerprune.search.proxy import PROXIES, InvalidCandidate, Proxy, proxy_sett
 from layerprune.allocation.plan import layer_census
 from layerprune.errors import UserError
 from layerprune.models.adapters import get_adapter
+from layerprune.offload import release_free_memory
 from layerprune.registry import ALLOCATOR_REGISTRY, Option, register_allocator
 from layerprune.stats import LayerStats
 
@@ -48,7 +57,9 @@ SCREEN_PROXY = "oneshot-2"  # every candidate's first score: rho 0.916 at 0.37x 
 FINALISTS = 2  # at most this many of the screen's best go on to the proxy (with uniform) ...
 MARGIN = 0.10  # ... those within this fraction of the screen's best value (a clear winner goes alone)
 AUTO_BUDGET = 1.0  # the choice may take this many times the run's estimated prune ...
-PRUNE_PASSES = 2  # ... estimated as this many dense passes over the calibration (budget 0: no limit)
+PRUNE_PASSES = 2  # ... estimated as this many dense passes over the calibration (budget 0: no limit) ...
+BUDGET_MARGIN = 0.2  # ... and plans to end by (1 - this) of it: measured costs vary (a shared CPU, a busy GPU)
+KL_COST = 2.0  # a KL score costs at most this many perplexity scores of as many windows (two heads, two softmaxes)
 SPREAD_OPTIONS = ("lam", "alpha", "beta_frac")  # change the map from statistic to sparsity, not the statistic
 DSA_FUNCTION = "W:(EXP,TANH)-(GRAM)-(ATAN,SIGMOID)-(SIGMOID)"  # README, DSA: found by evolution at 70% on SmolLM2
 
@@ -120,14 +131,16 @@ class Auto(BoundedAllocator):
         from layerprune.data.bos import bos_id
         from layerprune.evaluation.perplexity import check_seqlen, tokenize_corpus
 
+        t0 = time.perf_counter()
         seqlen = check_seqlen(model, None, default=512)  # the search's windows, capped at the model's maximum
         valid = tokenize_corpus(tokenizer, "wikitext2-valid", resolve_data_dir(data_dir), seqlen)
+        release_free_memory()  # the tokenizer's temporaries
         opts = cfg.allocation_options
         named = {k: opts[k] for k in ("proxy", "finalists", "margin", "budget") if opts.get(k) is not None}  # else
         # the defaults
         report = choose(model, ids, valid, cfg.sparsity, **named, lo=opts.get("lo", 0.0), hi=opts.get("hi", 0.99),
                         seqlen=seqlen, batch_size=cfg.batch_size, bos=bos_id(tokenizer), progress=progress,
-                        prune_fn=prune_fn, device=device)
+                        prune_fn=prune_fn, device=device, spent=time.perf_counter() - t0)
         report["run_options"] = {**report["options"], **{k: v for k, v in opts.items() if k in ("lo", "hi")}}
         return report
 
@@ -152,26 +165,50 @@ def block_statistics_from_norms(proxy: Proxy, allocator) -> list[float] | None:
     return out
 
 
+def final_cost(settings: dict, screen: dict, dense_pass: float, n_calib: int, apply_s: float,
+               score_s: float) -> float:
+    """The estimated seconds of one score by the final proxy (``settings``), from what the screen (``screen``)
+    measured on its first candidate: the prune (propagating: Wanda on ``propagate`` calibration windows,
+    ``PRUNE_PASSES`` passes at the dense pass's rate per window plus a solve at the cost of the one-shot masks,
+    ``apply_s``; else the one-shot masks) and the metric on its windows at the screen's rate per window (``score_s``
+    over the screen's windows; KL: ``KL_COST`` times that)."""
+    prune = apply_s + (PRUNE_PASSES * dense_pass * settings["propagate"] / n_calib if settings["propagate"] else 0.0)
+    metric = score_s / screen["windows"] * settings["windows"] * (KL_COST if settings["metric"] == "kl" else 1.0)
+    return prune + metric
+
+
 def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, finalists: int = FINALISTS,
            margin: float = MARGIN, budget: float = AUTO_BUDGET, lo: float = 0.0, hi: float = 0.99, seqlen: int = 512,
            batch_size: int = 8, bos: int | None = None, candidates=CANDIDATES, progress: bool = False, prune_fn=None,
-           device=None) -> dict:
+           device=None, spent: float = 0.0) -> dict:
     """Screen the candidate allocations, score the finalists with the proxy, within the time ``budget`` (module doc);
     the report of what was tried, what each stage scored, and what was chosen (and why). ``prune_fn``: for a proxy
-    that propagates (``engine.prune_model``). ``device``: where the proxy's forwards run (the run's device)."""
+    that propagates (``engine.prune_model``). ``device``: where the proxy's forwards run (the run's device).
+    ``spent``: seconds the choice already took before this call (the validation text's tokenization), charged
+    against the budget and counted in ``seconds.total``."""
     settings = proxy_settings(proxy)
     settings["propagate"] = min(settings["propagate"], int(calib.shape[0]))  # a short calibration: all of it
     screen = proxy_settings(SCREEN_PROXY)
     screen["windows"] = min(screen["windows"], settings["windows"])
     if not float(budget) >= 0:
         raise UserError(f"--auto-budget must be >= 0, got {budget}")
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - float(spent)  # the choice's start: everything since counts against its budget
     p = Proxy(model, calib, eval_ids, target, seqlen=seqlen, lo=lo, hi=hi, batch_size=batch_size, bos=bos,
-              prune_fn=prune_fn, ranks=finalists < len(candidates), device=device, keep_model=True, **settings)
-    t_setup = time.perf_counter() - t0
+              prune_fn=prune_fn, ranks=False, device=device, keep_model=True, **settings)
+    try:  # the proxy's memory (its bf16 copy, dense hidden states) is released before the run prunes
+        return _choose(p, model, target, settings, screen, finalists, margin, budget, lo, hi, candidates, progress,
+                       t0, float(spent), int(calib.shape[0]), proxy)
+    finally:
+        p.release()
+
+
+def _choose(p: Proxy, model, target, settings, screen, finalists, margin, budget, lo, hi, candidates, progress, t0,
+            spent, n_calib, proxy) -> dict:
+    t_setup = time.perf_counter() - t0 - spent
     dense_pass = p.setup_seconds["dense_pass"]
     limit = budget * PRUNE_PASSES * dense_pass if budget > 0 else math.inf  # seconds the whole choice may take
-    left = lambda: limit - (time.perf_counter() - t0)  # noqa: E731
+    plan = (1 - BUDGET_MARGIN) * limit  # ... and those it plans with
+    left = lambda: plan - (time.perf_counter() - t0)  # noqa: E731
     infos = layer_census(model, get_adapter(model))
     num_blocks = len(p.block_layers)
     rows, stat_cache = [], {}
@@ -217,13 +254,23 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
                       flush=True)
         return skipped
 
+    measured = {}  # the screen's first score: what the final proxy's cost is estimated from
+
+    def screen_eval(bs):
+        before = dict(p.timings)
+        try:
+            return p.evaluate_as(bs, **screen)
+        finally:
+            if not measured:
+                measured.update(apply=p.timings["apply"] - before["apply"], score=p.timings["ppl"] - before["ppl"])
+
     t1 = time.perf_counter()
     screened = finalists < len(ok)
-    skipped_screen, skipped_final, decided_by = [], [], "proxy"
+    skipped_screen, skipped_final, decided_by, estimate = [], [], "proxy", None
     uniform = [r for r in ok if r["spec"] == "uniform"]
     if screened:  # uniform first: its cost is the stage's measure
-        skipped_screen = score(uniform + [r for r in ok if r["spec"] != "uniform"], "screen",
-                               lambda bs: p.evaluate_as(bs, **screen), budgeted=True)
+        skipped_screen = score(uniform + [r for r in ok if r["spec"] != "uniform"], "screen", screen_eval,
+                               budgeted=True)
         ranked = sorted((r for r in ok if r["screen"] is not None and math.isfinite(r["screen"])),
                         key=lambda r: r["screen"])
         top = [r for r in ranked if r["spec"] != "uniform"][:finalists]
@@ -231,21 +278,32 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
     else:
         final = uniform + [r for r in ok if r["spec"] != "uniform"]
     t_screen = time.perf_counter() - t1
-    skipped_final = score(final, "value", p.evaluate_allocation, budgeted=screened)
+    if screened and measured:
+        estimate = final_cost(settings, screen, dense_pass, n_calib, measured["apply"], measured["score"])
+    enter = not (screened and estimate is not None and min(len(final), 2) * estimate > left())
+    if enter:  # the final stage: uniform (its measure) and then the finalists that fit
+        skipped_final = score(final, "value", p.evaluate_allocation, budgeted=screened)
+    else:  # uniform and one finalist do not fit: the screen decides
+        skipped_final = list(final)
     t_final = time.perf_counter() - t1 - t_screen
     scored = [r for r in rows if r["value"] is not None and math.isfinite(r["value"])]
-    if not scored:
+    if not enter or (skipped_final and len(scored) == 1 and scored[0]["spec"] == "uniform"):
+        decided_by = "screen"  # between uniform and its best (uniform first: it wins ties)
+        best = min(final[:2], key=lambda r: r["screen"] if r["screen"] is not None and math.isfinite(r["screen"])
+                   else math.inf)
+    elif not scored:
         raise UserError("allocation 'auto': no candidate gave a finite proxy value on this model; pick one yourself")
-    if skipped_final and len(scored) == 1 and scored[0]["spec"] == "uniform":  # no finalist fitted: the screen
-        decided_by = "screen"  # decides between uniform and its best (uniform first: it wins ties)
-        best = min(final[:2], key=lambda r: r["screen"])
     else:
         best = min(scored, key=lambda r: r["value"])  # the first of equals: uniform (first) wins ties
     uni = next((r for r in scored if r["spec"] == "uniform"), None)
     names = ", ".join(r["label"] for r in scored)
     if decided_by == "screen":
         why = (f"{best['label']} has the lower {SCREEN_PROXY} screen value of uniform and the screen's best "
-               f"({final[1]['label']}): no finalist fitted the time budget after uniform's proxy value")
+               f"({final[1]['label']})" if len(final) > 1 else
+               f"{best['label']} is the only candidate the {SCREEN_PROXY} screen scored")
+        why += (": no finalist fitted the time budget after uniform's proxy value" if enter else
+                f": the {proxy} proxy's stage did not fit the time budget (uniform and a finalist at an estimated "
+                f"{estimate:.1f}s each)")
     elif best["spec"] == "uniform":
         why = f"uniform has the lowest proxy value of the finalists ({names})"
     else:
@@ -265,12 +323,14 @@ def choose(model, calib, eval_ids, target: float, *, proxy: str = AUTO_PROXY, fi
                        "decided_by": decided_by},
             "budget": {"factor": budget, "prune_passes": PRUNE_PASSES,
                        "seconds": None if math.isinf(limit) else limit,
+                       "planned_seconds": None if math.isinf(plan) else plan,
+                       "final_estimate_seconds": estimate, "final_stage": enter,
                        "skipped_screen": [r["label"] for r in skipped_screen],
                        "skipped_final": [r["label"] for r in skipped_final]},
             "device": str(p.device),
             "tried": [{k: v for k, v in r.items() if k not in ("block_stats", "counts")} for r in rows],
-            "seconds": {"setup": t_setup, "dense_pass": dense_pass, "screen": t_screen, "final": t_final,
-                        "total": time.perf_counter() - t0}}
+            "seconds": {"validation_text": spent, "setup": t_setup, "dense_pass": dense_pass, "screen": t_screen,
+                        "final": t_final, "total": time.perf_counter() - t0}}
 
 
 def summary(report: dict) -> str:
@@ -280,6 +340,8 @@ def summary(report: dict) -> str:
               if report.get("screen") else "")
     cut = [f"{len(b[k])} {k.split('_')[1]} skipped for time ({', '.join(b[k])})" for k in ("skipped_screen",
                                                                                             "skipped_final") if b[k]]
+    if b["skipped_final"] and not b.get("final_stage", True):
+        cut[-1] = f"the final stage skipped for time ({', '.join(b['skipped_final'])})"
     return (f"chose {report['chosen']} ({report['reason']}); {stages}{sc['final']} scored by the "
             f"{report['proxy']['name']} proxy" + (f"; {'; '.join(cut)}" if cut else "")
             + f"; {report['seconds']['total']:.1f}s" + (f" of a {b['seconds']:.1f}s budget" if b["seconds"] else "")
