@@ -107,14 +107,14 @@ def project(method: str, n: int, gpu: dict = GPU, m: dict = SEVEN_B) -> dict:
             "broadcast_bytes": weights + sample, "model_s_1": one * m["blocks"], "model_s_n": many * m["blocks"]}
 
 
-def report(rows: dict, name: str = "distributed", checkpoint: str | None = None) -> None:
+def report(rows: dict, out_name: str = "distributed", checkpoint: str | None = None) -> None:
     """Write the JSON and the markdown table of the methods done so far."""
     data = {"protocol": PROTOCOL, "command": cmdline(), "machine_cpus": os.cpu_count(),
             "checkpoint": checkpoint or "default (full on CPU; N processes keep full)",
             "projection_assumptions": {"model": SEVEN_B, "gpu": GPU,
                                        "note": "simulation from the engine's cost model and assumed device rates"},
             "results": rows}
-    write_json(RESULTS / f"{name}.json", data)
+    write_json(RESULTS / f"{out_name}.json", data)
     lines = ["# Distributed pruning: 2 gloo processes vs 1 process (CPU)", "", code_line(), "", PROTOCOL, "",
              "| method | run | prune s | vs 1x1 | vs 1x2 | PPL | PPL diff | sparsity | masks equal | bytes/block "
              "all-gathered | bytes/block broadcast |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -134,7 +134,7 @@ def report(rows: dict, name: str = "distributed", checkpoint: str | None = None)
         p = r["projection_8gpu_7b"]
         lines.append(f"| {method} | {p['block_s_1']:.3f} | {p['block_s_n']:.3f} | {p['speedup']:.2f}x | "
                      f"{p['solve_s']:.3f} -> {p['solve_s_n']:.3f} | {p['comm_s']:.4f} |")
-    write_atomic(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
+    write_atomic(RESULTS / f"{out_name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
