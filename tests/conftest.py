@@ -178,3 +178,12 @@ class FakeGrid:
             pid = self.partitions[m.metadata.dst_node_id]
             out.append(Message(content=RecordDict({"m": MetricRecord({"partition-id": pid})}), reply_to=m))
         return out
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A saved tiny 3-block llama with its tokenizer (a model directory, as a user passes --model)."""
+    d = tmp_path / "model"
+    tiny_model("llama", layers=3).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d

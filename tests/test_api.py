@@ -16,12 +16,6 @@ from layerprune.errors import UserError
 NOT_COMPARED = {"layerprune.json", "README.md"}  # they carry timings and the command line
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    tiny_model("llama", layers=3).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def _files(d: Path) -> dict:

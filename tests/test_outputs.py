@@ -20,12 +20,6 @@ def _tree(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    tiny_model("llama", layers=3).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def _args(model_dir, data, out, *extra):
