@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -53,8 +54,10 @@ class Checkpoint:
     ``activations`` is False: a resume recomputes them), and a state file written last (the commit point), all by
     atomic rename."""
 
-    def __init__(self, folder: Path, fingerprint: str, activations: bool = True):
+    def __init__(self, folder: Path, fingerprint: str, activations: bool = True, background: bool = False):
         self.folder, self.fingerprint, self.keep_activations = folder, fingerprint, activations
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="layerprune-checkpoint") if background else None
+        self._pending = None  # the write in flight (background)
 
     def load(self) -> dict | None:
         p = self.folder / "state.json"
@@ -93,18 +96,51 @@ class Checkpoint:
         write(tmp)
         os.replace(tmp, self.folder / name)
 
-    def save(self, i: int, block: nn.Module | None, acts: torch.Tensor, state: dict,
+    def save(self, i: int, block: nn.Module | None, acts, state: dict,
              extra: dict[str, torch.Tensor] | None = None) -> None:
         """Commit block i: its pruned weights (unless ``block`` is None: the block store keeps them), the next block's
         inputs (when this checkpoint keeps them; with ``extra``: the block program's own resume tensors, kept in
-        every mode but none), then the state file."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if block is not None:
-            sd = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-            self._atomic(f"block_{i:04d}.safetensors", lambda p: save_file(sd, str(p)))
+        every mode but none), then the state file. ``acts`` is a tensor, or an object whose ``result()`` gives it
+        (``distributed.World.gather_rows_async``: the rows still arriving from the other ranks).
+
+        With ``background`` the files are written by one writer thread while the next block is pruned: ``save``
+        returns once the previous block's commit is on disk (one write in flight), and re-raises its error, if any.
+        The tensors handed over must stay unchanged until the next ``save`` or ``flush`` returns (the engine's
+        activations are double-buffered: the buffer saved at block i is next written by block i+2's propagation)."""
+        sd = None if block is None else {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()}
+        if isinstance(acts, torch.Tensor):
+            acts = acts.detach().to("cpu")
+        job = lambda: self.commit(i, sd, acts, state, tensors)  # noqa: E731
+        if self._writer is None:
+            return job()
+        self.flush()
+        self._pending = self._writer.submit(job)
+
+    def flush(self) -> None:
+        """Wait for the write in flight (background); its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Finish the write in flight and stop the writer thread."""
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+
+    def commit(self, i: int, block_sd: dict[str, torch.Tensor] | None, acts, state: dict,
+               tensors: dict[str, torch.Tensor]) -> None:
+        """The files of ``save``, written now (atomic renames; the state file last: the commit point)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if block_sd is not None:
+            self._atomic(f"block_{i:04d}.safetensors", lambda p: save_file(block_sd, str(p)))
+        if acts is not None and not isinstance(acts, torch.Tensor):
+            acts = acts.result()
         if self.keep_activations:
-            tensors["x"] = acts.detach().to("cpu").contiguous()
+            tensors = {**tensors, "x": acts.contiguous()}
         name = f"acts_{i + 1:04d}.safetensors" if tensors else None
         if name is not None:
             self._atomic(name, lambda p: save_file(tensors, str(p)))

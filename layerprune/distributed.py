@@ -20,8 +20,9 @@ pruned weights broadcast from the solving rank, their record rows gathered. A bl
 structured solver) runs on every rank on the identical statistics and its block is broadcast from rank 0 afterwards
 (``sync_block``). Propagation runs per shard.
 
-Rank 0 alone writes (record, card, recipe, checkpoint: the checkpoint's activations are gathered from the shards and a
-resume scatters them back); a resume needs the same N. Progress bars and logs come from rank 0. A rank that fails
+Rank 0 alone writes (record, card, recipe, checkpoint: the checkpoint's activations are gathered from the shards, on
+a second gloo group while the ranks go on to the next block, and written by a writer thread; a resume scatters them
+back); a resume needs the same N. Progress bars and logs come from rank 0. A rank that fails
 ends its process; the others fail at their next collective (the connection to the dead rank is gone, or the
 process-group timeout passes) and stop with one line (``PeerLost``); ``torchrun`` also stops the other workers when
 one exits with an error.
@@ -59,6 +60,8 @@ class World:
         self.world, self.rank, self.backend = world, rank, backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.started = False  # the engine has begun: from here a rank's own error is printed by that rank
+        self.side = None  # a second (gloo) group: the checkpoint's rows travel beside the block's collectives
+        self._outgoing = None  # (work, tensor): this rank's rows on their way to rank 0
         self.begin()
 
     def begin(self) -> None:
@@ -106,14 +109,17 @@ class World:
         try:
             yield
         except (RuntimeError, ValueError) as e:  # DistBackendError, gloo "Connection closed by peer", timeouts
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PeerLost(f"rank {self.rank} of {self.world}: another process of the distributed run stopped or "
-                           f"hung ({first[:160]}); this one stops too (--resume continues from the last checkpoint)"
-                           ) from None
+            raise self.lost(e) from None
         finally:
             self.comm_s += time.perf_counter() - t0
             if kind:
                 self.bytes[kind] += nbytes
+
+    def lost(self, e: Exception) -> PeerLost:
+        """The one line a rank stops with when a collective failed."""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return PeerLost(f"rank {self.rank} of {self.world}: another process of the distributed run stopped or hung "
+                        f"({first[:160]}); this one stops too (--resume continues from the last checkpoint)")
 
     def sum_ordered(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of ``t`` over the ranks, p_0 + p_1 + ... in rank order, bit-identical on every rank."""
@@ -162,23 +168,37 @@ class World:
     def _obj_device(self):
         return self.device if self.backend == "nccl" else None
 
-    def gather_rows(self, t: torch.Tensor) -> torch.Tensor | None:
-        """The shards of every rank concatenated in rank order (dim 0) on rank 0; None elsewhere."""
+    def gather_rows_async(self, t: torch.Tensor, n: int, tag: int = 0):
+        """The shards of every rank concatenated in rank order (dim 0) on rank 0, without waiting: the rows (``n`` in
+        all, split as ``shard``) travel to rank 0 over the side group while the ranks go on. Rank 0 gets an object
+        whose ``result()`` is the concatenation (it waits for the rows); the other ranks get None. One transfer per
+        rank is in flight: a rank first waits for its previous one; ``t`` must stay unchanged until this rank's next
+        call or ``flush()``."""
         if not self.active:
             return t
         import torch.distributed as dist
 
-        n = torch.tensor([t.shape[0]], device=self._wire())
-        sizes = [torch.zeros_like(n) for _ in range(self.world)]
-        with self._comm():
-            dist.all_gather(sizes, n)
-        sizes = [int(s) for s in sizes]
-        pad = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=self._wire())
-        pad[:t.shape[0]].copy_(t)
-        parts = [torch.empty_like(pad) for _ in range(self.world)] if self.rank == 0 else None
-        with self._comm("gathered", t.numel() * t.element_size()):
-            dist.gather(pad, parts, dst=0)
-        return torch.cat([p[:s].cpu() for p, s in zip(parts, sizes)]) if self.rank == 0 else None
+        counts = self.counts(n)
+        if t.shape[0] != counts[self.rank]:
+            raise RuntimeError(f"rank {self.rank} holds {t.shape[0]} rows, its shard of {n} is {counts[self.rank]}")
+        group = self.side if self.side is not None else dist.group.WORLD
+        if self.rank == 0:
+            parts = [t] + [torch.empty((c, *t.shape[1:]), dtype=t.dtype) for c in counts[1:]]
+            with self._comm():
+                works = [dist.irecv(parts[r], src=r, group=group, tag=tag) for r in range(1, self.world)]
+            return _Rows(self, parts, works)
+        self.flush()
+        rows = t.detach().to("cpu").contiguous()
+        with self._comm("gathered", rows.numel() * rows.element_size()):
+            self._outgoing = (dist.isend(rows, 0, group=group, tag=tag), rows)
+        return None
+
+    def flush(self) -> None:
+        """Wait until this rank's rows sent by ``gather_rows_async`` have left."""
+        out, self._outgoing = self._outgoing, None
+        if out is not None:
+            with self._comm():
+                out[0].wait()
 
     def scatter_rows(self, full: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``full`` [n, ...] split into the ranks' shards; returns this rank's (the shape of ``like``)."""
@@ -288,6 +308,21 @@ class World:
                 "comm_s": round(self.comm_s, 4), "blocks": list(self.blocks)}
 
 
+class _Rows:
+    """Rows arriving on rank 0 (``World.gather_rows_async``): ``result()`` waits for them and concatenates."""
+
+    def __init__(self, world: World, parts: list[torch.Tensor], works: list):
+        self.world, self.parts, self.works = world, parts, works
+
+    def result(self) -> torch.Tensor:
+        try:
+            for w in self.works:
+                w.wait()
+        except (RuntimeError, ValueError) as e:
+            raise self.world.lost(e) from None
+        return torch.cat(self.parts)
+
+
 class _ReadOnly:
     """A block store seen from a rank that writes nothing: onload as the store does, offload = drop."""
 
@@ -342,6 +377,11 @@ def init(device=None) -> World:
         raise UserError(f"rank {rank} of {world}: cannot join the process group ({str(e).splitlines()[0][:160]})"
                         ) from None
     _WORLD = World(world, rank, backend, device)
+    try:  # the checkpoint's rows travel on their own connections (gloo: CPU tensors on any device)
+        _WORLD.side = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"rank {rank} of {world}: cannot join the process group ({str(e).splitlines()[0][:160]})"
+                        ) from None
     return _WORLD
 
 

@@ -102,7 +102,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         torch.cuda.reset_peak_memory_stats(device)
     keep = out_dir is not None and mode != "none"
     ckpt = Checkpoint(out_dir / ".checkpoint", fingerprint(model, calib, cfg.result_settings()),
-                      activations=mode == "full") if keep and world.rank == 0 else None
+                      activations=mode == "full", background=True) if keep and world.rank == 0 else None
     state = _load_state(ckpt, world) if (keep and resume) else None
 
     with timers("capture"):  # the inputs of block 0 and every block's call arguments (of this rank's windows)
@@ -151,9 +151,9 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
                 with timers("offload"):
                     store.offload(model, i)
             if keep:  # a store that does not persist: before the offload, while the block is in memory
-                with timers("checkpoint"):
-                    # N processes: every rank's windows, on rank 0; --checkpoint weights keeps none
-                    acts = world.gather_rows(buf.inputs) if mode == "full" else None
+                with timers("checkpoint"):  # written by a writer thread while the next block is pruned
+                    # N processes: every rank's windows, on rank 0 (arriving meanwhile); --checkpoint weights keeps none
+                    acts = world.gather_rows_async(buf.inputs, calib.shape[0], tag=i) if mode == "full" else None
                     if ckpt is not None:
                         ckpt.save(i, None if persist else block, acts, extra=_resume_state(program), state={
                             "allocation": plan.allocation, "layers": layers, "world_size": world.world,
@@ -167,7 +167,12 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             world.block_done(i)
             errs = [r["rel_error"] for r in rows if r["rel_error"] is not None]
             bar.set_postfix(err=f"{sum(errs) / max(len(errs), 1):.3g}")
+        if ckpt is not None:
+            ckpt.flush()  # the last block's commit is on disk (its error, if any, raised here)
+        world.flush()  # another rank: its last rows have reached rank 0
     finally:
+        if ckpt is not None:
+            _quietly(ckpt.close)  # after an error too: the write in flight finishes (or fails), the state stays whole
         buf.close()
     extra = program.finish(model) if world.rank == 0 else {}  # another rank's model is not the run's
     timers.t["total"] = time.perf_counter() - t_start + prev_total
@@ -204,6 +209,14 @@ def _whole_model(model, calib, cfg: PruneConfig, program, device, dtype, progres
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "resumed_from_block": None,
     }
+
+
+def _quietly(fn) -> None:
+    """``fn()``, its error dropped: cleanup after the run (or its first error, which is the one reported)."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _resume_state(program) -> dict:

@@ -187,3 +187,48 @@ def model_dir(tmp_path):
     tiny_model("llama", layers=3).save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return d
+
+
+# --- kill a prune with SIGKILL at a block's onload, then resume it -------------------------------------------------
+
+_KILL_SCRIPT = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_model
+from layerprune import prune
+from layerprune.offload import MemoryStore
+
+class KillingStore(MemoryStore):
+    def onload(self, model, i, device):
+        if i == {kill_at} and not os.path.exists({flag!r}):
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().onload(model, i, device)
+
+model = tiny_model("llama", layers={layers})
+calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
+prune(model, calibration=calib, out_dir={out!r}, resume=True, store=KillingStore(), progress=False, **{kwargs!r})
+torch.save(model.state_dict(), {result!r})
+"""
+
+
+def kill_then_resume(tmp_path: Path, prune_kwargs: dict, kill_at: int = 3, layers: int = 5, between=None) -> dict:
+    """Run ``prune(tiny llama, 6 x 24 windows, out_dir, resume=True, **prune_kwargs)`` in a subprocess that SIGKILLs
+    itself at block ``kill_at``'s onload, call ``between(out_dir)`` (checks on the interrupted run's checkpoint), run
+    it again to the end (a resume) and return the resumed model's state dict."""
+    import signal
+    import subprocess
+    import sys
+
+    out, result, flag = tmp_path / "run", tmp_path / "resumed.pt", tmp_path / "flag"
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT.format(tests=str(Path(__file__).parent), kill_at=kill_at, layers=layers,
+                                          out=str(out), result=str(result), flag=str(flag), kwargs=prune_kwargs))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-500:]
+    if between is not None:
+        between(out)
+    flag.write_text("resume")
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()[-800:]
+    return torch.load(result)

@@ -94,14 +94,14 @@ def test_killed_forced_run_resumes_from_its_staging_folder(tmp_path, model_dir, 
 
 def test_checkpoint_keeps_only_the_latest_activations(tmp_path, monkeypatch):
     seen = []
-    real_save = Checkpoint.save
+    real_commit = Checkpoint.commit  # the writer thread's write of one block (save() hands it over)
 
-    def spy(self, i, block, acts, state, extra=None):
-        real_save(self, i, block, acts, state, extra=extra)
+    def spy(self, *args):
+        real_commit(self, *args)
         seen.append((sorted(p.name for p in self.folder.glob("acts_*")),
                      sum(p.stat().st_size for p in self.folder.iterdir())))
 
-    monkeypatch.setattr(Checkpoint, "save", spy)
+    monkeypatch.setattr(Checkpoint, "commit", spy)
     model = tiny_model("llama", layers=6)
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     prune(model, calibration=calib, method="wanda", sparsity=0.5, out_dir=tmp_path, progress=False)

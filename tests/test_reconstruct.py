@@ -3,16 +3,10 @@ bit-identical, options and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, kill_then_resume, tiny_model
 
 import layerprune.reconstruct as R
 from layerprune import prune
@@ -112,41 +106,13 @@ def test_options_and_bad_input():
         _method_options(R.RECONSTRUCTORS, "--reconstruct", "none", args)
 
 
-RESUME_SCRIPT = textwrap.dedent("""
-    import os, signal, sys, torch
-    sys.path.insert(0, {tests!r})
-    from conftest import tiny_model
-    from layerprune import prune
-    from layerprune.offload import MemoryStore
-
-    class KillingStore(MemoryStore):
-        def onload(self, model, i, device):
-            if i == {kill_at} and not os.path.exists({resume_flag!r}):
-                os.kill(os.getpid(), signal.SIGKILL)
-            super().onload(model, i, device)
-
-    model = tiny_model("llama", layers=5)
-    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
-    prune(model, calibration=calib, method="wanda", sparsity=0.6, out_dir={out!r}, resume=True, offload={offload!r},
-          store=KillingStore(), progress=False, reconstruct="block", reconstruct_options={{"epochs": 2, "lr": 1e-3}})
-    torch.save(model.state_dict(), {result!r})
-""")
-
-
 @pytest.mark.parametrize("offload", ["none", "disk"])
 def test_resume_after_sigkill_is_bit_identical(tmp_path, offload):
-    out, result, flag = tmp_path / "run", tmp_path / "resumed.pt", tmp_path / "flag"
-    script = tmp_path / "run.py"
-    script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parent), kill_at=3, out=str(out),
-                                           result=str(result), resume_flag=str(flag), offload=offload))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True)
-    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-500:]
-    assert json.loads((out / ".checkpoint" / "state.json").read_text())["next_block"] == 3
-    flag.write_text("resume")
-    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True)
-    assert p.returncode == 0, p.stderr.decode()[-800:]
-    resumed = torch.load(result)
+    def interrupted(out):  # block 2's commit (a writer thread's) may still be in flight at the kill
+        assert json.loads((out / ".checkpoint" / "state.json").read_text())["next_block"] in (2, 3)
+
+    resumed = kill_then_resume(tmp_path, dict(method="wanda", sparsity=0.6, offload=offload, reconstruct="block",
+                                              reconstruct_options={"epochs": 2, "lr": 1e-3}), between=interrupted)
     ref = tiny_model("llama", layers=5)
     prune(ref, calibration=calib(6, 24), method="wanda", sparsity=0.6, progress=False, reconstruct="block",
           reconstruct_options={"epochs": 2, "lr": 1e-3})
