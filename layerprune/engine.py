@@ -139,7 +139,9 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             t0, s0 = timers.now(), dict(timers.t)
             collect = make_collect(block, buf, kwargs[i], cfg.batch_size, dtype, timers)
             collect.context = {"buffer": buf, "kwargs": kwargs[i], "batch_size": cfg.batch_size, "dtype": dtype,
-                               "timers": timers, "index": i, "folder": out_dir, "linears": adapter.linears}
+                               "timers": timers, "index": i, "folder": out_dir, "linears": adapter.linears,
+                               "input_groups": adapter.input_groups, "get_weight": adapter.get_weight,
+                               "set_weight": adapter.set_weight}
             rows = program.run(block, collect, plan.targets(i))
             if not getattr(program, "sharded", False):  # it ran on every rank: rank 0's block is the result
                 world.sync_block(block)

@@ -14,6 +14,10 @@ it. Adam steps on batches of STEP_WINDOWS windows (more steps per epoch than ``-
 shuffled order per block and epoch (seeded by the block index): one block and one batch of activations at a time,
 and a resumed run repeats the same steps.
 
+Before Adam, each linear's kept weights are refit by least squares to the dense layer's outputs on the pruned
+inputs (``refit_iters`` conjugate-gradient iterations on its input Hessian, one statistics pass per block): the
+weight update SparseGPT makes, for any solver's pattern (Wanda's, say); Adam then fits the block as a whole.
+
 Each method is a class in ``RECONSTRUCTORS`` with declared options (they become CLI flags, like a solver's);
 ``wrap(program, cfg)`` is what ``solvers.program.block_program`` calls.
 """
@@ -57,8 +61,11 @@ class BlockReconstruction:
     options = (Option("epochs", positive_int, None, "block reconstruction: epochs over the calibration windows "
                       "(default 3)", flag="--recon-epochs"),
                Option("lr", _positive_float, None, "block reconstruction: Adam learning rate (default 1e-4)",
-                      flag="--recon-lr"))
-    defaults = {"epochs": 3, "lr": 1e-4}
+                      flag="--recon-lr"),
+               Option("refit_iters", int, None, "block reconstruction: conjugate-gradient iterations of the "
+                      "least-squares refit of each linear's kept weights before Adam (default 20; 0: none)",
+                      flag="--recon-refit-iters"))
+    defaults = {"epochs": 3, "lr": 1e-4, "refit_iters": 20}
 
 
 def check(name: str, options: dict) -> dict:
@@ -74,6 +81,8 @@ def check(name: str, options: dict) -> dict:
         raise UserError(f"reconstruction epochs must be a positive integer, got {opts['epochs']!r}")
     if "lr" in opts and not float(opts["lr"]) > 0:
         raise UserError(f"reconstruction lr must be > 0, got {opts['lr']!r}")
+    if "refit_iters" in opts and not (isinstance(opts["refit_iters"], int) and opts["refit_iters"] >= 0):
+        raise UserError(f"reconstruction refit_iters must be an integer >= 0, got {opts['refit_iters']!r}")
     return opts
 
 
@@ -87,8 +96,8 @@ def wrap(program, cfg):
 class BlockReconstructProgram:
     """A block program (see ``solvers.program``) that runs ``inner`` and then reconstructs the block's output."""
 
-    def __init__(self, inner, offload: str, epochs: int, lr: float):
-        self.inner, self.offload, self.epochs, self.lr = inner, offload, epochs, lr
+    def __init__(self, inner, offload: str, epochs: int, lr: float, refit_iters: int = 0):
+        self.inner, self.offload, self.epochs, self.lr, self.refit_iters = inner, offload, epochs, lr, refit_iters
         self.changes_shapes = inner.changes_shapes
         self.dense = None  # ActivationBuffer: .a the dense inputs of the next block to prune
 
@@ -128,16 +137,53 @@ class BlockReconstructProgram:
                 forward_all(forward_copy(block, ctx["dtype"]), self.dense, ctx["kwargs"], ctx["batch_size"],
                             keep=True)
         t_dense = time.perf_counter() - t0
+        masked = not self.changes_shapes
+        refit = masked and self.refit_iters > 0
+        if refit:  # the dense weights: what the refit reproduces on the pruned inputs
+            dense_w = {n: ctx["get_weight"](m).detach().clone() for n, m in ctx["linears"](block).items()}
         rows = self.inner.run(block, collect, targets)
         t0 = time.perf_counter() - t_dense
         with ctx["timers"]("reconstruct"):
+            refit_err = refit_linears(block, ctx, collect, dense_w, self.refit_iters) if refit else None
             before, after = reconstruct(block, ctx["linears"](block), buf, self.dense.b, ctx["kwargs"],
                                         ctx["batch_size"], self.epochs, self.lr, ctx["index"],
-                                        masked=not self.changes_shapes)
+                                        masked=masked)
         info = {"loss_before": before, "loss_after": after, "seconds": round(time.perf_counter() - t0, 4),
-                "epochs": self.epochs, "lr": self.lr}
+                "epochs": self.epochs, "lr": self.lr, "refit_iters": self.refit_iters if refit else 0}
+        rows = [{**r, "refit_rel_error": refit_err.get(r["name"])} if refit_err else r for r in rows]
         self.dense.swap()  # the dense outputs are the next block's dense inputs
         return [{**r, "reconstruct": info} for r in rows]
+
+
+def refit_linears(block, ctx: dict, collect, dense_w: dict[str, torch.Tensor], iters: int) -> dict[str, float]:
+    """Least squares on each linear's support: with the block pruned, the input Hessian H of every input group on
+    the *pruned* inputs (one statistics pass), then for each linear min ||X (W_dense - W)^T||^2 over the kept entries
+    of W (its zeros fixed), by conjugate gradients warm-started at the solver's weights (``solvers.alps.pcg_refit``
+    in the unit-diagonal basis, damped as SparseGPT). Returns each linear's relative output error after the refit."""
+    from layerprune.solvers.alps import normalized_hessian, pcg_refit
+    from layerprune.solvers.common import relative_error
+
+    mods = ctx["linears"](block)
+    groups = [[n for n in g if n in mods] for g in ctx["input_groups"]]
+    groups = [g for g in groups if g]
+    stats = collect([g[0] for g in groups], ("hessian",))
+    errors = {}
+    for g in groups:
+        st = stats.pop(g[0])
+        for name in g:
+            w = ctx["get_weight"](mods[name]).detach()  # [out, in]
+            Hn, scale, dead = normalized_hessian(st.hessian, 0.01, w.device)
+            keep = w != 0
+            wd = dense_w[name].to(torch.float32)
+            B = pcg_refit(wd * scale, Hn, (w.to(torch.float32) * scale).masked_fill(~keep, 0), keep, iters)
+            new = B.div_(scale).masked_fill_(~keep, 0.0).add_(0.0)
+            if bool(dead.any()):  # an input that never fires: its weights keep the solver's values
+                new[:, dead] = w[:, dead].to(torch.float32)
+            if bool(torch.isfinite(new).all()):  # else the solver's weights stay (a diverged refit is no refit)
+                ctx["set_weight"](mods[name], new.to(w.dtype))
+            errors[name] = relative_error(wd.to(w.dtype), ctx["get_weight"](mods[name]).detach(), st)
+        del st
+    return errors
 
 
 def reconstruct(block, linears: dict, buf, targets: torch.Tensor, kwargs, batch_size: int, epochs: int, lr: float,

@@ -20,12 +20,18 @@ def calib(n=8, seqlen=24, seed=0):
 
 @pytest.fixture
 def patterns(monkeypatch):
-    """Every reconstruct() call's linears: their zero masks before and after it (and the weights before)."""
+    """Every block's linears: their zero masks as the solver left them (before the least-squares refit, when it
+    runs) and after Adam (reconstruct()), the weights before and after Adam, and Adam's (loss before, after)."""
     seen = []
-    real = R.reconstruct
+    real, real_refit = R.reconstruct, R.refit_linears
+    solver_zeros = {}
+
+    def spy_refit(block, ctx, *a, **kw):
+        solver_zeros.update({n: (m.weight == 0).clone() for n, m in ctx["linears"](block).items()})
+        return real_refit(block, ctx, *a, **kw)
 
     def spy(block, linears, *a, **kw):
-        before = {n: (m.weight == 0).clone() for n, m in linears.items()}
+        before = {n: solver_zeros.pop(n, (m.weight == 0).clone()) for n, m in linears.items()}
         w0 = {n: m.weight.detach().clone() for n, m in linears.items()}
         out = real(block, linears, *a, **kw)
         seen.append((before, {n: (m.weight == 0).clone() for n, m in linears.items()}, w0,
@@ -33,6 +39,7 @@ def patterns(monkeypatch):
         return out
 
     monkeypatch.setattr(R, "reconstruct", spy)
+    monkeypatch.setattr(R, "refit_linears", spy_refit)
     return seen
 
 
@@ -47,7 +54,7 @@ def test_zero_pattern_exact_and_error_drops_every_family(family, patterns):
             assert torch.equal(before[n], after[n]), n  # the same zeros, exactly
             assert not torch.equal(w0[n], w1[n]), n  # and the kept weights trained
         assert loss1 < loss0
-    assert rec["reconstruct"] == {"method": "block", "epochs": 2, "lr": 1e-3}
+    assert rec["reconstruct"] == {"method": "block", "epochs": 2, "lr": 1e-3, "refit_iters": 20}
     for r in rec["layers"]:
         assert r["reconstruct"]["loss_after"] < r["reconstruct"]["loss_before"]
         assert r["achieved"] == pytest.approx(r["target"], abs=2e-3)
@@ -86,12 +93,25 @@ def test_reconstruction_lowers_the_model_output_error():
     assert errs["block"] < errs["none"]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: transposed (Conv1D) weights
+def test_least_squares_refit_lowers_every_blocks_error(family):
+    """The refit of the kept weights (before Adam) leaves each block's output error below the solver's."""
+    start = {}
+    for iters in (0, 20):
+        rec = prune(tiny_model(family), calibration=calib(8, 32), method="wanda", sparsity=0.7, progress=False,
+                    reconstruct="block", reconstruct_options={"epochs": 1, "refit_iters": iters})
+        start[iters] = {r["block"]: r["reconstruct"]["loss_before"] for r in rec["layers"]}
+        assert all(("refit_rel_error" in r) == (iters > 0) for r in rec["layers"])
+    assert all(start[20][b] < 0.8 * start[0][b] for b in start[0]), start
+
+
 def test_options_and_bad_input():
     from layerprune.cli import build_parser
     from layerprune.cli.common import _method_options
 
     m = tiny_model("llama", layers=2)
-    for opts, msg in [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"steps": 3}, "unknown option")]:
+    for opts, msg in [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"steps": 3}, "unknown option"),
+                      ({"refit_iters": -1}, "refit_iters")]:
         with pytest.raises(UserError, match=msg):
             prune(m, calibration=calib(), method="wanda", progress=False, reconstruct="block",
                   reconstruct_options=opts)
@@ -101,6 +121,8 @@ def test_options_and_bad_input():
     p = sub.choices["prune"]
     args = p.parse_args(["--out", "x", "--reconstruct", "block", "--recon-epochs", "2", "--recon-lr", "0.01"])
     assert _method_options(R.RECONSTRUCTORS, "--reconstruct", "block", args) == {"epochs": 2, "lr": 0.01}
+    args = p.parse_args(["--out", "x", "--reconstruct", "block", "--recon-refit-iters", "0"])
+    assert _method_options(R.RECONSTRUCTORS, "--reconstruct", "block", args) == {"refit_iters": 0}
     args = p.parse_args(["--out", "x", "--recon-epochs", "2"])
     with pytest.raises(UserError, match="--recon-epochs needs --reconstruct block"):
         _method_options(R.RECONSTRUCTORS, "--reconstruct", "none", args)
