@@ -27,7 +27,7 @@ import torch
 
 from . import distributed
 from .allocation import get_allocator
-from .config import DTYPES, PruneConfig, RunConfig
+from .config import CHECKPOINT_EVERY_S, DTYPES, PruneConfig, RunConfig
 from .data import calibration_set
 from .data.calibration import CalibrationSet
 from .engine import preflight, prune_model
@@ -81,7 +81,8 @@ def _config(cls, config, settings: dict):
 
 def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calibration=None, data_dir=None, device=None,
           out_dir: Path | None = None, resume: bool = False, store=None, progress: bool = True,
-          block_stats: list[float] | None = None, checkpoint: str | None = None, **settings) -> dict:
+          block_stats: list[float] | None = None, checkpoint: str | None = None,
+          checkpoint_every: float = CHECKPOINT_EVERY_S, **settings) -> dict:
     """Prune ``model`` in place and return the run record (a dict, JSON-serialisable).
 
     ``config``: a PruneConfig, or its fields as keywords (``method="wanda", sparsity=0.5, ...``), not both.
@@ -90,7 +91,8 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calibrati
     LongTensor [n, seqlen]) with those settings left unset: giving both is refused.
     ``block_stats``: the allocator's per-block statistics if already computed (``allocation.plan.allocation_statistics``
     on the same model and calibration): the dense pre-pass is skipped.
-    ``checkpoint``: with ``out_dir``, what is kept to resume (full, weights or none; ``checkpoint.checkpoint_mode``).
+    ``checkpoint``: with ``out_dir``, what is kept to resume (full, weights or none; ``checkpoint.checkpoint_mode``),
+    committed at most every ``checkpoint_every`` seconds (0: after every block).
     An allocation that is chosen per model (``allocation="auto"``: candidates scored by a proxy on the WikiText-2
     validation split, which needs ``tokenizer`` and the data directory) is chosen first; the record's
     ``allocation_auto`` says what was tried, the proxy values and why the choice was made.
@@ -112,7 +114,8 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calibrati
                                       c["seed"], data_dir)
     t_calib = time.perf_counter() - t0
     return _prune(model, tokenizer, cfg, calibration, t_calib, data_dir=data_dir, device=device, out_dir=out_dir,
-                  resume=resume, store=store, progress=progress, block_stats=block_stats, checkpoint=checkpoint)
+                  resume=resume, store=store, progress=progress, block_stats=block_stats, checkpoint=checkpoint,
+                  checkpoint_every=checkpoint_every)
 
 
 def _chooser(cfg: PruneConfig):
@@ -128,7 +131,7 @@ def _check_choice(cfg: PruneConfig, has_tokenizer: bool) -> None:
 
 
 def _prune(model, tokenizer, cfg: PruneConfig, calibration, t_calib: float, *, data_dir, device, out_dir, resume,
-           store, progress, block_stats, checkpoint=None) -> dict:
+           store, progress, block_stats, checkpoint=None, checkpoint_every: float = CHECKPOINT_EVERY_S) -> dict:
     if isinstance(calibration, CalibrationSet):
         calib_info = {"source": calibration.source or "given", "nsamples": calibration.nsamples,
                       "seqlen": calibration.seqlen, "seed": calibration.seed, "pool_size": calibration.pool_size,
@@ -144,7 +147,8 @@ def _prune(model, tokenizer, cfg: PruneConfig, calibration, t_calib: float, *, d
         run_cfg = dataclasses.replace(cfg, allocation=report["spec"], allocation_options=report["run_options"])
         block_stats = report["block_stats"]
     record = prune_model(model, ids, run_cfg, device=device, out_dir=out_dir, resume=resume, store=store,
-                         progress=progress, block_stats=block_stats, checkpoint=checkpoint)
+                         progress=progress, block_stats=block_stats, checkpoint=checkpoint,
+                         checkpoint_every=checkpoint_every)
     record["timings"]["calibration_data"] = t_calib  # drawing the windows, when this call drew them
     record["timings"]["total"] += t_calib
     if report is not None:
@@ -266,7 +270,8 @@ def run_prune(config: RunConfig | None = None, **settings) -> dict:
     before = ev(model, tok) if run.dense_eval and not lazy and lead else {}
     dense_sparsity = None if lazy else measure_sparsity(model)["overall"]
     record = _prune(model, tok, cfg, calib, t_calib, data_dir=data_dir, device=device, out_dir=work,
-                    resume=run.resume, store=store, progress=run.progress, block_stats=None, checkpoint=run.checkpoint)
+                    resume=run.resume, store=store, progress=run.progress, block_stats=None, checkpoint=run.checkpoint,
+                    checkpoint_every=run.checkpoint_every)
     if not lead:
         return None
     record["model"] = model_spec

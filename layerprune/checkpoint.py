@@ -96,22 +96,23 @@ class Checkpoint:
         write(tmp)
         os.replace(tmp, self.folder / name)
 
-    def save(self, i: int, block: nn.Module | None, acts, state: dict,
+    def save(self, i: int, blocks: dict[int, nn.Module], acts, state: dict,
              extra: dict[str, torch.Tensor] | None = None) -> None:
-        """Commit block i: its pruned weights (unless ``block`` is None: the block store keeps them), the next block's
-        inputs (when this checkpoint keeps them; with ``extra``: the block program's own resume tensors, kept in
-        every mode but none), then the state file. ``acts`` is a tensor, or an object whose ``result()`` gives it
-        (``distributed.World.gather_rows_async``: the rows still arriving from the other ranks).
+        """Commit the run up to block i: the pruned weights of ``blocks`` (index -> block: those pruned since the last
+        commit; none when the block store keeps them), the next block's inputs (when this checkpoint keeps them;
+        with ``extra``: the block program's own resume tensors, kept in every mode but none), then the state file.
+        ``acts`` is a tensor, or an object whose ``result()`` gives it (``distributed.World.gather_rows_async``: the
+        rows still arriving from the other ranks).
 
         With ``background`` the files are written by one writer thread while the next block is pruned: ``save``
         returns once the previous block's commit is on disk (one write in flight), and re-raises its error, if any.
         The tensors handed over must stay unchanged until the next ``save`` or ``flush`` returns (the engine's
         activations are double-buffered: the buffer saved at block i is next written by block i+2's propagation)."""
-        sd = None if block is None else {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        sds = {j: {k: v.detach().to("cpu").contiguous() for k, v in b.state_dict().items()} for j, b in blocks.items()}
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()}
         if isinstance(acts, torch.Tensor):
             acts = acts.detach().to("cpu")
-        job = lambda: self.commit(i, sd, acts, state, tensors)  # noqa: E731
+        job = lambda: self.commit(i, sds, acts, state, tensors)  # noqa: E731
         if self._writer is None:
             return job()
         self.flush()
@@ -131,12 +132,12 @@ class Checkpoint:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
 
-    def commit(self, i: int, block_sd: dict[str, torch.Tensor] | None, acts, state: dict,
+    def commit(self, i: int, block_sds: dict[int, dict[str, torch.Tensor]], acts, state: dict,
                tensors: dict[str, torch.Tensor]) -> None:
         """The files of ``save``, written now (atomic renames; the state file last: the commit point)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        if block_sd is not None:
-            self._atomic(f"block_{i:04d}.safetensors", lambda p: save_file(block_sd, str(p)))
+        for j, sd in block_sds.items():
+            self._atomic(f"block_{j:04d}.safetensors", lambda p, sd=sd: save_file(sd, str(p)))
         if acts is not None and not isinstance(acts, torch.Tensor):
             acts = acts.result()
         if self.keep_activations:

@@ -17,6 +17,7 @@ from .errors import UserError
 
 OFFLOAD_MODES = ("none", "cpu", "disk")
 CHECKPOINT_MODES = ("full", "weights", "none")  # what a run keeps to be resumed (checkpoint.checkpoint_mode)
+CHECKPOINT_EVERY_S = 60.0  # seconds between two commits of a run's checkpoint (a resume redoes at most about this)
 CALIBRATION_FIELDS = ("calib", "nsamples", "seqlen", "seed")  # how the calibration windows are drawn
 CALIBRATION_DEFAULTS = {"calib": "c4", "nsamples": 128, "seqlen": None, "seed": 0}  # seqlen None: 2048, capped
 
@@ -132,6 +133,7 @@ class RunConfig:
     resume: bool = False  # continue an interrupted run in ``out``
     checkpoint: str | None = None  # resume state kept in ``out``: full, weights or none (None: full on a CPU, weights
     # on a GPU; ``checkpoint.checkpoint_mode``)
+    checkpoint_every: float = CHECKPOINT_EVERY_S  # seconds between two commits of it (0: after every block)
     progress: bool = True
     command_line: str | None = None  # shown in the model card (the CLI fills it in)
     inputs: tuple = ()  # other local inputs (e.g. the recipe read) that ``out`` must stay apart from
@@ -155,6 +157,9 @@ class RunConfig:
             self.eval = tuple(self.eval or ())
             if self.max_windows is not None and self.max_windows < 1:
                 raise UserError(f"--max-windows {self.max_windows} must be at least 1")
+            if not self.checkpoint_every >= 0:
+                raise UserError(f"--checkpoint-every {self.checkpoint_every} must be >= 0 seconds (0: after every "
+                                "block)")
             if self.checkpoint not in (None, *CHECKPOINT_MODES):
                 raise UserError(f"--checkpoint {self.checkpoint!r} is unknown: use one of "
                                 f"{', '.join(CHECKPOINT_MODES)}")

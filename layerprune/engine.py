@@ -61,13 +61,15 @@ def preflight(model, cfg: PruneConfig) -> list[LayerInfo]:
 
 def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, out_dir: Path | None = None,
                 resume: bool = False, store=None, progress: bool = True, block_stats: list[float] | None = None,
-                checkpoint: str | None = None) -> dict:
+                checkpoint: str | None = None, checkpoint_every: float = 0.0) -> dict:
     """Prune ``model`` in place, block by block. Returns the run record (see ``record.py``).
 
     ``block_stats``: the allocator's per-block statistics when already known (``allocation_statistics`` on the same
     model and calibration); skips the dense pre-pass. ``checkpoint``: what a run with ``out_dir`` keeps to be resumed
     (``checkpoint.checkpoint_mode``: full, weights or none; default full on the CPU, weights on a GPU; on N processes
-    full, since a rank rebuilds no inputs).
+    full, since a rank rebuilds no inputs). ``checkpoint_every``: seconds between two commits of the checkpoint (0:
+    after every block; a resume redoes at most that much work): the commit comes after the first block that ends
+    this long after the previous one (rank 0's clock) and saves every block pruned since.
 
     On N processes (``layerprune.distributed.init``) every rank calls this with the same ``calib`` and works on its
     shard of the windows; only rank 0 writes the checkpoint under ``out_dir``."""
@@ -87,6 +89,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             raise UserError("--checkpoint weights is for one process (a resume rebuilds the inputs by rerunning the "
                             "finished blocks); on N processes use --checkpoint full or none")
         mode = "full"
+    if not checkpoint_every >= 0:
+        raise UserError(f"--checkpoint-every {checkpoint_every} must be >= 0 seconds (0: after every block)")
     if resume and mode == "none":
         raise UserError("--resume needs the run's checkpoint, and --checkpoint none keeps none: drop one of them")
     dtype = DTYPES[cfg.compute_dtype]
@@ -128,6 +132,8 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
                  device)
         if hasattr(program, "restore_state"):  # the program's own resume state (e.g. a dense activation stream)
             program.restore_state(ckpt.extra(state), buf.inputs, device, out_dir)
+    uncommitted: list[int] = []  # blocks pruned since the last commit of the checkpoint
+    last_commit = time.perf_counter()
     bar = tqdm(range(start, len(blocks)), desc=f"prune {cfg.method}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     try:
@@ -152,16 +158,19 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
             if persist:
                 with timers("offload"):
                     store.offload(model, i)
-            if keep:  # a store that does not persist: before the offload, while the block is in memory
+            uncommitted.append(i)
+            if keep and world.share(time.perf_counter() - last_commit >= checkpoint_every):  # rank 0's clock decides
                 with timers("checkpoint"):  # written by a writer thread while the next block is pruned
                     # N processes: every rank's windows, on rank 0 (arriving meanwhile); --checkpoint weights keeps none
                     acts = world.gather_rows_async(buf.inputs, calib.shape[0], tag=i) if mode == "full" else None
-                    if ckpt is not None:
-                        ckpt.save(i, None if persist else block, acts, extra=_resume_state(program), state={
-                            "allocation": plan.allocation, "layers": layers, "world_size": world.world,
-                            "block_timings": per_block + [_delta(i, before, timers.t)],
-                            "timings": {**timers.t, "total": time.perf_counter() - t_start + prev_total}})
+                    if ckpt is not None:  # the blocks pruned since the last commit (a persisting store has them)
+                        ckpt.save(i, {} if persist else {j: blocks[j] for j in uncommitted}, acts,
+                                  extra=_resume_state(program), state={
+                                      "allocation": plan.allocation, "layers": layers, "world_size": world.world,
+                                      "block_timings": per_block + [_delta(i, before, timers.t)],
+                                      "timings": {**timers.t, "total": time.perf_counter() - t_start + prev_total}})
                     del acts
+                uncommitted, last_commit = [], time.perf_counter()
             if not persist:
                 with timers("offload"):
                     store.offload(model, i)

@@ -206,7 +206,8 @@ class KillingStore(MemoryStore):
 
 model = tiny_model("llama", layers={layers})
 calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
-prune(model, calibration=calib, out_dir={out!r}, resume=True, store=KillingStore(), progress=False, **{kwargs!r})
+prune(model, calibration=calib, out_dir={out!r}, resume=True, store=KillingStore(), progress=False,
+      checkpoint_every=0, **{kwargs!r})
 torch.save(model.state_dict(), {result!r})
 """
 

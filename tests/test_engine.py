@@ -265,6 +265,40 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, mode, method, spar
         assert torch.equal(v, resumed[k]), k
 
 
+def test_checkpoint_every_commits_the_blocks_since_and_resumes_identically(tmp_path, monkeypatch):
+    """--checkpoint-every: the commit comes after the first block that ends that long after the previous one and
+    saves every block pruned since; a resume from it gives the uninterrupted run's weights."""
+    import itertools
+    import types
+
+    import layerprune.engine as E
+    from layerprune.offload import MemoryStore
+
+    class Crash(MemoryStore):
+        def onload(self, model, i, device):
+            if i == 5:
+                raise RuntimeError("simulated crash")
+            super().onload(model, i, device)
+
+    ticks = itertools.count()  # the engine's clock: one second per reading
+    monkeypatch.setattr(E, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    kw = dict(calibration=calib(), method="sparsegpt", sparsity=0.5, progress=False, out_dir=tmp_path,
+              checkpoint_every=4)
+    with pytest.raises(RuntimeError, match="simulated"):
+        prune(tiny_model("llama", layers=6), store=Crash(), **kw)
+    state = json.loads((tmp_path / ".checkpoint" / "state.json").read_text())
+    saved = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / ".checkpoint").glob("block_*"))
+    assert 2 <= state["next_block"] < 5 and saved == list(range(state["next_block"])), (state["next_block"], saved)
+    monkeypatch.undo()
+    resumed = tiny_model("llama", layers=6)
+    assert prune(resumed, resume=True, **kw)["resumed_from_block"] == state["next_block"]
+    ref = tiny_model("llama", layers=6)
+    prune(ref, calibration=calib(), method="sparsegpt", sparsity=0.5, progress=False)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in ref.state_dict().items())
+    with pytest.raises(UserError, match="--checkpoint-every"):
+        prune(tiny_model("llama"), **{**kw, "checkpoint_every": -1})
+
+
 def test_checkpoint_none_keeps_nothing_and_refuses_resume(tmp_path):
     rec = prune(tiny_model("llama"), calibration=calib(), method="wanda", sparsity=0.5, out_dir=tmp_path,
                 progress=False, checkpoint="none")
@@ -302,7 +336,8 @@ def test_timers_synchronize_a_cuda_device_at_both_ends_of_a_stage(monkeypatch):
 
 def test_checkpoint_with_other_settings_is_refused(tmp_path):
     model = tiny_model("llama")
-    prune(model, calibration=calib(), method="wanda", sparsity=0.5, out_dir=tmp_path, progress=False)
+    prune(model, calibration=calib(), method="wanda", sparsity=0.5, out_dir=tmp_path, progress=False,
+          checkpoint_every=0)
     with pytest.raises(UserError, match="other settings"):
         prune(tiny_model("llama"), calibration=calib(), method="wanda", sparsity=0.6, out_dir=tmp_path, resume=True,
               progress=False)

@@ -89,7 +89,8 @@ def test_slimgpt_head_count_that_does_not_divide_hidden(family, tmp_path):
     cfg = tiny_config(family, layers=2, real=True)
     cfg = type(cfg)(**{**cfg.to_dict(), "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1,
                        "head_dim": 32})
-    kw = dict(calibration=CALIB, method="slimgpt", sparsity=0.25, progress=False, out_dir=tmp_path / "run")
+    kw = dict(calibration=CALIB, method="slimgpt", sparsity=0.25, progress=False, out_dir=tmp_path / "run",
+              checkpoint_every=0)
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="simulated"):
         prune(AutoModelForCausalLM.from_config(cfg).eval(), store=FailingStore(), **kw)

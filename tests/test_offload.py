@@ -223,7 +223,7 @@ def test_prune_with_disk_store_and_checkpoints_matches_in_memory(saved, tmp_path
     model, _, store = load_model_lazy(saved, torch.float32, work_dir=tmp_path / "work")
     run = tmp_path / "run"
     prune(model, calibration=x, method="wanda", sparsity=0.5, offload="disk", store=store, out_dir=run,
-          progress=False)
+          progress=False, checkpoint_every=0)
     state = json.loads((run / ".checkpoint" / "state.json").read_text())
     assert state["next_block"] == N_BLOCKS
     store.save_pretrained(model, tmp_path / "saved")
@@ -254,7 +254,7 @@ def test_bound_store_writes_final_shards_once_and_resumes(saved, tmp_path):
     model, _, store = load_model_lazy(saved, torch.float32)
     store.bind(run, torch.float32)
     prune(model, calibration=x, method="sparsegpt", sparsity=0.5, offload="disk", store=store, out_dir=run,
-          progress=False)
+          progress=False, checkpoint_every=0)
     assert not list((run / ".checkpoint").glob("block_*"))  # no second copy of the blocks
     before = {p.name: p.read_bytes() for p in run.glob("model-*.safetensors")}
     assert len(before) == N_BLOCKS
@@ -283,7 +283,7 @@ def test_bound_store_writes_final_shards_once_and_resumes(saved, tmp_path):
     try:
         with pytest.raises(KeyboardInterrupt):
             prune(model2, calibration=x, method="sparsegpt", sparsity=0.5, offload="disk", store=store2,
-                  out_dir=run2, progress=False)
+                  out_dir=run2, progress=False, checkpoint_every=0)
     finally:
         Checkpoint.save = real
     assert json.loads((run2 / ".checkpoint" / "state.json").read_text())["next_block"] == 1
@@ -319,6 +319,7 @@ def test_structured_prune_under_disk_offload_matches_in_memory_and_resumes(tmp_p
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     kw = dict(calibration=x, method="slimgpt", sparsity=0.4, allocation="ipr-log", progress=False)
     want_rec = prune(ref, **kw)
+    kw["checkpoint_every"] = 0
     want = ref.state_dict()
     widths = model_widths(ref)
     assert len(set(widths)) > 1 and widths[0] != model_widths(dense)[0]  # per-block widths, block 0 pruned

@@ -82,10 +82,11 @@ def test_killed_forced_run_resumes_from_its_staging_folder(tmp_path, model_dir, 
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Checkpoint, "save", save_then_die)
-    assert main(_args(model_dir, text_corpus, out, "--force", "--method", "sparsegpt")) == 130
+    every = ("--checkpoint-every", "0")  # a commit after every block
+    assert main(_args(model_dir, text_corpus, out, "--force", "--method", "sparsegpt", *every)) == 130
     assert _tree(out) == old
     monkeypatch.setattr(Checkpoint, "save", real_save)
-    assert main(_args(model_dir, text_corpus, out, "--resume", "--method", "sparsegpt")) == 0
+    assert main(_args(model_dir, text_corpus, out, "--resume", "--method", "sparsegpt", *every)) == 0
     rec = json.loads((out / "layerprune.json").read_text())
     assert rec["method"] == "sparsegpt" and rec["resumed_from_block"] == 2
     t = rec["timings"]
@@ -104,7 +105,7 @@ def test_checkpoint_keeps_only_the_latest_activations(tmp_path, monkeypatch):
     monkeypatch.setattr(Checkpoint, "commit", spy)
     model = tiny_model("llama", layers=6)
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    prune(model, calibration=calib, method="wanda", sparsity=0.5, out_dir=tmp_path, progress=False)
+    prune(model, calibration=calib, method="wanda", sparsity=0.5, out_dir=tmp_path, progress=False, checkpoint_every=0)
     assert len(seen) == 6
     assert all(len(names) == 1 for names, _ in seen), seen  # one activation file, whatever the depth
     block_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())

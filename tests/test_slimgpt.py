@@ -547,7 +547,7 @@ class FailingStore(MemoryStore):
 
 def test_resume_of_a_structured_run_matches_uninterrupted(tmp_path):
     x = calib_ids()
-    kw = dict(calibration=x, method="slimgpt", sparsity=0.5, allocation="ipr-log", progress=False)
+    kw = dict(calibration=x, method="slimgpt", sparsity=0.5, allocation="ipr-log", progress=False, checkpoint_every=0)
     with pytest.raises(RuntimeError, match="simulated"):
         prune(tiny_model("llama", layers=4), out_dir=tmp_path, store=FailingStore(2), **kw)
     assert json.loads((tmp_path / ".checkpoint" / "state.json").read_text())["next_block"] == 2

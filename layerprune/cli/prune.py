@@ -13,6 +13,7 @@ from layerprune.cli.common import (DATA_DIR_HELP, DTYPES, _common_model_args, _e
 from layerprune.cli import recipe
 from layerprune.recipe import RECIPE_NAME, dump
 from layerprune.reconstruct import RECONSTRUCTORS
+from layerprune.config import CHECKPOINT_EVERY_S
 from layerprune.solvers import SOLVER_REGISTRY
 
 QUICK = "--nsamples 32 --seqlen 512 --max-windows 40"  # the help's examples: minutes on a CPU
@@ -47,14 +48,7 @@ def add_parser(sub) -> None:
     s.add_argument("--recipe", default=None,
                    help="take every setting from this recipe.yaml (written into each run directory); flags given "
                         "here override it; --out, --data-dir and --device never come from a recipe")
-    s.add_argument("--out", required=True, help="run directory to write (weights + layerprune.json + recipe.yaml)")
-    s.add_argument("--force", action="store_true",
-                   help="replace --out if it holds a layerprune run (written beside it, swapped in at the end)")
-    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    s.add_argument("--checkpoint", default=None, choices=["full", "weights", "none"],
-                   help="resume state kept in --out after each block: full (pruned block + next inputs), weights "
-                        "(pruned block; a resume reruns the finished blocks) or none (default: full on a CPU, weights "
-                        "on a GPU)")
+    _run_dir_args(s)
     s.add_argument("--eval", default="wikitext2", help="comma list of datasets to evaluate before/after ('' for none)")
     s.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window length (default: --seqlen)")
     s.add_argument("--max-windows", type=_positive, default=None, help="evaluate only the first N windows")
@@ -78,6 +72,21 @@ def add_parser(sub) -> None:
     _method_flags(s, ALLOCATORS)
     _method_flags(s, RECONSTRUCTORS)
     s.set_defaults(func=run, prune_parser=s)
+
+
+def _run_dir_args(s) -> None:
+    """The run directory: where, whether to replace or continue it, and its resume state."""
+    s.add_argument("--out", required=True, help="run directory to write (weights + layerprune.json + recipe.yaml)")
+    s.add_argument("--force", action="store_true",
+                   help="replace --out if it holds a layerprune run (written beside it, swapped in at the end)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--checkpoint", default=None, choices=["full", "weights", "none"],
+                   help="resume state kept in --out after each block: full (pruned block + next inputs), weights "
+                        "(pruned block; a resume reruns the finished blocks) or none (default: full on a CPU, weights "
+                        "on a GPU)")
+    s.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY_S, metavar="SECONDS",
+                   help="commit the resume state at most this often (default %(default)g s: a resume redoes at most "
+                        "about that much; 0: after every block)")
 
 
 def run(args) -> int:
@@ -110,6 +119,7 @@ def config_from_args(args):
                      eval=args.eval, eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
                      dense_eval=not args.no_dense_eval, device=args.device, data_dir=args.data_dir,
                      use_cache=not args.no_cache, force=args.force, resume=args.resume, checkpoint=args.checkpoint,
+                     checkpoint_every=args.checkpoint_every,
                      command_line=getattr(args, "command_line", None), inputs=(args.recipe,) if args.recipe else (),
                      parent=None if parent is None else _parent_config(args, parent)).validate()
 
