@@ -34,7 +34,7 @@ LAYOUT: dict[str | None, dict[str, str]] = {
 }
 OPTION_SECTIONS = {"solver_options": "method", "allocation_options": "allocation",  # section -> the key choosing it
                    "reconstruct_options": "reconstruct"}
-NOT_RECORDED = {"out", "force", "resume", "checkpoint", "recipe", "data_dir", "device", "no_cache",
+NOT_RECORDED = {"out", "force", "resume", "checkpoint", "checkpoint_every", "recipe", "data_dir", "device", "no_cache",
                 "help"}
 
 
