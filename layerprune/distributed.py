@@ -183,7 +183,7 @@ class World:
             raise RuntimeError(f"rank {self.rank} holds {t.shape[0]} rows, its shard of {n} is {counts[self.rank]}")
         group = self.side if self.side is not None else dist.group.WORLD
         if self.rank == 0:
-            parts = [t] + [torch.empty((c, *t.shape[1:]), dtype=t.dtype) for c in counts[1:]]
+            parts = [t.detach().to("cpu")] + [torch.empty((c, *t.shape[1:]), dtype=t.dtype) for c in counts[1:]]
             with self._comm():
                 works = [dist.irecv(parts[r], src=r, group=group, tag=tag) for r in range(1, self.world)]
             return _Rows(self, parts, works)
