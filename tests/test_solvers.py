@@ -220,22 +220,6 @@ def test_nm_picks_lowest_in_group():
             assert set(torch.nonzero(mag[r, sl] == 0).flatten().tolist()) == ref
 
 
-@pytest.mark.parametrize("n, m", [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 16)])
-def test_nm_mask_is_the_stable_sorts_first_n(n, m):
-    """The pairwise-rank mask (m <= 8) picks exactly the stable sort's first n of each group, ties included."""
-    import layerprune.solvers.nm as NM
-
-    g = torch.Generator().manual_seed(m)
-    score = torch.randint(0, 4, (12, 8 * m), generator=g).float()  # many ties
-    score[0, :m] = 0.0
-    score[1, :m] = -0.0
-    groups = score.reshape(12, -1, m)
-    order = torch.sort(groups, dim=2, stable=True).indices[..., :n]
-    want = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order, True).reshape(score.shape)
-    assert torch.equal(NM.nm_mask(score, n, m), want)
-    assert (NM.nm_mask(score, n, m).reshape(12, -1, m).sum(-1) == n).all()
-
-
 def test_row_tiebreak_ties_do_not_change_counts():
     W = torch.ones(4, 10)  # all scores tie
     out = get_solver("magnitude").prune(W, LayerStats(), 0.35, scope="row")

@@ -37,22 +37,10 @@ def check_nm(nm, in_features: int) -> tuple[int, int]:
     return n, m
 
 
-RANK_M = 8  # groups up to this size are ranked by pairwise comparison (m^2 compares), larger ones sorted
-
-
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Mask pruning the n lowest scores in every group of m consecutive columns of each row (ties -> lower index).
-
-    For small m each entry's rank in its group is counted directly, #{j: s_j < s_i or (s_j == s_i and j < i)}, and
-    the n of rank < n are pruned: the stable sort's first n, without a sort (a CPU sort over millions of 4-element
-    groups is what an iterative solver such as ALPS would otherwise spend its projections on)."""
+    """Mask pruning the n lowest scores in every group of m consecutive columns of each row (ties -> lower index)."""
     rows, cols = score.shape
     groups = score.reshape(rows, cols // m, m)
-    if m <= RANK_M:
-        before = torch.ones(m, m, dtype=torch.bool, device=score.device).tril(-1)  # [i, j]: j comes before i
-        a, b = groups.unsqueeze(-1), groups.unsqueeze(-2)  # s_i, s_j
-        rank = ((b < a) | ((b == a) & before)).sum(-1)
-        return (rank < n).reshape(rows, cols)
     order = torch.sort(groups, dim=2, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order, True)
     return mask.reshape(rows, cols)
