@@ -143,8 +143,9 @@ class BlockReconstructProgram:
             dense_w = {n: ctx["get_weight"](m).detach().clone() for n, m in ctx["linears"](block).items()}
         rows = self.inner.run(block, collect, targets)
         t0 = time.perf_counter() - t_dense
+        # the refit's statistics pass counts as statistics (collect times it), its solves as reconstruction
+        refit_err = refit_linears(block, ctx, collect, dense_w, self.refit_iters) if refit else None
         with ctx["timers"]("reconstruct"):
-            refit_err = refit_linears(block, ctx, collect, dense_w, self.refit_iters) if refit else None
             before, after = reconstruct(block, ctx["linears"](block), buf, self.dense.b, ctx["kwargs"],
                                         ctx["batch_size"], self.epochs, self.lr, ctx["index"],
                                         masked=masked)
@@ -160,19 +161,25 @@ def refit_linears(block, ctx: dict, collect, dense_w: dict[str, torch.Tensor], i
     the *pruned* inputs (one statistics pass), then for each linear min ||X (W_dense - W)^T||^2 over the kept entries
     of W (its zeros fixed), by conjugate gradients warm-started at the solver's weights (``solvers.alps.pcg_refit``
     in the unit-diagonal basis, damped as SparseGPT). Returns each linear's relative output error after the refit."""
-    from layerprune.solvers.alps import normalized_hessian, pcg_refit
-    from layerprune.solvers.common import relative_error
-
     mods = ctx["linears"](block)
     groups = [[n for n in g if n in mods] for g in ctx["input_groups"]]
     groups = [g for g in groups if g]
     stats = collect([g[0] for g in groups], ("hessian",))
     errors = {}
+    with ctx["timers"]("reconstruct"):
+        _refit_groups(groups, mods, stats, ctx, dense_w, iters, errors)
+    return errors
+
+
+def _refit_groups(groups, mods, stats, ctx, dense_w, iters, errors) -> None:
+    from layerprune.solvers.alps import normalized_hessian, pcg_refit
+    from layerprune.solvers.common import relative_error
+
     for g in groups:
         st = stats.pop(g[0])
+        Hn, scale, dead = normalized_hessian(st.hessian, 0.01, ctx["get_weight"](mods[g[0]]).device)
         for name in g:
             w = ctx["get_weight"](mods[name]).detach()  # [out, in]
-            Hn, scale, dead = normalized_hessian(st.hessian, 0.01, w.device)
             keep = w != 0
             wd = dense_w[name].to(torch.float32)
             B = pcg_refit(wd * scale, Hn, (w.to(torch.float32) * scale).masked_fill(~keep, 0), keep, iters)
@@ -182,8 +189,7 @@ def refit_linears(block, ctx: dict, collect, dense_w: dict[str, torch.Tensor], i
             if bool(torch.isfinite(new).all()):  # else the solver's weights stay (a diverged refit is no refit)
                 ctx["set_weight"](mods[name], new.to(w.dtype))
             errors[name] = relative_error(wd.to(w.dtype), ctx["get_weight"](mods[name]).detach(), st)
-        del st
-    return errors
+        del st, Hn
 
 
 def reconstruct(block, linears: dict, buf, targets: torch.Tensor, kwargs, batch_size: int, epochs: int, lr: float,
