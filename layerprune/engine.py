@@ -28,6 +28,7 @@ from .offload import MemoryStore
 from .passes import ActivationBuffer, Timers, capture_inputs, dense_input_norms, make_collect, propagate
 from .passes import block_out as _block_out
 from .solvers import get_solver
+from .reconstruct import wrap as wrap_reconstruction
 from .solvers.program import block_program
 
 # also importable from here, for the callers that always did
@@ -44,7 +45,7 @@ def preflight(model, cfg: PruneConfig) -> list[LayerInfo]:
     cfg.validate()
     distributed.current().check(cfg)
     adapter = get_adapter(model)
-    program = block_program(get_solver(cfg.method), model, adapter, cfg)
+    program = _program(model, adapter, cfg)
     skip = set(cfg.skip)
     if program.changes_shapes and (cfg.nm is not None or skip):
         raise UserError(f"{cfg.method} prunes whole blocks and changes their shapes: --nm and --skip do not apply; "
@@ -95,7 +96,7 @@ def prune_model(model, calib: torch.Tensor, cfg: PruneConfig, *, device=None, ou
         raise UserError("--resume needs the run's checkpoint, and --checkpoint none keeps none: drop one of them")
     dtype = DTYPES[cfg.compute_dtype]
     adapter = get_adapter(model)
-    program = block_program(get_solver(cfg.method), model, adapter, cfg)
+    program = _program(model, adapter, cfg)
     params_before = sum(p.numel() for p in model.parameters())
     if getattr(program, "whole_model", False):  # a program that decides over the whole model at once
         return _whole_model(model, calib, cfg, program, device, dtype, progress, t_start, params_before)
@@ -220,6 +221,12 @@ def _whole_model(model, calib, cfg: PruneConfig, program, device, dtype, progres
         "peak_device_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "resumed_from_block": None,
     }
+
+
+def _program(model, adapter, cfg: PruneConfig):
+    """The block program of ``cfg.method`` (``solvers.program.block_program``), wrapped by the reconstruction
+    ``cfg.reconstruct`` names (``reconstruct.wrap``; itself when none)."""
+    return wrap_reconstruction(block_program(get_solver(cfg.method), model, adapter, cfg), cfg)
 
 
 def _quietly(fn) -> None:

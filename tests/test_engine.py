@@ -255,8 +255,9 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, mode, method, spar
         acts = sorted(p.name for p in (out / ".checkpoint").glob("acts_*"))
         if mode == "weights":
             assert state["activations"] is None and not acts
-        else:  # the committed block's inputs, and at most the next one's, written before its state file
-            assert state["activations"] == acts[0] and len(acts) <= 2, (state["activations"], acts)
+        else:  # the committed block's inputs, and at most one other (the next commit's, written before its state
+            # file, or the previous one's, removed after it)
+            assert state["activations"] in acts and len(acts) <= 2, (state["activations"], acts)
 
     resumed = kill_then_resume(tmp_path, dict(method=method, sparsity=sparsity, checkpoint=mode), between=interrupted)
     ref = tiny_model("llama", layers=5)

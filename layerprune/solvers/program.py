@@ -103,12 +103,8 @@ class LinearProgram:
 
 
 def block_program(solver, model, adapter, cfg):
-    """The solver's own block program, or its per-linear ``prune`` wrapped in a ``LinearProgram``; with
-    ``cfg.reconstruct`` (not "none") wrapped again by the reconstruction (``layerprune.reconstruct``)."""
-    from layerprune.reconstruct import wrap
-
+    """The solver's own block program, or its per-linear ``prune`` wrapped in a ``LinearProgram`` (the engine wraps
+    it again in the reconstruction ``cfg.reconstruct`` names, ``layerprune.reconstruct.wrap``)."""
     if hasattr(solver, "program"):
-        program = solver.program(model, adapter, cfg)
-    else:
-        program = LinearProgram(solver, adapter, cfg)
-    return wrap(program, cfg)
+        return solver.program(model, adapter, cfg)
+    return LinearProgram(solver, adapter, cfg)
