@@ -19,7 +19,7 @@ inputs (``refit_iters`` conjugate-gradient iterations on its input Hessian, one 
 weight update SparseGPT makes, for any solver's pattern (Wanda's, say); Adam then fits the block as a whole.
 
 Each method is a class in ``RECONSTRUCTORS`` with declared options (they become CLI flags, like a solver's);
-``wrap(program, cfg)`` is what ``solvers.program.block_program`` calls.
+``wrap(program, cfg)`` is what the engine calls on every block program.
 """
 from __future__ import annotations
 
