@@ -164,32 +164,28 @@ def refit_linears(block, ctx: dict, collect, dense_w: dict[str, torch.Tensor], i
     mods = ctx["linears"](block)
     groups = [[n for n in g if n in mods] for g in ctx["input_groups"]]
     groups = [g for g in groups if g]
-    stats = collect([g[0] for g in groups], ("hessian",))
-    errors = {}
-    with ctx["timers"]("reconstruct"):
-        _refit_groups(groups, mods, stats, ctx, dense_w, iters, errors)
-    return errors
-
-
-def _refit_groups(groups, mods, stats, ctx, dense_w, iters, errors) -> None:
     from layerprune.solvers.alps import normalized_hessian, pcg_refit
     from layerprune.solvers.common import relative_error
 
-    for g in groups:
-        st = stats.pop(g[0])
-        Hn, scale, dead = normalized_hessian(st.hessian, 0.01, ctx["get_weight"](mods[g[0]]).device)
-        for name in g:
-            w = ctx["get_weight"](mods[name]).detach()  # [out, in]
-            keep = w != 0
-            wd = dense_w[name].to(torch.float32)
-            B = pcg_refit(wd * scale, Hn, (w.to(torch.float32) * scale).masked_fill(~keep, 0), keep, iters)
-            new = B.div_(scale).masked_fill_(~keep, 0.0).add_(0.0)
-            if bool(dead.any()):  # an input that never fires: its weights keep the solver's values
-                new[:, dead] = w[:, dead].to(torch.float32)
-            if bool(torch.isfinite(new).all()):  # else the solver's weights stay (a diverged refit is no refit)
-                ctx["set_weight"](mods[name], new.to(w.dtype))
-            errors[name] = relative_error(wd.to(w.dtype), ctx["get_weight"](mods[name]).detach(), st)
-        del st, Hn
+    stats = collect([g[0] for g in groups], ("hessian",))  # timed as statistics by collect
+    errors = {}
+    with ctx["timers"]("reconstruct"):  # the solves
+        for g in groups:
+            st = stats.pop(g[0])
+            Hn, scale, dead = normalized_hessian(st.hessian, 0.01, ctx["get_weight"](mods[g[0]]).device)
+            for name in g:
+                w = ctx["get_weight"](mods[name]).detach()  # [out, in]
+                keep = w != 0
+                wd = dense_w[name].to(torch.float32)
+                B = pcg_refit(wd * scale, Hn, (w.to(torch.float32) * scale).masked_fill(~keep, 0), keep, iters)
+                new = B.div_(scale).masked_fill_(~keep, 0.0).add_(0.0)
+                if bool(dead.any()):  # an input that never fires: its weights keep the solver's values
+                    new[:, dead] = w[:, dead].to(torch.float32)
+                if bool(torch.isfinite(new).all()):  # else the solver's weights stay (a diverged refit is no refit)
+                    ctx["set_weight"](mods[name], new.to(w.dtype))
+                errors[name] = relative_error(wd.to(w.dtype), ctx["get_weight"](mods[name]).detach(), st)
+            del st, Hn
+    return errors
 
 
 def reconstruct(block, linears: dict, buf, targets: torch.Tensor, kwargs, batch_size: int, epochs: int, lr: float,
