@@ -70,7 +70,14 @@ def code_version() -> dict:
         return {"commit": git("rev-parse", "HEAD"),
                 "dirty": bool(git("status", "--porcelain", "--", ".", ":(exclude)bench/results"))}
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+        pass
+    # A copy of the tree without its .git (a GPU machine's): the sender names the commit it copied and whether its
+    # tree was clean (bench/gpu_check.sh writes both from git before sending); the row says it came from a copy.
+    sent = ROOT / ".gpu" / "source.json"
+    if sent.is_file():
+        src = json.loads(sent.read_text())
+        return {"commit": src.get("commit"), "dirty": src.get("dirty"), "copied_tree": True}
+    return {"commit": None, "dirty": None}
 
 
 def gemm_gflops(device="cpu", n: int = 2048, reps: int = 3) -> float:
@@ -87,6 +94,14 @@ def gemm_gflops(device="cpu", n: int = 2048, reps: int = 3) -> float:
         sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
+
+
+def device_name(device: str = "cpu") -> str:
+    """What ran the work: the GPU's name, or the CPU's."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+    return platform.processor() or platform.machine()
 
 
 @functools.cache

@@ -38,7 +38,7 @@ import torch
 
 from layerprune.outputs import remove_ours
 
-from .common import ROOT, RESULTS, gemm_gflops, provenance, write_json
+from .common import ROOT, RESULTS, device_name, gemm_gflops, provenance, write_json
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
              max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -47,11 +47,15 @@ METHODS = {  # name -> prune flags
     "sparsegpt": ["--method", "sparsegpt", "--sparsity", "0.5", "--offload", "disk"],
     "slimgpt": ["--method", "slimgpt", "--sparsity", "0.2", "--offload", "disk"],
     "wanda-dlp70": ["--method", "wanda", "--sparsity", "0.7", "--allocation", "dlp", "--offload", "disk"],
+    "sparsegpt-70": ["--method", "sparsegpt", "--sparsity", "0.7", "--offload", "disk"],
+    "alps-70": ["--method", "alps", "--sparsity", "0.7", "--offload", "disk"],  # issue #30: solve vs sparsegpt-70
 }
+RATIOS = {"alps-70": "sparsegpt-70"}  # method -> the baseline whose median solve per block it is reported against
 
 
-def build_model(folder: Path, blocks: int, seed: int = 0) -> Path:
-    """config + tokenizer + sharded random bf16 weights, block by block (reused when complete)."""
+def build_model(folder: Path, blocks: int, seed: int = 0, tokenizer: str | None = None) -> Path:
+    """config + tokenizer + sharded random bf16 weights, block by block (reused when complete). ``tokenizer``: a
+    folder holding one (default: the built-in SmolLM2's, from its dequantized cache)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -68,7 +72,7 @@ def build_model(folder: Path, blocks: int, seed: int = 0) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     ours.touch()
-    src = resolve_safetensors_dir("smollm2-135m")  # the dequantized cache of the built-in model (has the tokenizer)
+    src = tokenizer or resolve_safetensors_dir("smollm2-135m")  # the built-in model's dequantized cache has one
     if src is None:
         from layerprune.models.loading import load_model
 
@@ -207,12 +211,14 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (then use --nsamples 128 "
                     "--seqlen 2048; the model stays in CPU RAM instead of on disk)")
+    ap.add_argument("--tokenizer", default=None, help="a folder with the tokenizer to build the model with (default: "
+                    "SmolLM2's, from the built-in model's cache)")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/scale_cpu[_<blocks>b].json)")
     a = ap.parse_args(argv)
     work = Path(a.work)
     provenance()  # the code, command and CPU GEMM rate, taken before anything is written
     t = time.perf_counter()
-    model = build_model(work / f"llama7b-shape-{a.blocks}b", a.blocks)
+    model = build_model(work / f"llama7b-shape-{a.blocks}b", a.blocks, tokenizer=a.tokenizer)
     build_s = time.perf_counter() - t
     rate = gemm_gflops(a.device)  # the floor is at the rate of the device that runs the solves
     floor = sparsegpt_block_flops() / (rate * 1e9)
@@ -226,12 +232,16 @@ def main(argv=None) -> int:
         results[name] = r
         print(name, json.dumps(r.get("summary", r), indent=1), flush=True)
         remove_ours(work / f"run-{name}")  # a layerprune run directory, or refused
+    for name, base in RATIOS.items():  # the same run: both medians measured on this machine within minutes
+        s, b = (results.get(k, {}).get("summary", {}).get("per_block_median_s", {}).get("solve") for k in (name, base))
+        if s and b:
+            results[name]["summary"][f"solve_over_{base}"] = s / b
     kind = "cpu" if a.device == "cpu" else "gpu"
     out = Path(a.out) if a.out else RESULTS / (f"scale_{kind}.json" if a.blocks == 32
                                                else f"scale_{kind}_{a.blocks}b.json")
     write_json(out, {"shape": SHAPE, "blocks": a.blocks, "vocab": "SmolLM2 tokenizer (49152)", "weights": "random bf16",
                      "calibration": f"{a.nsamples} x {a.seqlen} C4", "threads": torch.get_num_threads(),
-                     "device": a.device,
+                     "device": a.device, "device_name": device_name(a.device),
                      "model_build_s": build_s, "gemm_gflops_fp32_device": rate,
                      "sparsegpt_block_gflop": sparsegpt_block_flops() / 1e9,
                      "sparsegpt_block_gflop_strict": sparsegpt_block_flops(1 / 3) / 1e9, "results": results})
