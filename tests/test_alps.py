@@ -212,3 +212,43 @@ def test_damping_scale_is_the_mean_without_massive_inputs():
     dead = torch.zeros(512, dtype=torch.bool)
     dead[100:400] = True
     assert damping_scale(d, dead) == d.clamp(max=1000 * d[~dead].median()).mean()
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (3, 4), (4, 8), (2, 3)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_nm_keep_is_the_complement_of_nm_mask(n, m, ties):
+    """The float keep mask ALPS projects with (a min/max network for m = 4, sorted values else) is exactly
+    ``~nm_mask``, ties included (integer scores tie often: then the sort decides, earliest pruned first)."""
+    from layerprune.solvers.nm import nm_keep, nm_mask
+
+    g = torch.Generator().manual_seed(n * 10 + m)
+    score = torch.randint(0, 3, (16, 24), generator=g).float() if ties else torch.rand(16, 24, generator=g)
+    keep = nm_keep(score, n, m)
+    assert keep.dtype == score.dtype and torch.equal(keep.bool(), ~nm_mask(score, n, m))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_alps_projection_is_the_complement_of_lowest_k(ties):
+    from layerprune.solvers.alps import _projector
+    from layerprune.solvers.common import lowest_k, prune_count
+
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randint(-3, 4, (12, 20), generator=g).float() if ties else torch.randn(12, 20, generator=g)
+    for s in (0.3, 0.5, 0.7):
+        keep = _projector(Z.shape, s, None)(Z)
+        assert torch.equal(keep.bool(), ~lowest_k(Z.abs(), prune_count(s, Z.numel())))
+
+
+@pytest.mark.parametrize("rows", [8, 40])  # fewer rows than inputs: triangular solves; more: the explicit inverse
+def test_ridge_solve_both_paths(rows):
+    from layerprune.solvers.alps import _Ridge
+
+    X = correlated_x(200, 24, seed=rows)
+    Hn, _, _ = normalized_hessian(X.T @ X, 0.01, "cpu")
+    R = torch.randn(rows, 24, generator=torch.Generator().manual_seed(rows))
+    ridge = _Ridge(Hn, rows)
+    assert ridge.direct == (rows <= 24)
+    for rho in (0.1, 3.0):
+        ridge.set(rho)
+        ref = torch.linalg.solve((Hn.double() + rho * torch.eye(24, dtype=torch.float64)), R.double().T).T
+        assert torch.allclose(ridge(R).double(), ref, rtol=1e-4, atol=1e-5)

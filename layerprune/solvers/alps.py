@@ -14,7 +14,7 @@ Every 3 iterations rho follows the support: with c the fraction of the kept entr
 the last check, rho *= 1.3 (c > 10%), 1.2 (c > 0.5%), 1.1 (any change, once rho has grown); before rho has ever
 grown, any change restarts from W~0 with rho / 5 and no change divides rho by 5. ADMM stops when the support stops
 changing after rho has grown, or after 30 iterations once c < 0.03%, or after ``admm_iters``; rho is capped at 1e6
-and the inverse is refactored only when rho changes. The pattern is then P(B).
+and the ridge system is refactored (one Cholesky) only when rho changes. The pattern is then P(B).
 
 PCG refit: with the support fixed, the kept weights of every row solve the least-squares problem
 H~_SS w_S = (W~0 H~)_S, by conjugate gradients run on all rows at once (masked to the support), warm-started from
@@ -29,8 +29,8 @@ import torch
 from layerprune.errors import UserError
 from layerprune.registry import Option, positive_int, register_solver
 from layerprune.solvers.common import (all_finite, check_options, check_sparsity, check_weight, damping_scale,
-                                       lowest_k, prune_count)
-from layerprune.solvers.nm import check_nm, nm_mask
+                                       kth_lowest, lowest_k, prune_count)
+from layerprune.solvers.nm import check_nm, nm_keep
 from layerprune.stats import LayerStats
 
 UPDATE_EVERY = 3  # iterations between two rho updates
@@ -91,9 +91,10 @@ class ALPS:
             Wn = w.to(torch.float32) * scale  # the weight in the normalized basis
             Wn[:, dead] = 0  # a dead input's weight changes no output: free to prune, so pruned first
             project = _projector(Wn.shape, s, nm)
-            B = admm(Wn, Hn, project, float(rho), admm_iters)
-            keep = ~project(B)
-            B = pcg_refit(Wn, Hn, B.masked_fill(~keep, 0), keep, pcg_iters)
+            target = Wn @ Hn
+            B = admm(Wn, Hn, project, float(rho), admm_iters, target)
+            keep = project(B).bool()
+            B = pcg_refit(Wn, Hn, B.masked_fill(~keep, 0), keep, pcg_iters, target)
             new = B.div_(scale).masked_fill_(~keep, 0).add_(0.0)  # +0.0: no -0.0 entries
             if bool(dead.any()):  # the dead weights within the budget are zeroed, the rest keep their value
                 new[:, dead] = torch.where(keep[:, dead], w[:, dead].to(torch.float32), new[:, dead])
@@ -121,42 +122,77 @@ def normalized_hessian(hessian: torch.Tensor, percdamp: float, device):
 
 
 def _projector(shape, sparsity, nm):
-    """P as a mask function: the entries to zero (True) of a [rows, in] matrix, keeping the largest |.|: the
-    round(sparsity * numel) lowest over the whole matrix, or the n lowest of every m consecutive inputs of a row."""
+    """P as a keep mask in float (1 = kept, 0 = pruned) of a [rows, in] matrix, keeping the largest |.|: all but the
+    round(sparsity * numel) lowest over the whole matrix, or all but the n lowest of every m consecutive inputs of a
+    row (ties: earliest pruned first). Float masks: on the CPU, comparisons, fills and counts on bool tensors cost
+    3-8x their float forms here."""
     if nm is not None:
-        return lambda Z: nm_mask(Z.abs(), nm[0], nm[1])
+        return lambda Z: nm_keep(Z.abs(), nm[0], nm[1])
     k = prune_count(sparsity, shape[0] * shape[1])
-    return lambda Z: lowest_k(Z.abs(), k)
+    kept = shape[0] * shape[1] - k
+
+    def project(Z):
+        if 0 < k < Z.numel():
+            a = Z.abs()
+            keep = a.sub_(kth_lowest(a.reshape(1, -1), k)[0].to(a.device)).clamp_(min=0).sign_()  # 1: |z| > kth
+            if int(keep.sum()) == kept:  # no tie at the k-th value: exact
+                return keep
+        return (~lowest_k(Z.abs(), k)).to(Z.dtype)  # ties at the k-th value: the earliest are pruned
+
+    return project
 
 
-def _ridge_inverse(Hn: torch.Tensor, rho: float) -> torch.Tensor:
-    A = Hn.clone()
-    A.diagonal().add_(rho)
-    L, info = torch.linalg.cholesky_ex(A)
-    if info != 0:
-        raise UserError("alps: the damped Hessian is not positive definite; use a larger percdamp")
-    return torch.cholesky_inverse(L)
+class _Ridge:
+    """X -> X (H~ + rho I)^-1 for the ADMM's free copy, refactored only when rho changes. The Cholesky factor is
+    solved against directly (two triangular solves, about one product's flops a call) when the weight has no more
+    rows than inputs; otherwise the explicit inverse (one Cholesky and an inverse, ~in^3, per rho) makes each call one
+    product of rows x in^2, cheaper there."""
+
+    def __init__(self, Hn: torch.Tensor, rows: int):
+        self.Hn, self.direct, self.rho = Hn, rows <= Hn.shape[0], None
+
+    def set(self, rho: float) -> None:
+        if rho == self.rho:
+            return
+        A = self.Hn.clone()
+        A.diagonal().add_(rho)
+        L, info = torch.linalg.cholesky_ex(A)
+        if info != 0:
+            raise UserError("alps: the damped Hessian is not positive definite; use a larger percdamp")
+        if self.direct:
+            self.L, self.U = L, L.t().contiguous()
+        else:
+            self.inv = torch.cholesky_inverse(L)
+        self.rho = rho
+
+    def __call__(self, X: torch.Tensor) -> torch.Tensor:
+        if not self.direct:
+            return X @ self.inv
+        Y = torch.linalg.solve_triangular(self.U, X, upper=True, left=False)  # Y L^T = X
+        return torch.linalg.solve_triangular(self.L, Y, upper=False, left=False)  # B L = Y
 
 
-def admm(Wn: torch.Tensor, Hn: torch.Tensor, project, rho: float, iters: int) -> torch.Tensor:
-    """The ADMM iterate B (free copy) after the stopping rule (see the module docstring); [rows, in] fp32."""
-    target = Wn @ Hn  # W~0 H~: the ridge solve's right-hand side
-    pruned = project(Wn)
-    D0 = Wn.masked_fill(pruned, 0)
+def admm(Wn: torch.Tensor, Hn: torch.Tensor, project, rho: float, iters: int, target=None) -> torch.Tensor:
+    """The ADMM iterate B (free copy) after the stopping rule (see the module docstring); [rows, in] fp32.
+    ``project``: Z -> its float keep mask (``_projector``); ``target``: W~0 H~ when the caller has it."""
+    target = Wn @ Hn if target is None else target  # the ridge solve's right-hand side
+    keep = project(Wn)
+    D0 = Wn * keep
     D, B, V = D0.clone(), Wn.clone(), torch.zeros_like(Wn)
-    kept = max(int((~pruned).sum()), 1)
-    Hinv, inv_rho = _ridge_inverse(Hn, rho), rho
-    grown = False
+    kept = max(int(keep.sum()), 1)
+    ridge = _Ridge(Hn, Wn.shape[0])
+    ridge.set(rho)
+    grown, R = False, torch.empty_like(Wn)
     for it in range(iters):
-        B = (target - V + rho * D) @ Hinv
-        Z = B + V / rho
+        B = ridge(torch.sub(target, V, out=R).add_(D, alpha=rho))  # (W~0 H~ - V + rho D) (H~ + rho I)^-1
+        Z = torch.add(B, V, alpha=1 / rho)
         new = project(Z)
-        D = Z.masked_fill(new, 0)
-        V = rho * (Z - D)  # = V + rho (B - D)
+        D = Z * new
+        V = Z.sub_(D).mul_(rho)  # = rho (Z - D) = V + rho (B - D)
         if (it + 1) % UPDATE_EVERY:
             continue
-        change = int((new ^ pruned).sum())
-        pruned = new
+        change = int((new - keep).abs_().sum())
+        keep = new
         frac = change / kept
         if frac > 0.1:
             rho, grown = rho * 1.3, True
@@ -175,19 +211,19 @@ def admm(Wn: torch.Tensor, Hn: torch.Tensor, project, rho: float, iters: int) ->
         rho = min(rho, RHO_MAX)
         if it >= SWITCH_ITER and frac < STILL:
             break
-        if rho != inv_rho:
-            Hinv, inv_rho = _ridge_inverse(Hn, rho), rho
+        ridge.set(rho)
     return B
 
 
-def pcg_refit(Wn: torch.Tensor, Hn: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, iters: int) -> torch.Tensor:
+def pcg_refit(Wn: torch.Tensor, Hn: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, iters: int,
+              target=None) -> torch.Tensor:
     """Conjugate gradients on every row's normal equations restricted to its support ``keep``:
     (B H~)_S = (W~0 H~)_S, warm-started at ``B`` (zero off the support); rows stop together once all residuals are
-    below PCG_RTOL of their right-hand side."""
+    below PCG_RTOL of their right-hand side. ``target``: W~0 H~ when the caller has it."""
     if iters == 0:
         return B
     m = keep.to(torch.float32)
-    rhs = (Wn @ Hn) * m
+    rhs = (Wn @ Hn if target is None else target) * m
     stop = PCG_RTOL * rhs.norm(dim=1)
     R = rhs - (B @ Hn) * m
     P = R.clone()
