@@ -49,6 +49,23 @@ def checkpoint_mode(mode: str | None, device) -> str:
     return mode
 
 
+def write_atomic(folder: Path, name: str, write) -> None:
+    """``write(tmp)`` to a temporary file in ``folder``, then rename it to ``name``: a reader (a resume after a kill)
+    sees the old file or the whole new one."""
+    tmp = folder / f".{name}.tmp"
+    write(tmp)
+    os.replace(tmp, folder / name)
+
+
+def commit_state(folder: Path, state: dict, current: str | None, pattern: str) -> None:
+    """Write ``state.json`` (the commit point: the files it names are on disk before it), then remove the older
+    generations, the files of ``pattern`` other than ``current``."""
+    write_atomic(folder, "state.json", lambda p: p.write_text(json.dumps(state)))
+    for old in folder.glob(pattern):
+        if old.name != current:
+            old.unlink(missing_ok=True)
+
+
 class Checkpoint:
     """Per-block resume state under ``<out>/.checkpoint``: pruned block weights, the next block's inputs (unless
     ``activations`` is False: a resume recomputes them), and a state file written last (the commit point), all by
@@ -91,11 +108,6 @@ class Checkpoint:
             return {}
         return {k: v for k, v in load_file(str(self.folder / state["activations"])).items() if k != "x"}
 
-    def _atomic(self, name: str, write) -> None:
-        tmp = self.folder / f".{name}.tmp"
-        write(tmp)
-        os.replace(tmp, self.folder / name)
-
     def save(self, i: int, blocks: dict[int, nn.Module], acts, state: dict,
              extra: dict[str, torch.Tensor] | None = None) -> None:
         """Commit the run up to block i: the pruned weights of ``blocks`` (index -> block: those pruned since the last
@@ -137,19 +149,16 @@ class Checkpoint:
         """The files of ``save``, written now (atomic renames; the state file last: the commit point)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for j, sd in block_sds.items():
-            self._atomic(f"block_{j:04d}.safetensors", lambda p, sd=sd: save_file(sd, str(p)))
+            write_atomic(self.folder, f"block_{j:04d}.safetensors", lambda p, sd=sd: save_file(sd, str(p)))
         if acts is not None and not isinstance(acts, torch.Tensor):
             acts = acts.result()
         if self.keep_activations:
             tensors = {**tensors, "x": acts.contiguous()}
         name = f"acts_{i + 1:04d}.safetensors" if tensors else None
         if name is not None:
-            self._atomic(name, lambda p: save_file(tensors, str(p)))
+            write_atomic(self.folder, name, lambda p: save_file(tensors, str(p)))
         state = {**state, "fingerprint": self.fingerprint, "next_block": i + 1, "activations": name}
-        self._atomic("state.json", lambda p: p.write_text(json.dumps(state)))
-        for old in self.folder.glob("acts_*.safetensors"):  # only the latest block's inputs are needed to resume
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        commit_state(self.folder, state, name, "acts_*.safetensors")  # only the latest inputs are needed to resume
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -17,7 +17,6 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from layerprune.progress import tqdm
 
+from layerprune.checkpoint import commit_state, write_atomic
 from layerprune.errors import UserError
 from layerprune.recovery.masks import apply_masks, masks_of
 
@@ -58,18 +58,12 @@ class TrainCheckpoint:
         return torch.load(self.folder / state["tensors"], weights_only=True)
 
     def save(self, step: int, tensors: dict, state: dict) -> None:
+        """The tensors, then the state file naming them (the commit point, ``checkpoint.commit_state``)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"train_{step:07d}.pt"
-        tmp = self.folder / f".{name}.tmp"
-        torch.save(tensors, tmp)
-        os.replace(tmp, self.folder / name)
+        write_atomic(self.folder, name, lambda p: torch.save(tensors, p))
         state = {**state, "kind": "finetune", "fingerprint": self.fingerprint, "step": step, "tensors": name}
-        tmp = self.folder / f".{STATE}.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.folder / STATE)
-        for old in self.folder.glob("train_*.pt"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        commit_state(self.folder, state, name, "train_*.pt")
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
