@@ -23,6 +23,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,6 +97,11 @@ def main() -> None:
                     "--keep and --speed-only read), e.g. deploy_gguf_depth for depth runs")
     args = ap.parse_args()
     binary, work = Path(args.bin), Path(args.work)
+    missing = [b for b in ("llama-perplexity", "llama-bench") if not (binary / b).is_file()]
+    if missing:  # before any export: the whole run needs them
+        print(f"no {' / '.join(missing)} in {binary}: build them with `bash bench/setup_llamacpp.sh` or pass --bin DIR",
+              file=sys.stderr)
+        sys.exit(2)
     work.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(args.data_dir)
     text = work / "wikitext2-test.txt"

@@ -10,6 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="${1:-${LLAMACPP_DIR:-/tmp/layerprune-llamacpp}}"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PY" ] || PY=python3  # a checkout without the venv (a worktree): any python with pip will do
 JOBS="${JOBS:-2}"
 mkdir -p "$DIR"
 if [ -x "$DIR/build/bin/llama-perplexity" ] && [ -x "$DIR/build/bin/llama-bench" ]; then
