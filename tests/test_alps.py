@@ -252,3 +252,21 @@ def test_ridge_solve_both_paths(rows):
         ridge.set(rho)
         ref = torch.linalg.solve((Hn.double() + rho * torch.eye(24, dtype=torch.float64)), R.double().T).T
         assert torch.allclose(ridge(R).double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_record_rows_say_what_the_iterations_did():
+    """Every ALPS row of the run record carries the ADMM iterations run, the last rho and the refit's iterations;
+    with --admm-iters 2 (under the first rho check) exactly 2, with --pcg-iters 0 none."""
+    from conftest import tiny_model
+    from layerprune import prune
+    from test_engine import calib
+
+    rec = prune(tiny_model("llama"), calibration=calib(), method="alps", sparsity=0.6, progress=False)
+    rows = rec["layers"]
+    assert rows and all(1 <= r["admm_iters"] <= 300 and r["rho"] > 0 and 0 <= r["pcg_iters"] <= 10 for r in rows)
+    assert any(r["admm_iters"] > 3 for r in rows) and any(r["pcg_iters"] > 0 for r in rows)
+    rec = prune(tiny_model("llama"), calibration=calib(), method="alps", sparsity=0.6, progress=False,
+                solver_options={"admm_iters": 2, "pcg_iters": 0})
+    assert all(r["admm_iters"] == 2 and r["rho"] == 0.1 and r["pcg_iters"] == 0 for r in rec["layers"])
+    rec = prune(tiny_model("llama"), calibration=calib(), method="sparsegpt", sparsity=0.6, progress=False)
+    assert not any("admm_iters" in r for r in rec["layers"])  # another solver's rows are as before

@@ -83,18 +83,21 @@ class ALPS:
         device = weights[0].device
         Hn, scale, dead = stats.memo(("alps.Hn", float(percdamp), str(device)),
                                      lambda: normalized_hessian(stats.hessian, float(percdamp), device))
-        out = []
+        out, self.last_info = [], []  # last_info: per weight, what the iterations did (the record's rows show it)
         for w, s in zip(weights, sparsities):
             if nm is None and prune_count(s, w.numel()) == 0:  # nothing to prune: unchanged
                 out.append(w.clone())
+                self.last_info.append({})
                 continue
             Wn = w.to(torch.float32) * scale  # the weight in the normalized basis
             Wn[:, dead] = 0  # a dead input's weight changes no output: free to prune, so pruned first
             project = _projector(Wn.shape, s, nm)
             target = Wn @ Hn
-            B = admm(Wn, Hn, project, float(rho), admm_iters, target)
+            info = {}
+            B = admm(Wn, Hn, project, float(rho), admm_iters, target, info)
             keep = project(B).bool()
-            B = pcg_refit(Wn, Hn, B.masked_fill(~keep, 0), keep, pcg_iters, target)
+            B = pcg_refit(Wn, Hn, B.masked_fill(~keep, 0), keep, pcg_iters, target, info)
+            self.last_info.append(info)
             new = B.div_(scale).masked_fill_(~keep, 0).add_(0.0)  # +0.0: no -0.0 entries
             if bool(dead.any()):  # the dead weights within the budget are zeroed, the rest keep their value
                 new[:, dead] = torch.where(keep[:, dead], w[:, dead].to(torch.float32), new[:, dead])
@@ -172,9 +175,11 @@ class _Ridge:
         return torch.linalg.solve_triangular(self.L, Y, upper=False, left=False)  # B L = Y
 
 
-def admm(Wn: torch.Tensor, Hn: torch.Tensor, project, rho: float, iters: int, target=None) -> torch.Tensor:
+def admm(Wn: torch.Tensor, Hn: torch.Tensor, project, rho: float, iters: int, target=None,
+         info: dict | None = None) -> torch.Tensor:
     """The ADMM iterate B (free copy) after the stopping rule (see the module docstring); [rows, in] fp32.
-    ``project``: Z -> its float keep mask (``_projector``); ``target``: W~0 H~ when the caller has it."""
+    ``project``: Z -> its float keep mask (``_projector``); ``target``: W~0 H~ when the caller has it; ``info``:
+    filled with the iterations run (``admm_iters``) and the last penalty (``rho``)."""
     target = Wn @ Hn if target is None else target  # the ridge solve's right-hand side
     keep = project(Wn)
     D0 = Wn * keep
@@ -212,15 +217,20 @@ def admm(Wn: torch.Tensor, Hn: torch.Tensor, project, rho: float, iters: int, ta
         if it >= SWITCH_ITER and frac < STILL:
             break
         ridge.set(rho)
+    if info is not None:
+        info.update(admm_iters=it + 1, rho=rho)
     return B
 
 
 def pcg_refit(Wn: torch.Tensor, Hn: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, iters: int,
-              target=None) -> torch.Tensor:
+              target=None, info: dict | None = None) -> torch.Tensor:
     """Conjugate gradients on every row's normal equations restricted to its support ``keep``:
     (B H~)_S = (W~0 H~)_S, warm-started at ``B`` (zero off the support); rows stop together once all residuals are
-    below PCG_RTOL of their right-hand side. ``target``: W~0 H~ when the caller has it."""
+    below PCG_RTOL of their right-hand side. ``target``: W~0 H~ when the caller has it; ``info``: filled with the
+    iterations run (``pcg_iters``)."""
     if iters == 0:
+        if info is not None:
+            info["pcg_iters"] = 0
         return B
     m = keep.to(torch.float32)
     rhs = (Wn @ Hn if target is None else target) * m
@@ -228,8 +238,8 @@ def pcg_refit(Wn: torch.Tensor, Hn: torch.Tensor, B: torch.Tensor, keep: torch.T
     R = rhs - (B @ Hn) * m
     P = R.clone()
     rr = R.square().sum(1)
-    for _ in range(iters):
-        if bool((R.norm(dim=1) <= stop).all()):
+    for done in range(iters + 1):
+        if done == iters or bool((R.norm(dim=1) <= stop).all()):
             break
         AP = (P @ Hn) * m
         pap = (P * AP).sum(1)
@@ -240,4 +250,6 @@ def pcg_refit(Wn: torch.Tensor, Hn: torch.Tensor, B: torch.Tensor, keep: torch.T
         beta = torch.where(rr > 0, rr_new / rr.clamp_min(1e-30), torch.zeros_like(rr))
         P = R + beta[:, None] * P
         rr = rr_new
+    if info is not None:
+        info["pcg_iters"] = done
     return B

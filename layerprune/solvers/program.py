@@ -67,16 +67,18 @@ class LinearProgram:
                 sparsities = [targets.layers[name] for name in names]
                 if hasattr(self.solver, "prune_group"):
                     news = self.solver.prune_group(ws, st, sparsities, targets.nm, **self.options)
+                    infos = getattr(self.solver, "last_info", None) or [{}] * len(news)  # a solver's own facts
                 else:
                     news = [self.solver.prune(w, st, s, targets.nm, **self.options) for w, s in zip(ws, sparsities)]
+                    infos = [{}] * len(news)
                 out = []
-                for name, w, new, target in zip(names, ws, news, sparsities):
+                for name, w, new, target, info in zip(names, ws, news, sparsities, infos):
                     err = relative_error(w, new, st)
                     self.adapter.set_weight(mods[name], new)
                     achieved = float((new == 0).sum()) / new.numel()
                     out.append({"name": name, "shape": list(new.shape), "target": target,
                                 "nm": list(targets.nm) if targets.nm else None, "achieved": achieved,
-                                "rel_error": err})
+                                "rel_error": err, **info})
                 if last:  # one input Hessian at a time
                     stats.pop(key)
                 return out
