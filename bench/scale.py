@@ -177,7 +177,7 @@ def run_one(model: Path, out: Path, flags: list[str], nsamples: int, seqlen: int
             "timings": rec["timings"], "block_timings": blocks, "peak_device_memory_gb":
                 (rec.get("peak_device_memory") or 0) / 2 ** 30 or None,
             "measured_sparsity": rec.get("measured_sparsity"),
-            "params": rec.get("params")}
+            "params": rec.get("params"), "layers": rec.get("layers")}  # per linear: error, solver facts (ALPS: iters)
 
 
 def summarize(r: dict, n_blocks: int, tokens_now: int, tokens_target: int, floor_s: float | None,
