@@ -49,6 +49,9 @@ def checkpoint_mode(mode: str | None, device) -> str:
     return mode
 
 
+ACTS_GLOB = "acts_" + "[0-9]" * 4 + ".safetensors"  # the names Checkpoint.commit writes: acts_0001.safetensors, ...
+
+
 def write_atomic(folder: Path, name: str, write) -> None:
     """``write(tmp)`` to a temporary file in ``folder``, then rename it to ``name``: a reader (a resume after a kill)
     sees the old file or the whole new one."""
@@ -59,7 +62,8 @@ def write_atomic(folder: Path, name: str, write) -> None:
 
 def commit_state(folder: Path, state: dict, current: str | None, pattern: str) -> None:
     """Write ``state.json`` (the commit point: the files it names are on disk before it), then remove the older
-    generations, the files of ``pattern`` other than ``current``."""
+    generations, the files of ``pattern`` other than ``current``. ``pattern`` matches only names this package
+    writes there (``ACTS_GLOB``, ``recovery.train.TRAIN_GLOB``), so nothing else in the folder is removed."""
     write_atomic(folder, "state.json", lambda p: p.write_text(json.dumps(state)))
     for old in folder.glob(pattern):
         if old.name != current:
@@ -158,7 +162,7 @@ class Checkpoint:
         if name is not None:
             write_atomic(self.folder, name, lambda p: save_file(tensors, str(p)))
         state = {**state, "fingerprint": self.fingerprint, "next_block": i + 1, "activations": name}
-        commit_state(self.folder, state, name, "acts_*.safetensors")  # only the latest inputs are needed to resume
+        commit_state(self.folder, state, name, ACTS_GLOB)  # only the latest block's inputs are needed to resume
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -161,12 +161,12 @@ def refit_linears(block, ctx: dict, collect, dense_w: dict[str, torch.Tensor], i
     the *pruned* inputs (one statistics pass), then for each linear min ||X (W_dense - W)^T||^2 over the kept entries
     of W (its zeros fixed), by conjugate gradients warm-started at the solver's weights (``solvers.alps.pcg_refit``
     in the unit-diagonal basis, damped as SparseGPT). Returns each linear's relative output error after the refit."""
-    mods = ctx["linears"](block)
-    groups = [[n for n in g if n in mods] for g in ctx["input_groups"]]
-    groups = [g for g in groups if g]
     from layerprune.solvers.alps import normalized_hessian, pcg_refit
     from layerprune.solvers.common import relative_error
 
+    mods = ctx["linears"](block)
+    groups = [[n for n in g if n in mods] for g in ctx["input_groups"]]
+    groups = [g for g in groups if g]
     stats = collect([g[0] for g in groups], ("hessian",))  # timed as statistics by collect
     errors = {}
     with ctx["timers"]("reconstruct"):  # the solves

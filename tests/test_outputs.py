@@ -221,3 +221,17 @@ def test_cli_structured_prune_with_disk_offload_equals_in_memory(tmp_path, model
     shards = sorted((tmp_path / "disk").glob("model-*.safetensors"))
     assert len(shards) == 4 and load_file(shards[1])["model.layers.0.mlp.down_proj.weight"].shape == \
         a["model.layers.0.mlp.down_proj.weight"].shape
+
+
+def test_checkpoint_commits_remove_only_their_own_older_files(tmp_path):
+    """A commit removes the older generations it wrote (acts_NNNN / train_NNNNNNN) and nothing else in the folder."""
+    from layerprune.checkpoint import ACTS_GLOB, commit_state
+    from layerprune.recovery.train import TRAIN_GLOB
+
+    for name in ("acts_0001.safetensors", "acts_0002.safetensors", "acts_notes.safetensors", "train_0000010.pt",
+                 "train_best.pt", "mine.txt"):
+        (tmp_path / name).write_text("x")
+    commit_state(tmp_path, {"next_block": 2}, "acts_0002.safetensors", ACTS_GLOB)
+    commit_state(tmp_path, {"step": 20}, "train_0000020.pt", TRAIN_GLOB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acts_0002.safetensors", "acts_notes.safetensors",
+                                                          "mine.txt", "state.json", "train_best.pt"]

@@ -29,6 +29,7 @@ from layerprune.errors import UserError
 from layerprune.recovery.masks import apply_masks, masks_of
 
 STATE = "state.json"
+TRAIN_GLOB = "train_" + "[0-9]" * 7 + ".pt"  # the names TrainCheckpoint.save writes: train_0000100.pt, ...
 
 
 class TrainCheckpoint:
@@ -63,7 +64,7 @@ class TrainCheckpoint:
         name = f"train_{step:07d}.pt"
         write_atomic(self.folder, name, lambda p: torch.save(tensors, p))
         state = {**state, "kind": "finetune", "fingerprint": self.fingerprint, "step": step, "tensors": name}
-        commit_state(self.folder, state, name, "train_*.pt")
+        commit_state(self.folder, state, name, TRAIN_GLOB)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

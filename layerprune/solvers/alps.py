@@ -94,7 +94,7 @@ class ALPS:
             project = _projector(Wn.shape, s, nm)
             target = Wn @ Hn
             info = {}
-            B = admm(Wn, Hn, project, float(rho), admm_iters, target, info)
+            B = admm(Wn, Hn, target, project, float(rho), admm_iters, info)
             keep = project(B).bool()
             B = pcg_refit(Wn, Hn, B.masked_fill(~keep, 0), keep, pcg_iters, target, info)
             self.last_info.append(info)
@@ -175,12 +175,11 @@ class _Ridge:
         return torch.linalg.solve_triangular(self.L, Y, upper=False, left=False)  # B L = Y
 
 
-def admm(Wn: torch.Tensor, Hn: torch.Tensor, project, rho: float, iters: int, target=None,
+def admm(Wn: torch.Tensor, Hn: torch.Tensor, target: torch.Tensor, project, rho: float, iters: int,
          info: dict | None = None) -> torch.Tensor:
     """The ADMM iterate B (free copy) after the stopping rule (see the module docstring); [rows, in] fp32.
-    ``project``: Z -> its float keep mask (``_projector``); ``target``: W~0 H~ when the caller has it; ``info``:
-    filled with the iterations run (``admm_iters``) and the last penalty (``rho``)."""
-    target = Wn @ Hn if target is None else target  # the ridge solve's right-hand side
+    ``target``: W~0 H~, the ridge solve's right-hand side; ``project``: Z -> its float keep mask (``_projector``);
+    ``info``: filled with the iterations run (``admm_iters``) and the last penalty (``rho``)."""
     keep = project(Wn)
     D0 = Wn * keep
     D, B, V = D0.clone(), Wn.clone(), torch.zeros_like(Wn)
